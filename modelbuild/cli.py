@@ -25,11 +25,12 @@ def describe_pass(pass_def: PassDef) -> str:
             flags = [spec.kind, "required" if spec.required else "optional"] + (["named table"] if spec.named else [])
             lines.append(f"    {name} ({', '.join(flags)}): {spec.doc}")
     lines.append("  params:")
+    types = pass_def.param_types()
     for f in pass_def.param_fields():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         extra = f"; one of {', '.join(map(repr, choices))}" if choices else ""
-        lines.append(f"    {f.name}: {type_name(f.type)} = {default!r}{extra}")
+        lines.append(f"    {f.name}: {type_name(types[f.name])} = {default!r}{extra}")
         lines.append(f"        {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 

@@ -76,6 +76,10 @@ class PassDef:
     def param_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.params))
 
+    def param_types(self) -> dict[str, Any]:
+        """Resolved annotations (pass modules may use ``from __future__ import annotations``)."""
+        return typing.get_type_hints(self.params)
+
     def resolve_params(self, given: dict, where: str) -> dict:
         """Validate user params against the typed config and fill in defaults.
 
@@ -83,6 +87,7 @@ class PassDef:
         the file, the target and the key.
         """
         fields_by_name = {f.name: f for f in self.param_fields()}
+        types_by_name = self.param_types()
         for key in given:
             if key not in fields_by_name:
                 known = ", ".join(sorted(fields_by_name)) or "none"
@@ -90,7 +95,7 @@ class PassDef:
         resolved = {}
         for name, f in fields_by_name.items():
             if name in given:
-                value = check_type(given[name], f.type, f"{where}: params.{name}")
+                value = check_type(given[name], types_by_name[name], f"{where}: params.{name}")
                 choices = f.metadata.get("choices")
                 if choices and value not in choices:
                     raise UserError(f"{where}: params.{name}: {value!r} is not one of {', '.join(map(repr, choices))}")

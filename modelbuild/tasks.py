@@ -61,11 +61,18 @@ def _clean_action(project: Project, target: Target) -> None:
     shutil.rmtree(project.output_dir(target.name), ignore_errors=True)
 
 
-def _uptodate(project: Project, target: Target):
-    def check(task, values):
-        return is_up_to_date(project, target, values)
+class ActionKeyCheck:
+    """doit ``uptodate`` object: the stage's action key and its output's manifest still hold."""
 
-    return check
+    def __init__(self, project: Project, target: Target):
+        self.project = project
+        self.target = target
+
+    def __call__(self, task, values) -> bool:
+        return is_up_to_date(self.project, self.target, values)
+
+    def __repr__(self) -> str:
+        return f"action key of '{self.target.name}' (pass, params, device, libraries, input contents) and its output manifest"
 
 
 def task_dicts(project: Project):
@@ -81,7 +88,7 @@ def task_dicts(project: Project):
             "actions": [(_build_action, (project, target))],
             "task_dep": target.deps(),
             "file_dep": file_deps,
-            "uptodate": [_uptodate(project, target)],
+            "uptodate": [ActionKeyCheck(project, target)],
             "targets": [str(project.output_dir(name))],
             "clean": [(_clean_action, (project, target))],
         }

@@ -1,0 +1,89 @@
+"""Shared helpers: temporary modelbuild projects driven through the real doit command line."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = "tiny-travel-cpu-int4-smoke"
+
+
+@dataclass
+class DoitResult:
+    returncode: int
+    out: str  # stdout + stderr
+
+    @property
+    def executed(self) -> set[str]:
+        return set(re.findall(r"^\.  (\S+)$", self.out, re.M))
+
+    @property
+    def up_to_date(self) -> set[str]:
+        return set(re.findall(r"^-- (\S+)$", self.out, re.M))
+
+
+class Project:
+    """A copy of the repo's dodo.py and targets/ in a temporary folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def doit(self, *args: str, env: dict | None = None, check: bool = True) -> DoitResult:
+        result = run_cmd([sys.executable, "-m", "doit", *args], self.root, env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.out[-4000:]}")
+        return result
+
+    def modelbuild(self, *args: str, env: dict | None = None) -> DoitResult:
+        return run_cmd([sys.executable, "-m", "modelbuild", *args], self.root, env)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def edit(self, rel: str, old: str, new: str) -> None:
+        path = self.path(rel)
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {rel}"
+        path.write_text(text.replace(old, new, 1))
+
+    def append(self, rel: str, text: str) -> None:
+        with open(self.path(rel), "a") as handle:
+            handle.write(text)
+
+
+def run_cmd(argv: list[str], cwd: Path, env: dict | None = None) -> DoitResult:
+    full_env = dict(os.environ)
+    # Tests never download: the embedded wheel comes from the repo's cache (install.sh fetched it).
+    full_env.setdefault("MODELBUILD_CACHE", str(REPO / "cache"))
+    full_env["HF_HUB_OFFLINE"] = "1"
+    full_env.update(env or {})
+    proc = subprocess.run(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return DoitResult(proc.returncode, proc.stdout)
+
+
+def new_project(root: Path) -> Project:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(REPO / "targets", root / "targets")
+    return Project(root)
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return new_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def built_tiny(tmp_path_factory) -> Project:
+    """A project with the tiny travel recipe built once for the module's tests (read-only use)."""
+    project = new_project(tmp_path_factory.mktemp("tiny") / "project")
+    project.doit(TINY)
+    return project

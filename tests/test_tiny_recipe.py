@@ -1,0 +1,176 @@
+"""The travel recipe end to end on the tiny random Phi3: real doit, real bundles, real adapters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import TINY, new_project
+
+FP32_TARGETS = """
+[target.tiny-fp32]
+pass = "genai-build"
+inputs = { base = ":tiny-base", adapters = { travel = ":tiny-travel-adapter" } }
+params = { precision = "fp32" }
+"""
+
+
+def test_build_executes_every_stage_and_smoke_answers(built_tiny):
+    answers = json.loads(built_tiny.path(f"build/{TINY}/answers.json").read_text())
+    assert set(answers) == {"What should I see in Chicago?", "Plan a rainy day in London.", "What should I pack for a week in Iceland?"}
+    for by_variant in answers.values():
+        assert set(by_variant) == {"(none)", "travel"}
+    bundle = built_tiny.path("build/tiny-travel-cpu-int4")
+    for name in ["model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "adapters/travel.onnx_adapter"]:
+        assert (bundle / name).is_file(), name
+
+
+def test_bundle_loads_and_adapter_switches_tokens(built_tiny):
+    from modelbuild.genai import Chat
+
+    chat = Chat(built_tiny.path("build/tiny-travel-cpu-int4"))
+    assert chat.adapter_names == ["travel"]
+    prompt = "What should I see in Chicago?"
+    base = chat.generate(prompt, None, 24)
+    tuned = chat.generate(prompt, "travel", 24)
+    assert base and tuned and base != tuned
+    # Switching back off restores the base model exactly: the default LoRA weights are zero.
+    assert chat.generate(prompt, None, 24) == base
+
+
+def test_int4_base_is_quantized_and_lora_stays_float(built_tiny):
+    import onnx
+
+    model = onnx.load(str(built_tiny.path("build/tiny-travel-cpu-int4/model.onnx")), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    assert "MatMulNBits" in ops
+    lora_nodes = [n for n in model.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name]
+    assert lora_nodes and all(n.op_type == "MatMul" for n in lora_nodes)
+    lora_inputs = {i.name for i in model.graph.input if ".lora_" in i.name}
+    assert lora_inputs == {n.input[1] for n in lora_nodes}
+
+
+def _ort_logits(model_dir, input_ids, adapter_file=None):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    names = {i.name for i in session.get_inputs()}
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(input_ids.shape[1], dtype=np.int64)[None, :]
+    for layer in range(config["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
+                (1, config["num_key_value_heads"], 0, config["head_size"]), dtype=np.float32
+            )
+    options = ort.RunOptions()
+    if adapter_file is not None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(adapter_file))
+        options.add_active_adapter(adapter)
+    return session.run(["logits"], feeds, options)[0]
+
+
+def test_fp32_builder_logits_match_torch_with_and_without_adapter(built_tiny):
+    """Guards the builder's LM-head trap and the switchable-adapter layout against torch/peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    built_tiny.path("targets/fp32.toml").write_text(FP32_TARGETS)
+    result = built_tiny.doit("tiny-fp32")
+    assert result.executed == {"tiny-fp32"}  # base and adapter are reused
+    bundle = built_tiny.path("build/tiny-fp32")
+    ids = np.array([[5, 17, 42, 99, 300, 7, 8, 250]], dtype=np.int64)
+
+    base = AutoModelForCausalLM.from_pretrained(built_tiny.path("build/tiny-base"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch_base = base(torch.from_numpy(ids)).logits.numpy()
+    onnx_base = _ort_logits(bundle, ids)
+    assert np.abs(onnx_base - torch_base).max() < 1e-4
+    assert (onnx_base.argmax(-1) == torch_base.argmax(-1)).all()
+
+    tuned = PeftModel.from_pretrained(base, built_tiny.path("build/tiny-travel-adapter")).eval()
+    with torch.no_grad():
+        torch_tuned = tuned(torch.from_numpy(ids)).logits.numpy()
+    onnx_tuned = _ort_logits(bundle, ids, bundle / "adapters/travel.onnx_adapter")
+    assert np.abs(torch_tuned - torch_base).max() > 1e-2  # the adapter really moves the logits
+    assert np.abs(onnx_tuned - torch_tuned).max() < 1e-4
+
+
+def test_two_adapters_in_one_bundle_each_match_peft(built_tiny):
+    """A second adapter (another seed) gets its own .onnx_adapter in the builder's layout: in an
+    fp32 bundle, each named adapter reproduces its own peft model's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from modelbuild.genai import bundle_adapters
+
+    built_tiny.path("targets/two.toml").write_text("""
+[target.tiny-adapter-b]
+pass = "lora-finetune"
+inputs = { base = ":tiny-base", data = "data/travel_train.jsonl" }
+params = { max_steps = 10, batch_size = 2, max_length = 64, learning_rate = 5e-3, rank = 4, seed = 7 }
+
+[target.tiny-two]
+pass = "genai-build"
+inputs = { base = ":tiny-base", adapters = { travel = ":tiny-travel-adapter", other = ":tiny-adapter-b" } }
+params = { precision = "fp32" }
+""")
+    built_tiny.doit("tiny-two")
+    bundle = built_tiny.path("build/tiny-two")
+    assert sorted(bundle_adapters(bundle)) == ["other", "travel"]
+    ids = np.array([[9, 33, 120, 480, 2, 61]], dtype=np.int64)
+    base = AutoModelForCausalLM.from_pretrained(built_tiny.path("build/tiny-base"), dtype=torch.float32).eval()
+    logits = {}
+    for name, folder in [("travel", "tiny-travel-adapter"), ("other", "tiny-adapter-b")]:
+        tuned = PeftModel.from_pretrained(base, built_tiny.path(f"build/{folder}"), adapter_name=name).eval()
+        with torch.no_grad():
+            logits[name] = tuned(torch.from_numpy(ids)).logits.numpy()
+        onnx_logits = _ort_logits(bundle, ids, bundle / f"adapters/{name}.onnx_adapter")
+        assert np.abs(onnx_logits - logits[name]).max() < 1e-4, name
+        base = tuned.unload()
+    assert np.abs(logits["travel"] - logits["other"]).max() > 1e-2
+
+
+def test_rebuild_in_a_fresh_project_is_byte_identical(built_tiny, tmp_path):
+    """Same inputs -> same bytes, LoRA adapter included (the peer's finetune is not reproducible)."""
+    other = new_project(tmp_path / "again")
+    other.doit("tiny-travel-cpu-int4")
+    for target in ["tiny-base", "tiny-travel-adapter", "tiny-travel-cpu-int4"]:
+        a = json.loads(built_tiny.path(f"build/{target}/.modelbuild/stamp.json").read_text())
+        b = json.loads(other.path(f"build/{target}/.modelbuild/stamp.json").read_text())
+        assert a["manifest"] == b["manifest"], target
+        assert a["action_key"] == b["action_key"], target
+    config = json.loads(other.path("build/tiny-travel-adapter/adapter_config.json").read_text())
+    assert str(other.root) not in json.dumps(config) and config["target_modules"] == sorted(config["target_modules"])
+
+
+def test_chat_command_with_and_without_adapter(built_tiny):
+    bundle = str(built_tiny.path("build/tiny-travel-cpu-int4"))
+    on = built_tiny.modelbuild("chat", bundle, "What should I see in Chicago?", "--adapter", "travel", "--max-new-tokens", "16")
+    off = built_tiny.modelbuild("chat", bundle, "What should I see in Chicago?", "--max-new-tokens", "16")
+    assert on.returncode == 0 and off.returncode == 0, on.out + off.out
+    assert on.out.strip() and on.out != off.out
+    bad = built_tiny.modelbuild("chat", bundle, "hi", "--adapter", "nope")
+    assert bad.returncode == 2 and "no adapter 'nope' (has: travel)" in bad.out
+
+
+def test_parallel_doit_builds_independent_targets(built_tiny):
+    built_tiny.path("targets/par.toml").write_text("""
+[target.tiny-int8]
+pass = "genai-build"
+inputs = { base = ":tiny-base" }
+params = { precision = "int8" }
+
+[target.tiny-fp32-plain]
+pass = "genai-build"
+inputs = { base = ":tiny-base" }
+params = { precision = "fp32" }
+""")
+    result = built_tiny.doit("-n", "2", "tiny-int8", "tiny-fp32-plain")
+    assert result.executed == {"tiny-int8", "tiny-fp32-plain"}
+    assert "tiny-base" in result.up_to_date
