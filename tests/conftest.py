@@ -31,19 +31,23 @@ class DoitResult:
 
 
 class Project:
-    """A copy of the repo's dodo.py and targets/ in a temporary folder."""
+    """A copy of the repo's dodo.py and targets/ in a temporary folder, with its own cache."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cache: Path):
         self.root = root
+        self.cache = cache
+
+    def env(self, extra: dict | None = None) -> dict:
+        return {"MODELBUILD_CACHE": str(self.cache), **(extra or {})}
 
     def doit(self, *args: str, env: dict | None = None, check: bool = True) -> DoitResult:
-        result = run_cmd([sys.executable, "-m", "doit", *args], self.root, env)
+        result = run_cmd([sys.executable, "-m", "doit", *args], self.root, self.env(env))
         if check and result.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.out[-4000:]}")
         return result
 
     def modelbuild(self, *args: str, env: dict | None = None) -> DoitResult:
-        return run_cmd([sys.executable, "-m", "modelbuild", *args], self.root, env)
+        return run_cmd([sys.executable, "-m", "modelbuild", *args], self.root, self.env(env))
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -61,19 +65,23 @@ class Project:
 
 def run_cmd(argv: list[str], cwd: Path, env: dict | None = None) -> DoitResult:
     full_env = dict(os.environ)
-    # Tests never download: the embedded wheel comes from the repo's cache (install.sh fetched it).
-    full_env.setdefault("MODELBUILD_CACHE", str(REPO / "cache"))
     full_env["HF_HUB_OFFLINE"] = "1"
     full_env.update(env or {})
     proc = subprocess.run(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return DoitResult(proc.returncode, proc.stdout)
 
 
-def new_project(root: Path) -> Project:
+def new_project(root: Path, cache: Path | None = None) -> Project:
+    """A fresh project; its cache is empty but shares the repo's sha256-pinned downloads
+    (install.sh fetched the embedded wheel), so tests never download."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dodo.py", root / "dodo.py")
     shutil.copytree(REPO / "targets", root / "targets")
-    return Project(root)
+    cache = cache or root.parent / f"{root.name}-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "downloads").exists():
+        (cache / "downloads").symlink_to(REPO / "cache" / "downloads")
+    return Project(root, cache)
 
 
 @pytest.fixture

@@ -1,0 +1,186 @@
+"""Reproducible releases: a lock manifest + archive, and a from-scratch rebuild that checks it.
+
+``release`` builds the target, writes ``release/<target>/<target>.lock.json`` (every input
+digest of the whole build graph, target files, resolved params, pass and package versions,
+every output digest) and packs the target's output with the lock into a deterministic
+``release/<target>/<target>.tar.gz``; the cache pins what the release needs.
+
+``verify`` rebuilds the release in a temporary copy of the project with an empty cache (only the
+sha256-pinned downloads are shared) and compares every output file; for ONNX files that differ
+it reports the largest absolute difference per initializer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from . import UserError
+from .digest import hash_file
+from .project import Project, load_project
+from .stage import read_stamp
+from .store import Store, write_json_atomic
+
+LOCK_FORMAT = 1
+
+
+def run_doit(root: Path, target: str, env: dict | None = None) -> None:
+    result = subprocess.run([sys.executable, "-m", "doit", target], cwd=root, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise UserError(f"doit {target} failed (exit {result.returncode}) in {root}")
+
+
+def lock_manifest(project: Project, name: str) -> dict:
+    stages = {}
+    for stage in project.closure([name]):
+        stamp = read_stamp(project.output_dir(stage))
+        if stamp is None:
+            raise UserError(f"target '{stage}' has no output; build it first")
+        components = stamp["components"]
+        target = project.targets[stage]
+        inputs = {}
+        for key, ref in target.inputs.items():
+            if isinstance(ref, dict):
+                inputs[key] = {sub: {"ref": str(r), "digest": components["inputs"][key][sub]} for sub, r in ref.items()}
+            else:
+                inputs[key] = {"ref": str(ref), "digest": components["inputs"][key]}
+        stages[stage] = {
+            "pass": components["pass"],
+            "pass_version": components["pass_version"],
+            "pass_code": components["pass_code"],
+            "params": components["params"],
+            "device": components["device"],
+            "libraries": components["libraries"],
+            "inputs": inputs,
+            "action_key": stamp["action_key"],
+            "outputs": stamp["manifest"],
+            "manifest_digest": stamp["manifest_digest"],
+        }
+    target_files = {
+        path.relative_to(project.root).as_posix(): hash_file(path)
+        for path in sorted((project.root / "targets").glob("*.toml"))
+    }
+    return {
+        "format": LOCK_FORMAT,
+        "target": name,
+        "python": platform.python_version(),
+        "target_files": target_files,
+        "stages": stages,
+    }
+
+
+def _tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    project = load_project(project_root)
+    if name not in project.targets:
+        raise UserError(f"unknown target '{name}' (see: doit list)")
+    run_doit(project.root, name)
+    lock = lock_manifest(project, name)
+    out_dir = Path(out_dir or project.root / "release" / name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir / f"{name}.lock.json"
+    write_json_atomic(lock_path, lock)
+    archive = out_dir / f"{name}.tar.gz"
+    tmp = archive.with_suffix(".tmp")
+    source = project.output_dir(name)
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for rel in sorted(lock["stages"][name]["outputs"]):
+            info = tar.gettarinfo(str(source / rel), arcname=f"{name}/{rel}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            with open(source / rel, "rb") as handle:
+                tar.addfile(info, handle)
+        _tar_add_bytes(tar, f"{name}/{name}.lock.json", lock_path.read_bytes())
+    os.replace(tmp, archive)
+    store = Store(project.cache_dir)
+    for stage in lock["stages"]:  # the store must hold what it pins, even after a gc emptied it
+        store.record(project.output_dir(stage), read_stamp(project.output_dir(stage)))
+    digests = [info["digest"] for stage in lock["stages"].values() for info in stage["outputs"].values()]
+    store.pin(f"release-{name}", digests)
+    return lock_path, archive
+
+
+def onnx_initializer_diff(a: Path, b: Path) -> dict[str, float]:
+    """Largest absolute difference per initializer of two ONNX models (same names compared)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    first = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(a)).graph.initializer}
+    second = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(b)).graph.initializer}
+    diffs = {}
+    for name in sorted(set(first) | set(second)):
+        if name not in first or name not in second or first[name].shape != second[name].shape:
+            diffs[name] = float("inf")
+            continue
+        delta = np.abs(first[name].astype(np.float64) - second[name].astype(np.float64)).max() if first[name].size else 0.0
+        if delta:
+            diffs[name] = float(delta)
+    return diffs
+
+
+def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[bool, list[str]]:
+    """Rebuild from scratch, cache bypassed; (all byte-identical?, report lines)."""
+    lock = json.loads(Path(lock_path).read_text())
+    if lock.get("format") != LOCK_FORMAT:
+        raise UserError(f"{lock_path}: not a modelbuild lock manifest (format {lock.get('format')!r})")
+    project = load_project(project_root)
+    report = []
+    for rel, digest in lock["target_files"].items():
+        path = project.root / rel
+        if not path.exists() or hash_file(path) != digest:
+            report.append(f"note: {rel} differs from the release; rebuilding from the current target files")
+    work = Path(tempfile.mkdtemp(prefix="modelbuild-verify-"))
+    try:
+        clean = work / "project"
+        clean.mkdir()
+        shutil.copy(project.root / "dodo.py", clean / "dodo.py")
+        shutil.copytree(project.root / "targets", clean / "targets")
+        cache = work / "cache"
+        cache.mkdir()
+        downloads = project.cache_dir / "downloads"
+        if downloads.is_dir():
+            os.symlink(downloads, cache / "downloads")  # sha256-pinned sources, not build outputs
+        run_doit(clean, lock["target"], env={"MODELBUILD_CACHE": str(cache)})
+        identical = True
+        for stage, expected in lock["stages"].items():
+            built = read_stamp(clean / "build" / stage)["manifest"]
+            same = [rel for rel in expected["outputs"] if built.get(rel, {}).get("digest") == expected["outputs"][rel]["digest"]]
+            differ = [rel for rel in sorted(set(expected["outputs"]) | set(built)) if rel not in same]
+            if not differ:
+                report.append(f"{stage}: {len(same)} files byte-identical")
+                continue
+            identical = False
+            report.append(f"{stage}: {len(same)} files byte-identical, {len(differ)} differ:")
+            for rel in differ:
+                old, new = expected["outputs"].get(rel), built.get(rel)
+                if old is None or new is None:
+                    report.append(f"  {rel}: {'only in the rebuild' if old is None else 'missing from the rebuild'}")
+                    continue
+                line = f"  {rel}: size {old['size']} -> {new['size']}"
+                original = project.output_dir(stage) / rel
+                if rel.endswith(".onnx") and original.exists():
+                    diffs = onnx_initializer_diff(original, clean / "build" / stage / rel)
+                    worst = max(diffs.items(), key=lambda item: item[1]) if diffs else None
+                    line += f"; {len(diffs)} initializers differ" + (f", max |diff| {worst[1]:.3g} in {worst[0]}" if worst else "")
+                report.append(line)
+        return identical, report
+    finally:
+        if keep:
+            report.append(f"rebuild kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
