@@ -14,8 +14,10 @@ import json
 import os
 import tempfile
 import time
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CHUNK = 1 << 20
 
 
@@ -30,6 +32,7 @@ def candidates():
 
         out["blake3 (1 thread)"] = lambda: blake3.blake3()
         out["blake3 (all cores)"] = lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
+        out["blake3 (mmap, all cores: modelbuild's digest)"] = "mmap"
     except ImportError:
         pass
     try:
@@ -44,6 +47,13 @@ def candidates():
 def throughput(path: Path, make) -> float:
     best = float("inf")
     for _ in range(3):
+        if make == "mmap":
+            from modelbuild.digest import hash_file
+
+            started = time.perf_counter()
+            hash_file(path)
+            best = min(best, time.perf_counter() - started)
+            continue
         digest = make()
         started = time.perf_counter()
         with open(path, "rb") as handle:

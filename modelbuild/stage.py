@@ -52,7 +52,7 @@ def library_version(name: str) -> str:
 
 
 def stat_cache(project: Project) -> StatCache:
-    return StatCache(project.state_dir / "stat.sqlite3")
+    return StatCache(project.state_dir / f"stat-{ALGORITHM}.sqlite3")
 
 
 def read_stamp(out_dir: Path) -> dict | None:
