@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,9 +70,9 @@ class PassDef:
         return inspect.getmodule(self.run)
 
     def code_digest(self) -> str:
-        """Digest of the pass's own source, so an edited pass reruns even without a version bump."""
-        source = Path(inspect.getsourcefile(self.run)).read_bytes()
-        return hashlib.sha256(source).hexdigest()[:16]
+        """Digest of the pass's source and of every modelbuild module it imports (helpers such as
+        hf.py shape outputs too), so an edited pass reruns even without a version bump."""
+        return _code_digest(Path(inspect.getsourcefile(self.run)))
 
     def param_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.params))
@@ -107,6 +108,40 @@ class PassDef:
             else:
                 raise UserError(f"{where}: params.{name}: required param of pass '{self.name}' is missing")
         return resolved
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_IMPORT_RE = re.compile(r"^\s*(?:from\s+modelbuild((?:\.\w+)*)\s+import\s+([\w, ]+)|import\s+modelbuild((?:\.\w+)+))", re.M)
+_code_digests: dict[Path, str] = {}
+
+
+def _module_files(source_file: Path) -> list[Path]:
+    """``source_file`` and the modelbuild modules it imports, transitively (sorted)."""
+    seen: set[Path] = set()
+    todo = [source_file.resolve()]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file() or path == _PACKAGE_DIR / "passdef.py":
+            continue  # passdef.py is this registry: it shapes no output
+        seen.add(path)
+        for match in _IMPORT_RE.finditer(path.read_text(encoding="utf-8")):
+            dotted = (match.group(1) or match.group(3) or "").strip(".")
+            base = _PACKAGE_DIR.joinpath(*dotted.split(".")) if dotted else _PACKAGE_DIR
+            candidates = [base.with_suffix(".py"), base / "__init__.py"]
+            if match.group(2):  # "from modelbuild.x import a, b": a and b may be modules too
+                candidates += [base / f"{name.strip()}.py" for name in match.group(2).split(",")]
+            todo.extend(c for c in candidates if c.is_file())
+    return sorted(seen)
+
+
+def _code_digest(source_file: Path) -> str:
+    if source_file not in _code_digests:
+        digest = hashlib.sha256()
+        for path in _module_files(source_file):
+            rel = path.relative_to(_PACKAGE_DIR.parent) if path.is_relative_to(_PACKAGE_DIR.parent) else path.name
+            digest.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+        _code_digests[source_file] = digest.hexdigest()[:16]
+    return _code_digests[source_file]
 
 
 def type_name(annotation: Any) -> str:

@@ -124,7 +124,9 @@ def build(project: Project, target: Target) -> dict:
     Under a lock on the action (shared by every process using the cache) and one on the
     output folder: reuse an intact output already stamped with this key (a run killed after the
     stage finished), else restore the action's outputs from the cache, else run the pass.
+    MODELBUILD_FORCE=1 skips both shortcuts: the pass runs (``doit forget T`` + force = rerun T).
     """
+    force = os.environ.get("MODELBUILD_FORCE") == "1"
     cache = stat_cache(project)
     components = key_components(project, target, cache)
     missing = [k for k, v in _flat_inputs(components["inputs"]) if v is None]
@@ -138,7 +140,7 @@ def build(project: Project, target: Target) -> dict:
         for stale in project.build_dir.glob(f".{target.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
         stamp = read_stamp(final)
-        if stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
+        if not force and stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
             print(f"modelbuild: '{target.name}': output already complete (another process or an interrupted "
                   "run finished it); reusing it", file=sys.stderr, flush=True)
             return {"action_key": key}
@@ -146,7 +148,7 @@ def build(project: Project, target: Target) -> dict:
         try:
             out_tmp = work / "out"
             out_tmp.mkdir()
-            entry = store.lookup(key)
+            entry = None if force else store.lookup(key)
             problem = store.materialize(entry, out_tmp) if entry else "not in the cache"
             if problem is None:
                 stamp = {**entry, "origin": "restored from cache", "restored_at": _now()}
@@ -173,7 +175,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
     seconds = time.perf_counter() - started
     after = key_components(project, target, cache)
     if after["inputs"] != components["inputs"]:
-        changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"])) if v != w]
+        changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"]), strict=True) if v != w]
         raise StageError(
             f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
             "nothing recorded, run the build again"

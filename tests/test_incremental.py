@@ -104,8 +104,19 @@ def test_deleted_output_file_is_rebuilt(tiny):
 
 
 def test_forget_and_clean_behave_as_in_doit(tiny):
-    tiny.doit("forget", "tiny-travel-cpu-int4-smoke")
-    assert tiny.doit(TINY).executed == {TINY}
+    before = stamp(tiny, TINY)
+    tiny.doit("forget", TINY)
+    # doit re-checks the forgotten task: its intact output is re-verified and reused ...
+    result = tiny.doit(TINY)
+    assert result.executed == {TINY}
+    assert f"modelbuild: '{TINY}': output already complete" in result.out
+    assert stamp(tiny, TINY) == before  # nothing rewritten
+    # ... and MODELBUILD_FORCE=1 makes the forgotten task really run its pass again.
+    tiny.doit("forget", TINY)
+    forced = tiny.doit(TINY, env={"MODELBUILD_FORCE": "1"})
+    assert forced.executed == {TINY} and "output already complete" not in forced.out
+    assert stamp(tiny, TINY)["origin"] == "built"
+    assert stamp(tiny, TINY)["manifest"] == before["manifest"]
     tiny.doit("clean", TINY)
     assert not tiny.path(f"build/{TINY}").exists()
     assert tiny.path("build/tiny-travel-cpu-int4").is_dir()  # clean removes only the named target

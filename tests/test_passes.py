@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
-from conftest import REPO, run_cmd
+from conftest import run_cmd
 
 from modelbuild.passdef import registry
 
@@ -123,3 +122,22 @@ def test_finetune_names_the_bad_record(project):
     assert result.returncode != 0
     assert "targets/data/broken.jsonl: record 2: template field 'response' is not in the record" in result.out
     assert not project.path("build/broken").exists()
+
+
+def test_pass_code_in_the_key_covers_the_helpers_it_imports():
+    """Editing a helper that shapes a pass's output (hf.py, genai.py) must change that pass's key."""
+    from pathlib import Path
+
+    from modelbuild.passdef import _module_files
+
+    package = Path(registry()["random-init"].run.__code__.co_filename).resolve().parent.parent
+
+    def names(pass_name):
+        source = Path(registry()[pass_name].run.__code__.co_filename)
+        return {path.relative_to(package).as_posix() for path in _module_files(source)}
+
+    assert {"passes/random_init.py", "hf.py"} <= names("random-init")
+    assert {"passes/smoke.py", "genai.py", "progress.py"} <= names("smoke")
+    assert {"passes/genai_build.py", "genai.py"} <= names("genai-build")
+    assert "passdef.py" not in names("genai-build")  # the registry shapes no output
+    assert "hf.py" not in names("smoke")

@@ -175,22 +175,31 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     for name in adapters:
         if not name.replace("-", "").replace("_", "").isalnum():
             raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp, _quiet_builder():
+    from rich.console import Console
+
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp, Console(stderr=True).status("") as status:
         scratch = Path(tmp)
         options = _builder_options(params, params.precision)
         if adapters:
             first = next(iter(adapters.values()))
             options += [f"adapter_path={first}", f"nodes_to_exclude={_lora_exclusions(base)}"]
-        _run_builder(base, out_dir, params.precision, device, options, scratch)
+        status.update(f"genai builder: {params.precision} model for {device}"
+                      + (f" ({params.int4_algorithm})" if params.precision == "int4" else ""))
+        with _quiet_builder():
+            _run_builder(base, out_dir, params.precision, device, options, scratch)
         if adapters:
             names = iter(adapters.items())
             first_name, _ = next(names)
+            status.update("making the LoRA weights switchable")
             first_weights = _make_switchable(out_dir / "model.onnx")
             _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
             for name, path in names:
-                weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
+                status.update(f"adapter '{name}': fp32 build for its LoRA layout")
+                with _quiet_builder():
+                    weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
-    counts = _verify(out_dir, params.check_prompt)
+        status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
+        counts = _verify(out_dir, params.check_prompt)
     (out_dir / "modelbuild.json").write_text(json.dumps({
         "precision": params.precision,
         "device": device,
