@@ -137,14 +137,14 @@ def build(project: Project, target: Target) -> dict:
     final = project.output_dir(target.name)
     project.build_dir.mkdir(parents=True, exist_ok=True)
     with store.lock(key, f"'{target.name}'"), store.lock(_target_lock_name(project, target), f"'{target.name}'"):
-        for stale in project.build_dir.glob(f".{target.name}.*.tmp"):
+        for stale in project.build_dir.glob(f".{target.name}~*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
         stamp = read_stamp(final)
         if not force and stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
             print(f"modelbuild: '{target.name}': output already complete (another process or an interrupted "
                   "run finished it); reusing it", file=sys.stderr, flush=True)
             return {"action_key": key}
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=project.build_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}~", suffix=".tmp", dir=project.build_dir))  # "~" is in no name
         try:
             out_tmp = work / "out"
             out_tmp.mkdir()

@@ -209,7 +209,7 @@ def test_input_changed_while_its_stage_runs_is_not_recorded(tmp_path):
     project.doit("tiny-base")
     proc = _start(project, "tiny-travel-adapter")
     deadline = time.time() + 60
-    while not list(project.path("build").glob(".tiny-travel-adapter.*.tmp/plan.json")):
+    while not list(project.path("build").glob(".tiny-travel-adapter~*.tmp/plan.json")):
         assert time.time() < deadline and proc.poll() is None, "the finetune never started"
         time.sleep(0.05)
     project.append(DATA, EXTRA)
