@@ -50,6 +50,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are meant to be read and shared
     os.replace(tmp, path)
 
 
