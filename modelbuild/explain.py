@@ -13,7 +13,7 @@ import sqlite3
 
 from .digest import hash_json, tree_manifest
 from .project import Project
-from .stage import STAMP_DIR, key_components, outputs_intact, read_stamp, stat_cache
+from .stage import STAMP_DIR, key_components, read_stamp, stat_cache
 
 
 def doit_values(project: Project, name: str) -> dict:
@@ -97,8 +97,8 @@ def explain(project: Project, names: list[str]) -> list[str]:
             lines.append(f"{name}: stale{after}: " + "; ".join(reasons or ["action key changed"]))
             stale.add(name)
             continue
-        if not outputs_intact(out, stamp, cache):
-            current = tree_manifest(out, cache, exclude=(STAMP_DIR,))
+        current = tree_manifest(out, cache, exclude=(STAMP_DIR,))
+        if current != stamp["manifest"]:
             changed = sorted(
                 rel for rel in set(current) | set(stamp["manifest"])
                 if current.get(rel, {}).get("digest") != stamp["manifest"].get(rel, {}).get("digest")

@@ -51,8 +51,16 @@ def library_version(name: str) -> str:
     return _library_versions[name]
 
 
+_stat_caches: dict[Path, StatCache] = {}
+
+
 def stat_cache(project: Project) -> StatCache:
-    return StatCache(project.state_dir / f"stat-{ALGORITHM}.sqlite3")
+    """One StatCache per project and process, so its per-thread sqlite connection is reused
+    across the uptodate checks of a run instead of reopened for every task."""
+    path = project.state_dir / f"stat-{ALGORITHM}.sqlite3"
+    if path not in _stat_caches:
+        _stat_caches[path] = StatCache(path)
+    return _stat_caches[path]
 
 
 def read_stamp(out_dir: Path) -> dict | None:
