@@ -16,3 +16,11 @@ class UserError(Exception):
     Printed as one line (no traceback) and turned into a non-zero exit. The message names
     the file, the target and the key wherever they are known.
     """
+
+
+def say(message: str) -> None:
+    """One status line on stderr, written in one call so lines of parallel stages never interleave."""
+    import sys
+
+    sys.stderr.write(f"modelbuild: {message}\n")
+    sys.stderr.flush()

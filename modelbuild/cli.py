@@ -8,6 +8,8 @@
     cache info | gc --max-size N | verify
     release TARGET                lock manifest + deterministic archive under release/TARGET/
     verify LOCK.json              rebuild from scratch, cache bypassed, and compare every output
+    report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
+    devices                       the devices and slots `doit -n N` schedules stages on
 """
 
 from __future__ import annotations
@@ -160,6 +162,26 @@ def cmd_verify(args) -> int:
     return 0 if identical else 1
 
 
+def cmd_report(args) -> int:
+    from .project import load_project
+    from .report import write_report
+
+    project = load_project(args.project)
+    paths = write_report(project, args.patterns, Path(args.out) if args.out else project.root / "reports")
+    print(paths["md"].read_text(encoding="utf-8"))
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .devices import machine_from
+    from .project import load_project
+
+    project = load_project(args.project)
+    print(machine_from(project.devices).describe())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelbuild", description="modelbuild: Make for model artifacts")
     parser.add_argument("--project", default=".", help="project folder (holds targets/); default: current folder")
@@ -203,9 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary rebuild")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("report", help="markdown/HTML table and PNG plot of evaluate targets' metrics")
+    p.add_argument("patterns", nargs="*", help="target names or globs (default: every evaluate target)")
+    p.add_argument("--out", help="output folder (default: reports/)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("devices", help="the devices and slots that doit -n schedules stages on")
+    p.set_defaults(func=cmd_devices)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as error:
         print(f"modelbuild: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `python -m modelbuild targets | head`
+        sys.stderr.close()
+        return 0

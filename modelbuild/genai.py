@@ -15,6 +15,21 @@ def bundle_adapters(bundle: Path) -> dict[str, Path]:
     return {p.name[: -len(ADAPTER_SUFFIX)]: p for p in sorted(folder.glob(f"*{ADAPTER_SUFFIX}"))}
 
 
+def load_config(bundle: Path):
+    """The bundle's og.Config, limited to the stage's thread share (MODELBUILD_THREADS, set by
+    the scheduler) so parallel stages do not each start one onnxruntime thread per core."""
+    import os
+
+    import onnxruntime_genai as og
+
+    config = og.Config(str(bundle))
+    threads = os.environ.get("MODELBUILD_THREADS")
+    if threads:
+        options = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return config
+
+
 class Chat:
     """A loaded bundle: answers a prompt greedily, with or without one of its adapters."""
 
@@ -24,7 +39,7 @@ class Chat:
 
         onnxruntime.set_default_logger_severity(3)  # one harmless warning per overridable initializer
         self.og = og
-        self.model = og.Model(str(bundle))
+        self.model = og.Model(load_config(bundle))
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model)
         self.adapter_names = []

@@ -64,6 +64,8 @@ class PassDef:
     # Distributions whose versions shape this pass's output: part of every action key.
     libraries: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("cpu",)
+    # Numbers the pass writes to metrics.json in its output; targets may gate on them (gates.py).
+    metrics: tuple[str, ...] = ()
 
     @property
     def module(self) -> types.ModuleType:

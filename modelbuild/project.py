@@ -11,7 +11,8 @@ File format (see README for a full example)::
     [target.smollm2-base]             # a plain target
     pass = "embedded-import"
     params = { ... }
-    device = "cpu"                    # optional, default cpu
+    device = "cpu"                    # optional: cpu, cuda (any GPU) or cuda:N
+    gpu_memory_gb = 20                # optional, cuda only: share of a GPU (default: all of it)
     inputs = { data = "data/x.jsonl", base = ":other-target" }
 
     [recipe.travel]                   # a template, instantiated by [[use]]
@@ -26,6 +27,12 @@ File format (see README for a full example)::
     recipe = "travel"
     vars = { model = "smollm2", steps = 40 }
 
+    [devices]                         # optional, at most one file: see devices.py
+    cpu_slots = 2
+
+    [group]                           # names that build every matching target
+    smollm2-variants = ["smollm2-*-eval"]
+
 In recipes, a string that is exactly "{var}" becomes the var's value with its TOML type; "{var}"
 inside a longer string is replaced by its text; "{{" and "}}" are literal braces. An input
 reference that starts with ":" names a target; anything else is a file path relative to the
@@ -34,6 +41,8 @@ TOML file.
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import os
 import re
 try:
@@ -45,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from . import UserError
+from .devices import check_config
+from .gates import parse_gates
 from .passdef import PassDef, get_pass
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -52,8 +63,8 @@ DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 VAR_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 WHOLE_VAR_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
-TOP_KEYS = {"default_targets", "target", "recipe", "use"}
-TARGET_KEYS = {"pass", "doc", "inputs", "params", "device"}
+TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group"}
+TARGET_KEYS = {"pass", "doc", "inputs", "params", "device", "gpu_memory_gb", "matrix", "gates"}
 RECIPE_KEYS = {"doc", "required", "vars", "target"}
 USE_KEYS = {"recipe", "vars"}
 
@@ -79,6 +90,8 @@ class Target:
     file: str  # TOML file, relative to the project root
     doc: str = ""
     origin: str = ""  # "recipe 'travel' (model=smollm2)" for instantiated targets
+    gpu_memory_gb: float | None = None  # share of a GPU slot; None = the whole GPU (scheduling only)
+    gates: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (op, limit), gates.py
 
     def input_refs(self) -> list[Ref]:
         refs = []
@@ -95,6 +108,8 @@ class Project:
     root: Path
     targets: dict[str, Target] = field(default_factory=dict)
     default_targets: list[str] = field(default_factory=list)
+    devices: dict[str, Any] = field(default_factory=dict)  # the [devices] table (see devices.py)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # [group] name -> target names
 
     @property
     def build_dir(self) -> Path:
@@ -141,6 +156,8 @@ def load_project(root: Path | str) -> Project:
     recipes: dict[str, tuple[str, dict]] = {}
     uses: list[tuple[str, int, dict]] = []
     default_from = None
+    devices_from = None
+    raw_groups: list[tuple[str, str, object]] = []
 
     for path in sorted(targets_dir.glob("*.toml")):
         rel = path.relative_to(root).as_posix()
@@ -161,8 +178,16 @@ def load_project(root: Path | str) -> Project:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UserError(f"{rel}: default_targets: expected a list of target names")
             project.default_targets = value
+        if "devices" in doc:
+            if devices_from:
+                raise UserError(f"{rel}: devices: already set in {devices_from}")
+            devices_from = rel
+            project.devices = check_config(doc["devices"], f"{rel}: devices")
         for name, table in _table(doc, "target", rel, "target").items():
-            raw_targets.append((rel, name, _table({"t": table}, "t", rel, f"target '{name}'"), ""))
+            table = _table({"t": table}, "t", rel, f"target '{name}'")
+            for expanded_name, expanded, label in _expand_matrix(name, table, None, f"{rel}: target '{name}'"):
+                raw_targets.append((rel, expanded_name, expanded, label and f"matrix {label}"))
+        raw_groups.extend((rel, name, patterns) for name, patterns in _table(doc, "group", rel, "group").items())
         for name, table in _table(doc, "recipe", rel, "recipe").items():
             table = _table({"r": table}, "r", rel, f"recipe '{name}'")
             _check_keys(table, RECIPE_KEYS, rel, f"recipe '{name}'")
@@ -199,11 +224,31 @@ def load_project(root: Path | str) -> Project:
                 if ref.kind == "target" and ref.value not in project.targets:
                     ikey = f"inputs.{key}" + (f".{sub}" if sub else "")
                     raise UserError(f"{where}: {ikey}: unknown target '{ref.value}'")
+    for rel, name, patterns in raw_groups:
+        project.groups[name] = _resolve_group(project, rel, name, patterns)
     for name in project.default_targets:
-        if name not in project.targets:
+        if name not in project.targets and name not in project.groups:
             raise UserError(f"{default_from}: default_targets: unknown target '{name}'")
     _check_cycles(project)
     return project
+
+
+def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> list[str]:
+    """A group builds every target matching its globs: ``smollm2-variants = ["smollm2-*-eval"]``."""
+    where = f"{rel}: group.{name}"
+    if not NAME_RE.match(name):
+        raise UserError(f"{where}: bad group name: use letters, digits, '.', '_' and '-'")
+    if name in project.targets or name in project.groups:
+        raise UserError(f"{where}: the name is already taken by a target or group")
+    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
+        raise UserError(f"{where}: expected a non-empty list of target names or globs")
+    members: list[str] = []
+    for pattern in patterns:
+        matched = fnmatch.filter(project.targets, pattern)
+        if not matched:
+            raise UserError(f"{where}: '{pattern}' matches no target")
+        members.extend(m for m in matched if m not in members)
+    return members
 
 
 def _table(doc: dict, key: str, rel: str, what: str) -> dict:
@@ -244,10 +289,61 @@ def _expand_use(rel: str, index: int, use: dict, recipes: dict) -> list[tuple[st
     for template_name, table in _table(recipe, "target", recipe_file, f"recipe '{recipe_name}'").items():
         table = _table({"t": table}, "t", recipe_file, f"recipe '{recipe_name}': target '{template_name}'")
         where = f"{recipe_file}: recipe '{recipe_name}': target '{template_name}' ({label})"
+        for name, expanded, matrix_label in _expand_matrix(template_name, table, variables, where):
+            out.append((recipe_file, name, expanded, origin + (f", matrix {matrix_label}" if matrix_label else "")))
+    return out
+
+
+def _expand_matrix(template_name: str, table: dict, variables: dict | None, where: str) -> list[tuple[str, dict, str]]:
+    """One (name, table, label) per combination of the target's ``matrix``; one if it has none.
+
+    ``matrix = { device = ["cpu", "cuda"], variant = [{ name = "int4-rtn", algorithm = "rtn" }] }``
+    gives a target per (device, variant). A table entry sets ``{variant}`` to its ``name`` and
+    each of its other keys as a var of its own. The target name must use every matrix key, so
+    each combination gets its own name. Entry values may use the recipe's vars
+    (``bundle = ":{model}-travel-cpu-fp32"``). ``variables`` is None for a plain target: it is taken
+    as written unless it has a matrix (then, as in recipes, literal braces are "{{" and "}}").
+    """
+    matrix = table.get("matrix")
+    if matrix is None and variables is None:
+        return [(template_name, table, "")]
+    if matrix is None:
         name = _substitute(template_name, variables, f"{where}: name")
         if not isinstance(name, str):
             raise UserError(f"{where}: name: must expand to a string")
-        out.append((recipe_file, name, _substitute(table, variables, where), origin))
+        return [(name, _substitute(table, variables, where), "")]
+    if not isinstance(matrix, dict) or not matrix:
+        raise UserError(f"{where}: matrix: expected a table of var = [values]")
+    axes: list[list[tuple[str, dict]]] = []
+    for key, values in matrix.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: matrix.{key}: expected a non-empty list of values")
+        if f"{{{key}}}" not in template_name:
+            raise UserError(f"{where}: matrix.{key}: the target name must contain {{{key}}} so each variant gets its own name")
+        axis = []
+        for i, value in enumerate(values):
+            if isinstance(value, dict):
+                if not isinstance(value.get("name"), str):
+                    raise UserError(f"{where}: matrix.{key}[{i}]: a table entry needs a string 'name'")
+                fields = {k: _substitute(v, variables or {}, f"{where}: matrix.{key}[{i}]", k) for k, v in value.items() if k != "name"}
+                axis.append((value["name"], {**fields, key: value["name"]}))
+            elif isinstance(value, (str, int, float, bool)):
+                axis.append((str(value), {key: value}))
+            else:
+                raise UserError(f"{where}: matrix.{key}[{i}]: expected a string, number, boolean or table")
+        axes.append(axis)
+    body = {k: v for k, v in table.items() if k != "matrix"}
+    out = []
+    for combination in itertools.product(*axes):
+        combined = dict(variables or {})
+        for _, assigned in combination:
+            combined.update(assigned)
+        label = ", ".join(f"{key}={shown}" for key, (shown, _) in zip(matrix, combination))
+        at = f"{where} [{label}]"
+        name = _substitute(template_name, combined, f"{at}: name")
+        if not isinstance(name, str):
+            raise UserError(f"{at}: name: must expand to a string")
+        out.append((name, _substitute(body, combined, at), label))
     return out
 
 
@@ -297,6 +393,13 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
     doc = table.get("doc", "")
     if not isinstance(doc, str):
         raise UserError(f"{where}: doc: expected a string")
+    gpu_memory_gb = table.get("gpu_memory_gb")
+    if gpu_memory_gb is not None:
+        if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or gpu_memory_gb <= 0:
+            raise UserError(f"{where}: gpu_memory_gb: expected a positive number of GB, got {gpu_memory_gb!r}")
+        if device == "cpu":
+            raise UserError(f"{where}: gpu_memory_gb: only for cuda targets (device is cpu)")
+        gpu_memory_gb = float(gpu_memory_gb)
 
     given_inputs = _table(table, "inputs", rel, f"target '{name}'")
     inputs: dict[str, Ref | dict[str, Ref]] = {}
@@ -320,7 +423,8 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
             }
         else:
             inputs[key] = _make_ref(root, base_dir, value, spec.kind, f"{where}: inputs.{key}")
-    return Target(name, pass_def, params, inputs, device, rel, doc, origin)
+    gates = parse_gates(table["gates"], pass_def.metrics, pass_name, where) if "gates" in table else {}
+    return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates)
 
 
 def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str) -> Ref:

@@ -27,7 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import UserError, say
+from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
+from .gates import check_gates, failed_gates
 from .project import Project, Ref, Target
 from .store import Store
 
@@ -61,6 +64,16 @@ def stat_cache(project: Project) -> StatCache:
     if path not in _stat_caches:
         _stat_caches[path] = StatCache(path)
     return _stat_caches[path]
+
+
+_slot_pools: dict[Path, SlotPool] = {}
+
+
+def slot_pool(project: Project) -> SlotPool:
+    """The device slots of this doit run (one pool per project and process)."""
+    if project.root not in _slot_pools:
+        _slot_pools[project.root] = SlotPool(machine_from(project.devices))
+    return _slot_pools[project.root]
 
 
 def read_stamp(out_dir: Path) -> dict | None:
@@ -123,6 +136,7 @@ def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
         values.get("action_key") == key
         and stamp.get("action_key") == key
         and outputs_intact(out_dir, stamp, cache)
+        and not failed_gates(target, out_dir)
     )
 
 
@@ -149,8 +163,13 @@ def build(project: Project, target: Target) -> dict:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
         stamp = read_stamp(final)
         if not force and stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
-            print(f"modelbuild: '{target.name}': output already complete (another process or an interrupted "
-                  "run finished it); reusing it", file=sys.stderr, flush=True)
+            if failed_gates(target, final):
+                try:
+                    _raise_for_gates(target, final)
+                finally:
+                    shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
+            say(f"'{target.name}': output already complete (another process or an interrupted "
+                "run finished it); reusing it")
             return {"action_key": key}
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}~", suffix=".tmp", dir=project.build_dir))  # "~" is in no name
         try:
@@ -160,15 +179,16 @@ def build(project: Project, target: Target) -> dict:
             problem = store.materialize(entry, out_tmp) if entry else "not in the cache"
             if problem is None:
                 stamp = {**entry, "origin": "restored from cache", "restored_at": _now()}
-                print(f"modelbuild: '{target.name}': restored from cache (built in {entry['seconds']} s)",
-                      file=sys.stderr, flush=True)
+                say(f"'{target.name}': restored from cache (built in {entry['seconds']} s)")
             else:
                 if entry:
-                    print(f"modelbuild: '{target.name}': {problem}; rebuilding", file=sys.stderr)
+                    say(f"'{target.name}': {problem}; rebuilding")
                     shutil.rmtree(out_tmp)
                     out_tmp.mkdir()
                 stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
-                store.record(out_tmp, stamp)
+                store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
+            if target.gates:
+                stamp["gates"] = _raise_for_gates(target, out_tmp)
             (out_tmp / STAMP_DIR).mkdir(exist_ok=True)
             (out_tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
             _swap_into_place(out_tmp, final, work)
@@ -177,10 +197,35 @@ def build(project: Project, target: Target) -> dict:
     return {"action_key": key}
 
 
+def _raise_for_gates(target: Target, out_dir: Path) -> dict:
+    """Gate results for the stamp; a failed gate fails the stage with metric, value and limit."""
+    try:
+        results = check_gates(target, out_dir)
+    except UserError as error:
+        raise StageError(str(error)) from None
+    failed = [f"{metric} = {r['value']:g} (limit {r['op']} {r['limit']:g})" for metric, r in results.items() if not r["passed"]]
+    if failed:
+        raise StageError(f"{target.file}: target '{target.name}': quality gate failed: {'; '.join(failed)}")
+    return results
+
+
 def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
-    started = time.perf_counter()
-    _run_worker(project, target, out_tmp, work)
-    seconds = time.perf_counter() - started
+    pool = slot_pool(project)
+
+    def waiting() -> None:
+        say(f"'{target.name}': waiting for a {target.device} slot")
+
+    try:
+        with pool.slot(target.name, target.device, target.gpu_memory_gb, on_wait=waiting) as assignment:
+            say(f"'{target.name}' running on {assignment.device} ({assignment.threads} "
+                f"thread{'s' if assignment.threads > 1 else ''})")
+            started_at = time.time()
+            started = time.perf_counter()
+            _run_worker(project, target, out_tmp, work, assignment, pool)
+            seconds = time.perf_counter() - started
+            ended_at = time.time()
+    except UserError as error:
+        raise StageError(str(error)) from None
     after = key_components(project, target, cache)
     if after["inputs"] != components["inputs"]:
         changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"]), strict=True) if v != w]
@@ -196,6 +241,8 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
         "manifest": manifest,
         "manifest_digest": hash_json(manifest),
         "seconds": round(seconds, 3),
+        "ran_on": {"device": assignment.device, "threads": assignment.threads, "waited_s": assignment.waited_s,
+                   "started": round(started_at, 3), "ended": round(ended_at, 3)},
         "origin": "built",
         "built_at": _now(),
     }
@@ -227,7 +274,8 @@ def _swap_into_place(new: Path, final: Path, work: Path) -> None:
     os.rename(new, final)
 
 
-def _run_worker(project: Project, target: Target, out_dir: Path, work: Path) -> None:
+def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, assignment: Assignment,
+                pool: SlotPool) -> None:
     inputs: dict = {}
     for key, value in target.inputs.items():
         if isinstance(value, dict):
@@ -236,17 +284,21 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path) -> 
             inputs[key] = str(input_path(project, value))
     plan = {
         "target": target.name,
+        "file": target.file,
         "pass": target.pass_def.name,
         "params": target.params,
         "inputs": inputs,
         "output_dir": str(out_dir),
         "device": target.device,
+        "assigned_device": assignment.device,
+        "threads": assignment.threads,
         "cache_dir": str(project.cache_dir),
         "project_root": str(project.root),
     }
     plan_file = work / "plan.json"
     plan_file.write_text(json.dumps(plan, indent=1))
     env = dict(os.environ)
+    env.update(assignment.environment(pool.machine))
     env.setdefault("PYTHONHASHSEED", "0")
     result = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(plan_file)], env=env)
     if result.returncode != 0:

@@ -22,10 +22,10 @@ import fcntl
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
+from . import say
 from .digest import hash_file
 
 FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, xfs, ...)
@@ -75,7 +75,7 @@ class Store:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"modelbuild: waiting for another process building {what} ...", file=sys.stderr, flush=True)
+                say(f"waiting for another process building {what} ...")
                 fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

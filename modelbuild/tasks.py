@@ -20,6 +20,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from . import UserError
+from .devices import Machine, machine_from
 from .project import Project, Target, load_project
 from .stage import StageError, build, input_path, is_up_to_date
 
@@ -38,13 +39,39 @@ def project_at(root: Path) -> Project:
     return _projects[root]
 
 
+_machines: dict[Path, Machine] = {}
+
+
+def machine_for(project: Project) -> Machine | None:
+    """The machine's devices, discovered only when the project has GPU targets (a no-op stays fast)."""
+    if not any(t.device != "cpu" for t in project.targets.values()):
+        return None
+    if project.root not in _machines:
+        try:
+            _machines[project.root] = machine_from(project.devices)
+        except UserError as error:
+            print(f"modelbuild: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return _machines[project.root]
+
+
+def unavailable_device(project: Project, target: Target) -> str | None:
+    """Why the target's device is not on this machine, or None."""
+    machine = machine_for(project)
+    return machine.lacks(target.device) if machine else None
+
+
 def doit_config(root: Path) -> dict:
+    """doit settings. The default targets (every target when no file sets default_targets) leave
+    out those whose device this machine lacks."""
     project = project_at(root)
     project.state_dir.mkdir(parents=True, exist_ok=True)
+    wanted = project.default_targets or list(project.targets)
+    defaults = [name for name in wanted if name in project.groups or not unavailable_device(project, project.targets[name])]
     return {
         "backend": "sqlite3",  # the default dbm falls back to the slow dbm.dumb on this Python
         "dep_file": str(project.state_dir / "doit.sqlite3"),
-        "default_tasks": project.default_targets,
+        "default_tasks": defaults,
         "verbosity": 2,  # passes draw their own progress bars; let them through
         "par_type": "thread",  # each stage runs in its own worker process anyway
     }
@@ -55,6 +82,10 @@ def _build_action(project: Project, target: Target):
         return build(project, target)
     except StageError as error:
         return TaskFailed(str(error))
+
+
+def _unavailable_action(target: Target, reason: str):
+    return TaskFailed(f"{target.file}: target '{target.name}': device {target.device}: {reason}")
 
 
 def _clean_action(project: Project, target: Target) -> None:
@@ -78,6 +109,17 @@ class ActionKeyCheck:
 def task_dicts(project: Project):
     for name, target in project.targets.items():
         doc = target.doc or f"{target.pass_def.name}: {target.pass_def.doc}"
+        reason = unavailable_device(project, target)
+        if reason:
+            # Fails before its upstream stages run: no minutes of CPU work for a build that cannot finish.
+            yield {
+                "basename": name,
+                "doc": f"{doc} [{target.device}: not on this machine]",
+                "actions": [(_unavailable_action, (target, reason))],
+                "uptodate": [False],
+                "verbosity": 2,
+            }
+            continue
         file_deps = [
             str(input_path(project, ref)) for ref in target.input_refs()
             if ref.kind == "file" and (project.root / ref.value).is_file()
@@ -94,11 +136,20 @@ def task_dicts(project: Project):
         }
 
 
+def group_task_dicts(project: Project):
+    """One doit group task per [group]: no action, it depends on its members."""
+    for name, members in project.groups.items():
+        available = [m for m in members if not unavailable_device(project, project.targets[m])]
+        yield {"basename": name, "doc": f"group: {len(available)} targets ({', '.join(members[:3])}...)",
+               "actions": None, "task_dep": available}
+
+
 def tasks_for_project(root: Path):
     """A ``task_*`` function for dodo.py that yields every target of the project."""
 
     def task_modelbuild():
         yield from task_dicts(project_at(root))
+        yield from group_task_dicts(project_at(root))
 
     task_modelbuild.__doc__ = "modelbuild targets"
     return task_modelbuild

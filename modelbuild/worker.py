@@ -24,7 +24,9 @@ class StageContext:
     """What a pass may know about where it runs, beside its params and inputs."""
 
     target: str
-    device: str
+    device: str  # "cpu" or "cuda": with CUDA_VISIBLE_DEVICES set, the assigned GPU is cuda:0 in here
+    assigned_device: str  # the slot the scheduler gave the stage: "cpu" or "cuda:N" (for records)
+    threads: int  # CPU threads this stage may use (onnxruntime intra-op, torch via OMP_NUM_THREADS)
     cache_dir: Path  # shared download / builder cache; passes never write outputs here
     project_root: Path
 
@@ -41,14 +43,16 @@ def main(plan_file: str) -> int:
     }
     ctx = StageContext(
         target=plan["target"],
-        device=plan["device"],
+        device=plan["device"].split(":")[0],
+        assigned_device=plan.get("assigned_device", plan["device"]),
+        threads=int(plan.get("threads") or os.cpu_count() or 1),
         cache_dir=Path(plan["cache_dir"]),
         project_root=Path(plan["project_root"]),
     )
     try:
         pass_def.run(pass_def.params(**plan["params"]), inputs, Path(plan["output_dir"]), ctx)
     except UserError as error:
-        print(f"modelbuild: target '{plan['target']}': {error}", file=sys.stderr)
+        print(f"modelbuild: {plan['file']}: target '{plan['target']}': {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -50,6 +50,18 @@ def failing_list(project, files: dict[str, str]) -> str:
         ('[target."bad:name"]\npass = "smoke"\ninputs = { bundle = ":base" }\n', ["target 'bad:name'", "bad target name"]),
         ('[target.x\npass = "smoke"\n', ["targets/bad.toml", "malformed TOML", "line 1"]),
         ('default_targets = ["base"]\n', ["targets/travel.toml", "default_targets: already set in targets/bad.toml"]),
+        ('[target.x]\npass = "device-probe"\nmatrix = { n = [1, 2] }\n',
+         ["targets/bad.toml", "target 'x'", "matrix.n: the target name must contain {n}"]),
+        ('[target."x-{n}"]\npass = "device-probe"\nmatrix = { n = [] }\n', ["target 'x-{n}'", "matrix.n: expected a non-empty list"]),
+        ('[target."x-{v}"]\npass = "device-probe"\nmatrix = { v = [{ seconds = 1 }] }\n',
+         ["target 'x-{v}'", "matrix.v[0]: a table entry needs a string 'name'"]),
+        ('[target."x-{n}"]\npass = "device-probe"\nparams = { seconds = "{m}" }\nmatrix = { n = [1] }\n',
+         ["target 'x-{n}' [n=1]", "params.seconds: unknown variable '{m}'"]),
+        ('[target.x]\npass = "smoke"\ninputs = { bundle = ":base" }\ngates = { speed = ">= 1" }\n',
+         ["targets/bad.toml", "target 'x'", "gates.speed: pass 'smoke' writes no such metric"]),
+        ('[target.x]\npass = "evaluate"\ninputs = { model = ":base", data = "data/travel_eval.jsonl" }\ngates = { tokens_per_s = "fast" }\n',
+         ["target 'x'", "gates.tokens_per_s: expected a string such as \"<= 5\""]),
+        ('[devices]\ncpu_slots = "two"\n', ["targets/bad.toml", "devices.cpu_slots: expected int, got str"]),
     ],
 )
 def test_bad_target_file(project, extra, expected):
@@ -128,3 +140,33 @@ def test_repo_targets_load_and_list(project):
     result = project.doit("list")
     for name in ["smollm2-travel-cpu-int4", "phi35-travel-cpu-int4", "tiny-travel-cpu-int4", "smollm2-base"]:
         assert name in result.out
+
+
+MATRIX_RECIPE = BASE + """
+[recipe.grid]
+required = ["model"]
+vars = { seconds = 0.5 }
+
+[recipe.grid.target."{model}-{device}-{variant}"]
+pass = "device-probe"
+device = "{device}"
+params = { seconds = "{seconds}", size = "{size}" }
+matrix = { device = ["cpu", "cuda"], variant = [{ name = "small", size = 64 }, { name = "big", size = 512, seconds = 1.5 }] }
+
+[[use]]
+recipe = "grid"
+vars = { model = "m" }
+"""
+
+
+def test_matrix_expands_every_combination_with_typed_vars(project):
+    from modelbuild.project import load_project
+
+    project.path("targets/grid.toml").write_text(MATRIX_RECIPE)
+    graph = load_project(project.root)
+    made = {name: t for name, t in graph.targets.items() if name.startswith("m-")}
+    assert sorted(made) == ["m-cpu-big", "m-cpu-small", "m-cuda-big", "m-cuda-small"]
+    assert made["m-cuda-big"].device == "cuda"
+    assert made["m-cuda-big"].params == {"seconds": 1.5, "size": 512}  # a table entry's keys override recipe vars
+    assert made["m-cpu-small"].params == {"seconds": 0.5, "size": 64}
+    assert "matrix device=cuda, variant=big" in made["m-cuda-big"].origin

@@ -1,0 +1,239 @@
+"""evaluate: measure a built model; its numbers are a build output (metrics.json) like any other.
+
+The model is an onnxruntime-genai bundle (any genai-build or quantize-onnx target) or an HF
+folder (the torch fp32 reference). Measured:
+
+- perplexity of the held-out split's responses given their prompts (the loss the adapter was
+  trained on), through onnxruntime on the bundle's own model.onnx, or through torch for an HF
+  folder; with the named adapter active when one is given;
+- time to first token and decode tokens/s, greedy, a fixed number of new tokens per prompt,
+  through onnxruntime-genai (or torch eager), in a fresh process whose peak RSS is reported;
+- size on disk of the model files (adapters and tokenizer excluded).
+
+With a ``reference`` (another evaluate target, usually the fp32 one) it adds the perplexity
+change in percent, the number quality gates usually limit. Timings vary run to run: an
+evaluation is not reproducible byte for byte, and `verify` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelbuild import UserError, speed
+from modelbuild.gates import METRICS_FILE
+from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passes.lora_finetune import CHAT, load_records, render
+
+METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb")
+MODEL_FILE_SUFFIXES = (".onnx", ".onnx.data", ".data", ".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class Params:
+    variant: str = param("", "label shown in reports (e.g. 'int4-rtn'); empty = the model target's name")
+    adapter: str = param("", "bundle adapter to activate while measuring (e.g. 'travel'; for an HF model, the label of inputs.adapter); empty = the base model")
+    template: str = param(CHAT, "how records are rendered: 'chat' (the model's chat template) or a text template with {prompt} and {response}")
+    samples: int = param(0, "held-out records scored (0 = all)")
+    max_length: int = param(256, "tokens per record; longer records are truncated")
+    prompts: list[str] = param(
+        ["What should I see in Chicago?", "Plan a rainy day in London.", "What should I pack for a week in Iceland?"],
+        "prompts the speed is measured on",
+    )
+    new_tokens: int = param(64, "tokens generated per prompt for the speed figures")
+    speed_runs: int = param(2, "times each prompt is generated (the median is reported)")
+
+
+def _model_kind(model: Path) -> str:
+    if (model / "genai_config.json").is_file():
+        return "genai"
+    if (model / "config.json").is_file():
+        return "hf"
+    raise UserError("inputs.model: neither an onnxruntime-genai bundle (genai_config.json) nor an HF folder (config.json)")
+
+
+def model_size(model: Path) -> int:
+    """Bytes of the weights and graph: what a device downloads, without tokenizer and adapters."""
+    return sum(
+        p.stat().st_size for p in sorted(model.rglob("*"))
+        if p.is_file() and p.name.endswith(MODEL_FILE_SUFFIXES) and "adapters" not in p.relative_to(model).parts
+        and ".modelbuild" not in p.relative_to(model).parts
+    )
+
+
+def _examples(params: Params, data: Path, tokenizer, shown: str) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first response token) per scored record."""
+    records = load_records(data, shown)
+    if params.samples:
+        records = records[: params.samples]
+    examples = []
+    for number, record in enumerate(records, 1):
+        prefix, full = render(record, params.template, tokenizer, f"{shown}: record {number}")
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
+        start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        if start < len(ids):
+            examples.append((ids, max(start, 1)))
+    if not examples:
+        raise UserError(f"{shown}: no record has response tokens within max_length={params.max_length}")
+    return examples
+
+
+def _nll(logits, ids: list[int], start: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[start:] (logits[t] predicts ids[t+1]), in float64."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)[0]
+    targets = np.asarray(ids[start:])
+    rows = logits[start - 1: len(ids) - 1]
+    peak = rows.max(axis=-1, keepdims=True)
+    log_z = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=-1))
+    return float((log_z - rows[np.arange(len(targets)), targets]).sum()), len(targets)
+
+
+def _onnx_perplexity(model: Path, adapter_file: Path | None, examples, threads: int, device: str, progress, bar) -> tuple[float, int]:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(model / "model.onnx"), options, providers=providers)
+    decoder = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
+    inputs = {i.name: i for i in session.get_inputs()}
+    run_options = ort.RunOptions()
+    if adapter_file is not None:
+        lora = ort.LoraAdapter()
+        lora.Load(str(adapter_file))
+        run_options.add_active_adapter(lora)
+    kv_type = np.float16 if any("float16" in i.type for n, i in inputs.items() if n.startswith("past_key_values")) else np.float32
+    total, count = 0.0, 0
+    for ids, start in examples:
+        array = np.asarray([ids], dtype=np.int64)
+        feeds = {"input_ids": array, "attention_mask": np.ones_like(array)}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+        for layer in range(decoder["num_hidden_layers"]):
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
+                    (1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=kv_type)
+        logits = session.run(["logits"], feeds, run_options)[0]
+        nll, n = _nll(logits, ids, start)
+        total, count = total + nll, count + n
+        progress.advance(bar)
+    return math.exp(total / count), count
+
+
+def _torch_perplexity(model_dir: Path, adapter_dir: Path | None, examples, threads: int, device: str, progress, bar) -> tuple[float, int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.to(device).eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids, start in examples:
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu().numpy()
+            nll, n = _nll(logits, ids, start)
+            total, count = total + nll, count + n
+            progress.advance(bar)
+    return math.exp(total / count), count
+
+
+def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from modelbuild.genai import bundle_adapters
+    from modelbuild.progress import step_progress
+
+    if params.new_tokens < 2 or params.speed_runs < 1 or not params.prompts:
+        raise UserError("params.new_tokens must be at least 2, params.speed_runs at least 1, params.prompts non-empty")
+    model: Path = inputs["model"]
+    kind = _model_kind(model)
+    adapter_file = adapter_dir = None
+    if kind == "genai":
+        if "adapter" in inputs:
+            raise UserError("inputs.adapter: only for HF models; a bundle's adapters are chosen with params.adapter")
+        if params.adapter:
+            adapters = bundle_adapters(model)
+            if params.adapter not in adapters:
+                raise UserError(f"params.adapter: the bundle has no adapter '{params.adapter}' (has: {', '.join(adapters) or 'none'})")
+            adapter_file = adapters[params.adapter]
+    else:
+        adapter_dir = inputs.get("adapter")
+        if params.adapter and adapter_dir is None:
+            raise UserError("params.adapter: for an HF model it only labels inputs.adapter, which is missing")
+    data: Path = inputs["data"]
+    shown = data.relative_to(ctx.project_root).as_posix() if data.is_relative_to(ctx.project_root) else str(data)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = _examples(params, data, tokenizer, shown)
+
+    with step_progress() as progress:
+        bar = progress.add_task(f"perplexity ({'onnxruntime' if kind == 'genai' else 'torch fp32'})", total=len(examples))
+        if kind == "genai":
+            perplexity, scored = _onnx_perplexity(model, adapter_file, examples, ctx.threads, ctx.device, progress, bar)
+        else:
+            perplexity, scored = _torch_perplexity(model, adapter_dir, examples, ctx.threads, ctx.device, progress, bar)
+
+    request = {
+        "kind": kind, "model": str(model), "adapter": params.adapter or None,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None, "prompts": params.prompts,
+        "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads,
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            timing = speed.measure(request, Path(scratch))
+        except RuntimeError as error:
+            raise UserError(f"speed measurement failed: {error}") from None
+
+    reference = None
+    if "reference" in inputs:
+        try:
+            reference = json.loads((inputs["reference"] / METRICS_FILE).read_text())["perplexity"]
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"inputs.reference: not an evaluate output (no perplexity in its {METRICS_FILE})") from None
+    size = model_size(model)
+    metrics = {
+        "schema": 1,
+        "variant": params.variant or None,
+        "adapter": params.adapter or ("lora" if adapter_dir else None),  # labels only: outputs carry no paths
+        "engine": "onnxruntime-genai" if kind == "genai" else "torch fp32 eager",
+        "device": ctx.device,
+        "size_bytes": size,
+        "size_mb": round(size / 1e6, 2),
+        "perplexity": round(perplexity, 4),
+        "reference_perplexity": reference,
+        "perplexity_delta_pct": round((perplexity / reference - 1) * 100, 3) if reference else None,
+        **timing,
+        "threads": ctx.threads,
+        "eval_records": len(examples),
+        "eval_tokens": scored,
+    }
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+PASS = PassDef(
+    name="evaluate",
+    version=1,
+    doc="perplexity on held-out data, tokens/s, time to first token, peak RSS and size of a bundle or HF model",
+    params=Params,
+    inputs={
+        "model": Input("onnxruntime-genai bundle, or an HF folder (torch fp32 reference)"),
+        "data": Input("held-out JSONL records with prompt and response", kind="file"),
+        "adapter": Input("LoRA adapter folder applied to an HF model", required=False),
+        "reference": Input("the evaluate target whose perplexity is the reference (usually fp32)", required=False),
+    },
+    run=run,
+    libraries=("onnxruntime", "onnxruntime-genai", "torch", "transformers", "peft", "numpy"),
+    devices=("cpu", "cuda"),
+    metrics=METRICS,
+)

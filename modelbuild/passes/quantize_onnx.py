@@ -1,0 +1,702 @@
+"""quantize-onnx: int4 weight-only quantization of an fp32 onnxruntime-genai bundle.
+
+onnxruntime's MatMulNBits quantizer (``onnxruntime.quantization.matmul_nbits_quantizer``) turns
+every MatMul with a constant 2-D fp32 weight into a ``MatMulNBits`` node holding int4 blocks.
+Only MatMuls: the embedding Gather stays float, and a weight the embedding shares with the LM head
+(tied embeddings, e.g. SmolLM2: ``Transpose(lm_head weight) -> Gather``) keeps its float copy for
+the Gather beside the new int4 copy for the MatMul.
+
+Algorithms (all those this onnxruntime offers that run on CPU without downloads):
+
+- ``rtn``: round to nearest per block; symmetric or asymmetric.
+- ``k_quant``: llama.cpp-style k-quant search of each block's scale and minimum (asymmetric).
+- ``hqq``: half-quadratic quantization, an optimised scale and float zero point per block
+  (asymmetric; runs in torch).
+- ``gptq``: GPTQ, each weight row's rounding error compensated on the rows not yet quantized,
+  from calibration activations: the project's own JSONL prompt/response records, rendered the
+  way generation sees them (never a hub dataset). onnxruntime 1.31's own GPTQ returns plain RTN
+  (see ``_gptq``), so the GPTQ step is done here, on onnxruntime's activations and node maker.
+
+The default is hqq: no data, and on this project's SmolLM2 (an fp32 dequantization of a Q4_1
+GGUF, so its weights already sit on an asymmetric 4-bit grid with a float minimum per block of 32)
+it is the only one that lands back on that grid; rtn, k_quant and gptq store integer zero points.
+
+Left out: ``default`` (the same RTN in C++; ``rtn`` covers it) and ``nvidia_awq`` (needs
+NVIDIA modelopt, CUDA and a hub dataset).
+
+Switchable LoRA adapters keep working: a genai-build bundle feeds every LoRA weight through a
+graph input with a zero default, which an ``.onnx_adapter`` overrides at run time. Those MatMuls
+(named ``.../lora_A/MatMul`` and ``.../lora_B/MatMul``) stay float, and so does any MatMul whose
+weight is an overridable graph input. The pass checks afterwards that every adapter parameter is
+still a float graph input, then loads the bundle in onnxruntime-genai and generates with no
+adapter and with each adapter. ``quantization.json`` records what was quantized and kept float.
+
+rtn, k_quant and hqq are deterministic: the same bundle and params give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelbuild import UserError
+from modelbuild.passdef import Input, PassDef, param
+
+ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
+NEEDS_CALIBRATION = ("gptq",)
+ALWAYS_ASYMMETRIC = ("k_quant", "hqq")  # these fit a zero point per block by construction
+LORA_MARKERS = ("/lora_A/", "/lora_B/")
+GENAI_CONFIG = "genai_config.json"
+RECORD = "quantization.json"
+SKIPPED = (".modelbuild", "modelbuild.json")  # the upstream stamp and genai-build's own record
+CHAT = "chat"
+BITS = 4
+
+
+@dataclass(frozen=True)
+class Params:
+    algorithm: str = param(
+        "hqq", "int4 weight quantizer: rtn, k_quant and hqq need no data; gptq calibrates on inputs.calibration",
+        choices=ALGORITHMS,
+    )
+    block_size: int = param(32, "weights per int4 block (one scale each, along the input dimension)", choices=(16, 32, 64, 128, 256))
+    symmetric: bool = param(True, "symmetric int4 (no zero point) for rtn and gptq; k_quant and hqq always fit a zero point")
+    accuracy_level: int = param(
+        4, "MatMulNBits compute accuracy level (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations on CPU)",
+        choices=(0, 1, 2, 3, 4),
+    )
+    calibration_samples: int = param(16, "gptq: calibration records used, spread evenly over inputs.calibration")
+    max_length: int = param(256, "gptq: tokens per calibration record; longer records are truncated")
+    template: str = param(
+        CHAT, "gptq: record -> text: 'chat' for the bundle's chat template (what generation sees), or a text template with {prompt} and {response}",
+    )
+    exclude_lora: bool = param(True, "keep LoRA MatMuls (.../lora_A/MatMul, .../lora_B/MatMul) float so switchable adapters keep working")
+    check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
+
+
+# --- reading the bundle -------------------------------------------------------------------------
+
+def _decoder(bundle: Path) -> tuple[dict, str]:
+    """(decoder section of genai_config.json, decoder model file name)."""
+    config_file = bundle / GENAI_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"inputs.bundle: no {GENAI_CONFIG}: not an onnxruntime-genai bundle (use a genai-build target)")
+    try:
+        decoder = json.loads(config_file.read_text())["model"]["decoder"]
+        filename = decoder["filename"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names no model.decoder.filename") from None
+    if not (bundle / filename).is_file():
+        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names {filename}, which the bundle does not have")
+    return decoder, filename
+
+
+def _data_files(model_file: Path) -> list[str]:
+    """External-data files of an ONNX model, by name relative to its folder."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    return sorted({
+        entry.value
+        for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data if entry.key == "location"
+    })
+
+
+def _adapter_parameters(bundle: Path) -> dict[str, dict[str, tuple]]:
+    """adapter name -> {parameter name: (shape, numpy dtype name)} of each .onnx_adapter."""
+    import onnxruntime as ort
+
+    from modelbuild.genai import bundle_adapters
+
+    found = {}
+    for name, path in bundle_adapters(bundle).items():
+        try:
+            adapter = ort.AdapterFormat.read_adapter(str(path))
+        except Exception as error:  # onnxruntime raises plain RuntimeError
+            raise UserError(f"inputs.bundle: adapters/{path.name} does not load: {error}") from None
+        found[name] = {
+            key: (tuple(value.shape()), str(value.numpy().dtype))
+            for key, value in adapter.get_parameters().items()
+        }
+    return found
+
+
+@dataclass
+class Plan:
+    matmuls: list[str]  # every MatMul node, graph order
+    weights: dict[str, str]  # MatMul -> its weight initializer (constant 2-D float32 only)
+    lora: list[str]  # MatMuls named as LoRA
+    overridable: list[str]  # MatMuls whose weight is a graph input (an adapter may replace it)
+    exclude: list[str]  # kept float on purpose
+    shared: dict[str, list[str]]  # weight initializer -> other nodes reading it (e.g. tied embeddings)
+
+
+def _plan(model, params: Params, adapters: dict) -> Plan:
+    import onnx
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    quantized = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"]
+    if quantized:
+        raise UserError(
+            f"inputs.bundle: already quantized ({len(quantized)} MatMulNBits nodes); "
+            'quantize an fp32 bundle (genai-build with params.precision = "fp32")'
+        )
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    names = [n.name for n in matmuls]
+    if any(not name for name in names) or len(set(names)) != len(names):
+        raise UserError("inputs.bundle: MatMul nodes without unique names; the quantizer selects nodes by name")
+    weights = {}
+    for node in matmuls:
+        init = initializers.get(node.input[1])
+        if init is None or len(init.dims) != 2:
+            continue
+        if init.data_type != onnx.TensorProto.FLOAT:
+            kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+            raise UserError(
+                f"inputs.bundle: {node.name} has {kind} weights; quantize-onnx takes an fp32 bundle "
+                '(genai-build with params.precision = "fp32")'
+            )
+        weights[node.name] = node.input[1]
+    lora = [n.name for n in matmuls if any(marker in n.name for marker in LORA_MARKERS)]
+    overridable = [n.name for n in matmuls if n.input[1] in graph_inputs]
+    switched = {key for parameters in adapters.values() for key in parameters}
+    if not params.exclude_lora:
+        broken = [n.name for n in matmuls if n.name in lora and n.input[1] in switched]
+        if broken:
+            raise UserError(
+                f"params.exclude_lora: false would quantize {len(broken)} LoRA MatMuls whose weights the bundle's "
+                f"adapters ({', '.join(sorted(adapters))}) switch at run time; keep it true"
+            )
+    exclude = sorted(set(overridable) | (set(lora) if params.exclude_lora else set()))
+    if not [name for name in weights if name not in exclude]:
+        raise UserError("inputs.bundle: no MatMul with a constant fp32 weight to quantize")
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in initializers:
+                readers.setdefault(name, []).append(node.name)
+    shared = {
+        weight: sorted(set(readers[weight]) - {node})
+        for node, weight in weights.items()
+        if node not in exclude and len(readers[weight]) > 1
+    }
+    return Plan(names, weights, lora, overridable, exclude, shared)
+
+
+# --- calibration (gptq) -------------------------------------------------------------------------
+
+class _TemplateTokenizer:
+    """What lora_finetune.render needs of a tokenizer, served by the bundle's own (onnxruntime-genai)
+    tokenizer: the same chat template generation applies."""
+
+    def __init__(self, tokenizer, has_template: bool):
+        self.tokenizer = tokenizer
+        self.chat_template = has_template
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
+        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=add_generation_prompt)
+
+
+def _has_chat_template(bundle: Path) -> bool:
+    if (bundle / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((bundle / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _input_feeder(model, decoder: dict):
+    """ids -> the decoder's full input dict (empty KV cache), for onnxruntime sessions."""
+    import numpy as np
+    import onnx
+
+    names = decoder.get("inputs", {})
+    patterns = [re.compile(re.escape(names.get(key, "")).replace("%d", r"\d+") + "$")
+                for key in ("past_key_names", "past_value_names") if names.get(key)]
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue  # overridable initializer (LoRA weight): its default is used
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if value.name == names.get("input_ids", "input_ids"):
+            specs.append((value.name, "ids", dtype))
+        elif value.name == names.get("attention_mask", "attention_mask"):
+            specs.append((value.name, "mask", dtype))
+        elif value.name == names.get("position_ids", "position_ids"):
+            specs.append((value.name, "positions", dtype))
+        elif any(p.match(value.name) for p in patterns):
+            specs.append((value.name, "past", dtype))
+        else:
+            raise UserError(f"inputs.bundle: decoder input '{value.name}' is not one gptq calibration can feed")
+    kv_heads, head_size = decoder.get("num_key_value_heads"), decoder.get("head_size")
+
+    def feeds(ids) -> dict:
+        ids = np.asarray(ids, dtype=np.int64)[None, :]
+        out = {}
+        for name, kind, dtype in specs:
+            if kind == "ids":
+                out[name] = ids.astype(dtype)
+            elif kind == "mask":
+                out[name] = np.ones_like(ids, dtype=dtype)
+            elif kind == "positions":
+                out[name] = np.arange(ids.shape[1], dtype=dtype)[None, :]
+            else:
+                out[name] = np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
+        return out
+
+    return feeds
+
+
+def _calibration(bundle: Path, path: Path, shown: str, params: Params, feeds) -> tuple[list[dict], dict]:
+    """Calibration input dicts and a record of what they are."""
+    import onnxruntime_genai as og
+
+    from modelbuild.passes.lora_finetune import load_records, render
+
+    records = load_records(path, shown)
+    count = min(params.calibration_samples, len(records))
+    picked = sorted({(i * len(records)) // count for i in range(count)})
+    tokenizer = og.Tokenizer(og.Config(str(bundle)))
+    shim = _TemplateTokenizer(tokenizer, _has_chat_template(bundle))
+    samples, tokens = [], 0
+    for index in picked:
+        _, text = render(records[index], params.template, shim, f"{shown}: record {index + 1}")
+        ids = [int(t) for t in tokenizer.encode(text)][: params.max_length]
+        if not ids:
+            raise UserError(f"{shown}: record {index + 1}: renders to no tokens")
+        samples.append(feeds(ids))
+        tokens += len(ids)
+    return samples, {"file": shown, "records": len(samples), "tokens": tokens,
+                     "template": params.template, "max_length": params.max_length}
+
+
+# --- quantizing ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet():
+    """The quantizers print their own progress to stdout; keep it out of the build log unless asked."""
+    if os.environ.get("MODELBUILD_VERBOSE"):
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+@contextlib.contextmanager
+def _library_hooks(quantizer, on_step):
+    """Patch onnxruntime's weight-only quantizer for the duration of one run.
+
+    - progress: RTN and k-quant report through neural_compressor's ``simple_progress_bar``;
+      HQQ quantizes node by node through its node quantizer;
+    - zero points: neural_compressor packs the int4 zero points of all columns as one run of
+      nibbles, which breaks when a column has an odd number of blocks (e.g. K=576, block 64);
+      they are packed per column, as MatMulNBits reads them (identical bytes otherwise).
+    """
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    saved = {name: getattr(weight_only, name) for name in ("simple_progress_bar", "make_matmul_weight_only_node")}
+    weight_only.simple_progress_bar = lambda total, i: on_step(i, total)
+    weight_only.make_matmul_weight_only_node = _matmul_nbits_node(saved["make_matmul_weight_only_node"])
+    node_quantizer = quantizer.node_quantizer
+    if node_quantizer is not None:
+        original_quantize = node_quantizer.quantize
+        done = [0]
+
+        def quantize(node, graph_stack):
+            out = original_quantize(node, graph_stack)
+            done[0] += 1
+            on_step(done[0], None)
+            return out
+
+        node_quantizer.quantize = quantize
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(weight_only, name, value)
+        if node_quantizer is not None:
+            node_quantizer.quantize = original_quantize
+
+
+def _pack_zero_points(zero_points, columns: int):
+    """uint8 zero points, one per block with each column's blocks contiguous -> MatMulNBits'
+    int4 layout: per column, two blocks a byte (low nibble first), an odd last one padded with 8."""
+    import numpy as np
+
+    zp = np.asarray(zero_points).astype(np.uint8).reshape(columns, -1)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.full((columns, 1), 8, dtype=np.uint8)], axis=1)
+    return (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+
+
+def _matmul_nbits_node(make):
+    """neural_compressor's MatMulNBits node maker, with zero points packed per column."""
+    from onnx import numpy_helper
+
+    def make_node(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, zero_point, accuracy_level=0):
+        new_node, initializers = make(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, None,
+                                      accuracy_level=accuracy_level)
+        if zero_point is not None:
+            packed = numpy_helper.from_array(_pack_zero_points(zero_point, weight_shape[1]), node.input[1] + "_zp")
+            new_node.input.append(packed.name)
+            initializers.append(packed)
+        return new_node, initializers
+
+    return make_node
+
+
+def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_step):
+    if params.algorithm == "gptq":
+        result = _gptq(model, params, plan, samples, on_step)
+    else:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        if params.algorithm == "rtn":
+            config = mnq.RTNWeightOnlyQuantConfig()
+        elif params.algorithm == "k_quant":
+            config = mnq.KQuantWeightOnlyQuantConfig()
+        else:
+            config = mnq.HQQWeightOnlyQuantConfig(block_size=params.block_size, bits=BITS)
+        quantizer = mnq.MatMulNBitsQuantizer(
+            model,
+            bits=BITS,
+            block_size=params.block_size,
+            is_symmetric=params.symmetric,
+            accuracy_level=params.accuracy_level or None,
+            nodes_to_exclude=plan.exclude,
+            algo_config=config,
+        )
+        with _library_hooks(quantizer, on_step), _quiet(), warnings.catch_warnings():
+            # HQQ hands torch a read-only numpy view of each weight; it only reads it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            quantizer.process()
+        result = quantizer.model.model
+    if params.accuracy_level:
+        # HQQ writes no accuracy_level; set it on every node that lacks it.
+        import onnx
+
+        for node in result.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", params.accuracy_level))
+    return result
+
+
+# --- gptq ---------------------------------------------------------------------------------------
+# onnxruntime 1.31's GPTQ (neural_compressor.weight_only.gptq) propagates each row's rounding error
+# through the wrong triangle of the Cholesky factor (all zeros), so it returns plain RTN, and it
+# re-rounds the result onto a new grid. This is GPTQ (Frantar et al., 2022) done as in the paper's
+# reference code, on onnxruntime's activations and its MatMulNBits node maker.
+
+GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, as in the reference code
+
+
+def _hessians(model, names: list[str], samples: list[dict], on_step) -> dict:
+    """sum of X^T X over the calibration tokens, for each MatMul input X in ``names``."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    if model.ByteSize() >= 2**31:
+        raise UserError("params.algorithm: gptq runs the decoder from memory, which protobuf limits to 2 GB; use rtn, k_quant or hqq")
+    kept = len(model.graph.output)
+    for name in names:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[kept:]
+    hessians: dict = {}
+    for step, feeds in enumerate(samples, 1):
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            if name in hessians:
+                hessians[name] += x.T @ x
+            else:
+                hessians[name] = x.T @ x
+        on_step(step, None)
+    return hessians
+
+
+def _inverse_hessian_factor(h):
+    """(U, dead): U upper triangular with U^T U = (H + damping)^-1; dead inputs never fire."""
+    import numpy as np
+
+    h = h.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    damp = GPTQ_DAMP * float(np.mean(np.diag(h)))
+    for _ in range(6):
+        try:
+            return np.linalg.cholesky(np.linalg.inv(h + damp * np.eye(len(h)))).T, dead
+        except np.linalg.LinAlgError:
+            damp *= 10
+    raise UserError("gptq: the calibration Hessian stays singular; give more calibration_samples")
+
+
+def _block_params(rows, symmetric: bool):
+    """Scale and zero point per column of one block of weight rows, as RTN computes them."""
+    import numpy as np
+
+    if symmetric:
+        scale = np.maximum(np.abs(rows.min(axis=0)), np.abs(rows.max(axis=0))) * 2.0 / 15
+        zero = np.full(rows.shape[1], 8.0)
+    else:
+        low, high = rows.min(axis=0), rows.max(axis=0)
+        scale = (high - low) / 15
+        zero = None
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)  # stored as fp32
+    if zero is None:
+        zero = np.clip(np.round(-low / scale), 0, 15)
+    return scale, zero
+
+
+def _gptq_weight(weight, factor, dead, block_size: int, symmetric: bool):
+    """GPTQ of one (K, N) MatMul weight: int4 codes (K padded to whole blocks, N), scales and
+    zero points (blocks, N). Rows (input channels) are quantized in order; each row's rounding
+    error is spread over the rows not yet quantized, weighted by the inverse Hessian."""
+    import numpy as np
+
+    k, n = weight.shape
+    w = weight.astype(np.float64)
+    w[dead, :] = 0.0
+    blocks = -(-k // block_size)
+    codes = np.zeros((blocks * block_size, n), dtype=np.uint8)
+    scales = np.zeros((blocks, n))
+    zeros = np.zeros((blocks, n))
+    chunk = block_size * max(1, 128 // block_size)  # lazy-update batch: whole quantization blocks
+    for i1 in range(0, k, chunk):
+        i2 = min(i1 + chunk, k)
+        w1 = w[i1:i2].copy()
+        errors = np.zeros_like(w1)
+        u1 = factor[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            row = i1 + i
+            if row % block_size == 0:
+                block = row // block_size
+                scale, zero = _block_params(w1[i:i + block_size], symmetric)
+                scales[block], zeros[block] = scale, zero
+            code = np.clip(np.round(w1[i] / scale + zero), 0, 15)
+            codes[row] = code
+            error = (w1[i] - scale * (code - zero)) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], error)
+            errors[i] = error
+        w[i2:] -= factor[i1:i2, i2:].T @ errors
+    codes[k:] = zeros[-1].astype(np.uint8)  # padding rows dequantize to 0
+    return codes, scales, zeros
+
+
+def _gptq(model, params: Params, plan: Plan, samples: list[dict], on_step):
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    graph = model.graph
+    excluded = set(plan.exclude)
+    targets = [(i, n) for i, n in enumerate(graph.node) if n.name in plan.weights and n.name not in excluded]
+    names = sorted({n.input[0] for _, n in targets})
+    hessians = _hessians(model, names, samples, on_step)
+    make = _matmul_nbits_node(weight_only.make_matmul_weight_only_node)
+    initializers = {init.name: init for init in graph.initializer}
+    done = len(samples)
+    new_initializers = []
+    for name in names:
+        factor, dead = _inverse_hessian_factor(hessians.pop(name))
+        for index, node in [(i, n) for i, n in targets if n.input[0] == name]:
+            weight = numpy_helper.to_array(initializers[node.input[1]])
+            codes, scales, zeros = _gptq_weight(weight, factor, dead, params.block_size, params.symmetric)
+            columns = weight.shape[1]
+            new_node, added = make(
+                node, weight.shape, BITS, params.block_size, scales.shape[0],
+                np.ascontiguousarray(codes.T).reshape(-1, params.block_size),
+                scales.T.astype(weight.dtype),
+                None if params.symmetric else zeros.T.reshape(columns, -1),
+                accuracy_level=params.accuracy_level,
+            )
+            graph.node[index].CopyFrom(new_node)  # same place: the graph stays topologically sorted
+            new_initializers.extend(added)
+            done += 1
+            on_step(done, None)
+    graph.initializer.extend(new_initializers)
+    used = {name for node in graph.node for name in node.input}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
+    return model
+
+
+def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
+    """The quantized MatMuls (by original name); fail when an excluded one or an adapter input changed."""
+    import onnx
+
+    nodes = {n.name: n for n in model.graph.node}
+    quantized = sorted(
+        n.name[: -len(f"_Q{BITS}")] for n in model.graph.node
+        if n.op_type == "MatMulNBits" and n.name.endswith(f"_Q{BITS}")
+    )
+    kept_wrong = [name for name in plan.exclude if name not in nodes or nodes[name].op_type != "MatMul"]
+    if kept_wrong:
+        raise UserError(f"the quantizer changed {len(kept_wrong)} MatMuls it was told to keep float (e.g. {kept_wrong[0]})")
+    if not quantized:
+        raise UserError("the quantizer quantized no MatMul")
+    inputs = {}
+    for value in model.graph.input:
+        shape = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+        inputs[value.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name)
+    for adapter, parameters in adapters.items():
+        for key, spec in parameters.items():
+            if inputs.get(key) != spec:
+                raise UserError(
+                    f"adapter '{adapter}': parameter {key} is no longer a {spec[1]} {list(spec[0])} graph input "
+                    "after quantization; the adapter would not switch"
+                )
+    return quantized
+
+
+def _save(model, out_dir: Path, filename: str, data_name: str) -> None:
+    import onnx
+
+    path = out_dir / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024, convert_attribute=False)
+
+
+def _copy_rest(bundle: Path, out_dir: Path, model_files: set[str]) -> None:
+    """Everything else of the bundle, unchanged: genai_config.json, tokenizer files, adapters/."""
+    for entry in sorted(bundle.iterdir()):
+        if entry.name in SKIPPED or entry.name in model_files:
+            continue
+        target = out_dir / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(entry, target)
+
+
+def _verify(bundle: Path, prompt: str) -> dict:
+    """Load the bundle and generate with no adapter and with each one; return the token counts."""
+    from modelbuild.genai import Chat
+
+    try:
+        chat = Chat(bundle)
+        counts = {"(none)": len(chat.generate(prompt, None, max_new_tokens=8))}
+        for name in chat.adapter_names:
+            counts[name] = len(chat.generate(prompt, name, max_new_tokens=8))
+    except Exception as error:  # onnxruntime-genai raises plain RuntimeError/OrtException
+        raise UserError(f"quantized bundle fails to load or generate in onnxruntime-genai: {error}") from None
+    if not all(counts.values()):
+        raise UserError(f"quantized bundle generated no tokens: {counts}")
+    return counts
+
+
+def _size(folder: Path, names) -> int:
+    return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
+
+
+def _check_params(params: Params, calibration: Path | None) -> None:
+    if params.algorithm in NEEDS_CALIBRATION and calibration is None:
+        raise UserError(
+            f"inputs.calibration: algorithm '{params.algorithm}' needs calibration data: a JSONL file of "
+            'prompt/response records from the project, e.g. inputs.calibration = "data/travel_train.jsonl"'
+        )
+    for name in ("calibration_samples", "max_length"):
+        if getattr(params, name) < 1:
+            raise UserError(f"params.{name}: must be at least 1")
+
+
+def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    bundle: Path = inputs["bundle"]
+    calibration: Path | None = inputs.get("calibration")
+    _check_params(params, calibration)
+    decoder, filename = _decoder(bundle)
+
+    import onnx
+    import onnxruntime
+
+    from rich.console import Console
+
+    from modelbuild.progress import step_progress
+
+    onnxruntime.set_default_logger_severity(3)  # one warning per overridable (LoRA) initializer
+    console = Console(stderr=True)
+    with console.status("reading the bundle") as status:
+        data_files = _data_files(bundle / filename)
+        adapters = _adapter_parameters(bundle)
+        model = onnx.load(str(bundle / filename))
+        plan = _plan(model, params, adapters)
+        samples, calibration_record = None, None
+        if params.algorithm in NEEDS_CALIBRATION:
+            shown = (calibration.relative_to(ctx.project_root).as_posix()
+                     if calibration.is_relative_to(ctx.project_root) else calibration.name)
+            status.update(f"calibration data: {shown}")
+            samples, calibration_record = _calibration(bundle, calibration, shown, params, _input_feeder(model, decoder))
+
+    with step_progress() as progress:
+        steps = len(set(plan.weights) - set(plan.exclude)) + len(samples or ())  # gptq: forward passes, then weights
+        bar = progress.add_task(f"{params.algorithm} int4", total=steps)
+
+        def on_step(done: int, total: int | None) -> None:
+            progress.update(bar, completed=done, **({"total": total} if total else {}))
+
+        model = _quantize(model, params, plan, samples, on_step)
+    quantized = _check_result(model, plan, adapters)
+
+    data_name = data_files[0] if len(data_files) == 1 else f"{Path(filename).name}.data"
+    model_files = {filename, *data_files}
+    with console.status("writing the quantized bundle") as status:
+        _save(model, out_dir, filename, data_name)
+        del model
+        _copy_rest(bundle, out_dir, model_files)
+        status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
+        counts = _verify(out_dir, params.check_prompt)
+
+    before = _size(bundle, sorted(model_files))
+    after = _size(out_dir, sorted({filename, data_name}))
+    kept = [name for name in plan.matmuls if name not in set(quantized)]
+    record = {
+        "algorithm": params.algorithm,
+        "bits": BITS,
+        "block_size": params.block_size,
+        "symmetric": params.symmetric and params.algorithm not in ALWAYS_ASYMMETRIC,
+        "accuracy_level": params.accuracy_level,
+        "matmuls": len(plan.matmuls),
+        "quantized": len(quantized),
+        "kept_float": {
+            "lora": len([n for n in kept if n in set(plan.lora)]),
+            "overridable_weight": len([n for n in kept if n in set(plan.overridable) and n not in set(plan.lora)]),
+            "other": [n for n in kept if n not in set(plan.lora) and n not in set(plan.overridable)],
+        },
+        "shared_weights_kept_float": plan.shared,
+        "calibration": calibration_record,
+        "adapters": sorted(adapters),
+        "model_bytes": {"before": before, "after": after, "ratio": round(after / before, 4)},
+        "verified_tokens": counts,
+        "quantized_matmuls": quantized,
+    }
+    (out_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+PASS = PassDef(
+    name="quantize-onnx",
+    version=1,
+    doc="int4 weight-only quantization (MatMulNBits: rtn, k_quant, hqq, gptq) of an fp32 genai bundle; LoRA adapters stay switchable",
+    params=Params,
+    inputs={
+        "bundle": Input("fp32 onnxruntime-genai bundle (a genai-build target with params.precision = \"fp32\")"),
+        "calibration": Input("JSONL prompt/response records for gptq (the project's own data)", kind="file", required=False),
+    },
+    run=run,
+    libraries=("onnx", "onnxruntime", "onnxruntime-genai", "torch"),  # torch: HQQ's arithmetic
+    devices=("cpu",),
+)

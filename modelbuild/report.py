@@ -1,0 +1,421 @@
+"""``python -m modelbuild report PATTERN...``: compare evaluated variants in one table and one plot.
+
+Reads the ``metrics.json`` that each selected ``evaluate`` target wrote into its output folder,
+adds the build time of the evaluated model (its stamp's seconds, and the sum over the stages it
+is built from) and writes into the output folder:
+
+    report.md    markdown table, one row per variant, Pareto-optimal variants starred
+    report.html  the same table, self-contained, with the plot embedded
+    report.png   size (MB) vs decode speed (tokens/s), perplexity as colour, Pareto front as a line
+    report.json  the rows as data
+
+Gates: those the evaluate target declares in TOML, checked against its output now (as the
+executor checks them), else those metrics.json records. A gate that fails makes the evaluate
+stage fail, so its output folder is then missing (or holds an older, stale evaluation): such
+variants are listed as "gate failed / not built" and left out of the plot and the front. A
+variant is Pareto-optimal when no other variant is at least as small, as fast and as accurate
+(perplexity) and strictly better in one of them; only variants that passed their gates compete. Outputs hold no timestamps or absolute paths: the same build folder
+gives byte-identical text files.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import json
+from pathlib import Path
+
+from . import UserError
+from .digest import hash_json
+from .gates import check_gates
+from .project import Project
+from .stage import key_components, outputs_intact, read_stamp, stat_cache
+
+EVALUATE = "evaluate"
+METRICS = "metrics.json"
+REPORT_FORMAT = 1
+DASH = "—"
+NOT_BUILT = "gate failed / not built"
+PNG_SIZE = (9.0, 6.0)  # inches
+PNG_DPI = 100  # -> 900 x 600 pixels
+METRIC_KEYS = (
+    "model_target", "variant", "adapter", "device", "size_bytes", "perplexity", "reference_perplexity",
+    "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "eval_tokens",
+)
+
+
+def select_targets(project: Project, patterns: list[str]) -> list[str]:
+    """Evaluate targets matching any pattern (fnmatch glob or exact name), in project order.
+
+    No pattern: every evaluate target. A pattern that matches nothing, or only targets of
+    other passes, is a ``UserError``.
+    """
+    evaluate = [name for name, target in project.targets.items() if target.pass_def.name == EVALUATE]
+    if not patterns:
+        if not evaluate:
+            raise UserError("report: the project has no evaluate targets (pass = \"evaluate\") to report on")
+        return evaluate
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matches = [name for name in project.targets if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            raise UserError(f"report: no target matches '{pattern}' (see: python -m modelbuild targets)")
+        hits = [name for name in matches if name in evaluate]
+        if not hits:
+            passes = sorted({project.targets[name].pass_def.name for name in matches})
+            evaluating = [name for name in evaluate if set(project.targets[name].deps()) & set(matches)]
+            hint = f"; evaluated by: {', '.join(evaluating)}" if evaluating else ""
+            raise UserError(
+                f"report: '{pattern}' matches no evaluate target, only {_names(matches)} "
+                f"(pass {', '.join(passes)}); a report reads the metrics.json of evaluate targets{hint}"
+            )
+        chosen.update(hits)
+    return [name for name in evaluate if name in chosen]
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _guess_model_target(project: Project, name: str) -> str | None:
+    """The evaluated target when there is no metrics.json to name it: input 'model', or the only upstream."""
+    target = project.targets[name]
+    ref = target.inputs.get("model")
+    if ref is not None and not isinstance(ref, dict) and ref.kind == "target":
+        return ref.value
+    deps = target.deps()
+    return deps[0] if len(deps) == 1 else None
+
+
+def _evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str]:
+    """(state, metrics, note): state is "current", "not built" or "stale"."""
+    target = project.targets[name]
+    out = project.output_dir(name)
+    stamp = read_stamp(out)
+    if stamp is None:
+        return "not built", None, f"no output in build/{name}" if not out.exists() else f"build/{name} has no stamp"
+    path = out / METRICS
+    if not path.is_file():
+        return "not built", None, f"build/{name} has no {METRICS}"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"build/{name}/{METRICS}: not readable JSON: {error}") from None
+    if not isinstance(metrics, dict) or metrics.get("schema") != 1:
+        schema = metrics.get("schema") if isinstance(metrics, dict) else None
+        raise UserError(f"build/{name}/{METRICS}: unknown metrics schema {schema!r} (this modelbuild reads schema 1)")
+    cache = stat_cache(project)
+    if stamp.get("action_key") != hash_json(key_components(project, target, cache)):
+        return "stale", metrics, "inputs changed since this evaluation (its rebuild failed or has not run)"
+    if not outputs_intact(out, stamp, cache):
+        return "stale", metrics, "output changed since it was built"
+    return "current", metrics, ""
+
+
+def _gate_results(project: Project, name: str, metrics: dict) -> dict:
+    """The gates the target declares now, checked against its output as the executor checks them
+    (a gate tightened since the build fails here too); else the gates metrics.json recorded."""
+    target = project.targets[name]
+    declared = getattr(target, "gates", None)
+    if not declared:
+        return metrics.get("gates") or {}
+    try:
+        return check_gates(target, project.output_dir(name))
+    except UserError:  # a gated metric was not measured: the executor fails such a gate
+        return {metric: {"op": op, "limit": limit, "value": metrics.get(metric), "passed": False}
+                for metric, (op, limit) in declared.items()}
+
+
+def _gate_status(gates: dict) -> tuple[str, str]:
+    """(status, text) from metrics['gates']."""
+    if not gates:
+        return "no gates", "no gates"
+    failed = []
+    for key in sorted(gates):
+        gate = gates[key] or {}
+        if gate.get("passed") is False:
+            failed.append(f"{key} {_num(gate.get('value'), '.4g')} not {gate.get('op', '?')} {_num(gate.get('limit'), '.4g')}")
+    if failed:
+        return "gate failed", "FAILED: " + "; ".join(failed)
+    return "passed", f"passed ({len(gates)})"
+
+
+def _build_seconds(project: Project, model: str | None) -> tuple[float | None, float | None, list[str]]:
+    """(stage seconds, total seconds over the model and its upstream stages, stages without a stamp)."""
+    if model is None or model not in project.targets:
+        return None, None, []
+    total, missing, stage = 0.0, [], None
+    for name in project.closure([model]):
+        stamp = read_stamp(project.output_dir(name))
+        if stamp is None or not isinstance(stamp.get("seconds"), (int, float)):
+            missing.append(name)
+            continue
+        total += stamp["seconds"]
+        if name == model:
+            stage = float(stamp["seconds"])
+    return stage, (round(total, 3) if len(missing) < len(project.closure([model])) else None), missing
+
+
+def collect_rows(project: Project, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        state, metrics, note = _evaluation_state(project, name)
+        row: dict = {"eval_target": name, "state": state, "note": note}
+        usable = metrics if state == "current" else None  # a stale evaluation describes an older model
+        for key in METRIC_KEYS:
+            row[key] = usable.get(key) if usable else None
+        row["model_target"] = (usable or metrics or {}).get("model_target") or _guess_model_target(project, name)
+        row["variant"] = row["variant"] or project.targets[name].params.get("variant")
+        row["gates"] = _gate_results(project, name, usable) if usable else {}
+        if usable:
+            row["status"], row["status_text"] = _gate_status(row["gates"])
+        else:
+            row["status"] = state
+            row["status_text"] = NOT_BUILT + (" (stale output)" if state == "stale" else "")
+        row["size_mb"] = round(row["size_bytes"] / 1e6, 3) if isinstance(row["size_bytes"], (int, float)) else None
+        stage, total, missing = _build_seconds(project, row["model_target"])
+        row["build_s_stage"], row["build_s_total"], row["build_missing"] = stage, total, missing
+        rows.append(row)
+    _label(rows)
+    rows.sort(key=lambda r: (r["size_mb"] is None, -(r["size_mb"] or 0), r["label"], r["eval_target"]))
+    _relative_size(rows)
+    _pareto(rows)
+    return rows
+
+
+def _label(rows: list[dict]) -> None:
+    """A short, unique name per row: the variant label, else the model target, else the eval target."""
+    for row in rows:
+        label = row["variant"] or row["model_target"] or row["eval_target"]
+        row["label"] = f"{label} +{row['adapter']}" if row["adapter"] and row["variant"] else label
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row["label"]] = seen.get(row["label"], 0) + 1
+    for row in rows:
+        if seen[row["label"]] > 1:
+            row["label"] = f"{row['label']} ({row['eval_target']})"
+
+
+def _relative_size(rows: list[dict]) -> None:
+    sized = [r for r in rows if r["size_mb"]]
+    reference = [r for r in sized if any("fp32" in (r[k] or "").lower() for k in ("variant", "model_target"))]
+    base = max(reference or sized, key=lambda r: r["size_mb"], default=None)
+    for row in rows:
+        row["size_vs_baseline_pct"] = round(100 * row["size_mb"] / base["size_mb"], 1) if base and row["size_mb"] else None
+        row["baseline"] = base["label"] if base else None
+        row["baseline_kind"] = ("fp32 reference" if reference else "largest variant") if base else None
+
+
+def _pareto(rows: list[dict]) -> None:
+    """Mark rows no other competing row beats in size, speed and perplexity (ties are not beaten)."""
+    candidates = [r for r in rows if r["status"] in ("passed", "no gates") and r["size_mb"] is not None
+                  and r["tokens_per_s"] is not None]
+    use_ppl = all(r["perplexity"] is not None for r in candidates)
+
+    def costs(r: dict) -> tuple:
+        return (r["size_mb"], -r["tokens_per_s"]) + ((r["perplexity"],) if use_ppl else ())
+
+    for row in rows:
+        row["pareto"] = False
+    for row in candidates:
+        mine = costs(row)
+        row["pareto"] = not any(
+            all(a <= b for a, b in zip(costs(other), mine)) and costs(other) != mine
+            for other in candidates if other is not row
+        )
+    for row in rows:
+        row["pareto_dims"] = ("size, tokens/s, perplexity" if use_ppl else "size, tokens/s") if candidates else None
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+
+
+def _num(value, spec: str, prefix: str = "") -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return DASH
+    return prefix + format(value, spec)
+
+
+COLUMNS = (
+    ("Variant", lambda r: ("★ " if r["pareto"] else "") + r["label"]),
+    ("Model target", lambda r: r["model_target"] or DASH),
+    ("Device", lambda r: r["device"] or DASH),
+    ("Adapter", lambda r: r["adapter"] or DASH),
+    ("Size MB", lambda r: _num(r["size_mb"], ".1f")),
+    ("Size vs base", lambda r: _num(r["size_vs_baseline_pct"], ".0f") + ("%" if r["size_vs_baseline_pct"] is not None else "")),
+    ("Tokens/s", lambda r: _num(r["tokens_per_s"], ".1f")),
+    ("TTFT ms", lambda r: _num(r["ttft_ms"], ".1f")),
+    ("Perplexity", lambda r: _num(r["perplexity"], ".2f")),
+    ("Δppl %", lambda r: _num(r["perplexity_delta_pct"], "+.1f")),
+    ("Peak RSS MB", lambda r: _num(r["peak_rss_mb"], ".0f")),
+    ("Gates", lambda r: r["status_text"]),
+    ("Build s (total)", lambda r: ("≥" if r["build_missing"] and r["build_s_total"] is not None else "") + _num(r["build_s_total"], ".1f")),
+    ("Build s (stage)", lambda r: _num(r["build_s_stage"], ".1f")),
+)
+RIGHT = {"Size MB", "Size vs base", "Tokens/s", "TTFT ms", "Perplexity", "Δppl %", "Peak RSS MB", "Build s (total)", "Build s (stage)"}
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    return [[cell(row) for _, cell in COLUMNS] for row in rows]
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    """Plain-text lines shown under the table (markdown and HTML)."""
+    pareto = [r["label"] for r in rows if r["pareto"]]
+    dims = next((r["pareto_dims"] for r in rows if r["pareto_dims"]), None)
+    if pareto:
+        lines = [f"Pareto-optimal (★): {', '.join(pareto)}. No other variant that passed its gates is at least "
+                 f"as good in each of {dims} and better in one."]
+    else:
+        lines = ["Pareto-optimal: none (no variant with a measured size and speed passed its gates)."]
+    base = next((r for r in rows if r["baseline"]), None)
+    if base:
+        lines.append(f"Size vs base: size relative to {base['baseline']} ({base['baseline_kind']}). "
+                     "Δppl %: perplexity relative to the fp32 reference of each evaluation.")
+    lines.append("Build s: seconds the evaluated model's stage took to build (stage) and the sum over it and every "
+                 "stage it is built from (total; shared upstream stages count in each variant; ≥ where some "
+                 "were not built).")
+    for row in rows:
+        if row["status"] in ("not built", "stale"):
+            lines.append(f"{row['eval_target']}: {NOT_BUILT}: {row['note']}; run `doit {row['eval_target']}` "
+                         "to see why.")
+        elif row["status"] == "gate failed":
+            lines.append(f"{row['eval_target']}: {row['status_text']}.")
+    return lines
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rows: list[dict], title: str) -> str:
+    header = [name for name, _ in COLUMNS]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if name in RIGHT else "---" for name in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in table_cells(rows)]
+    lines.append("")
+    lines += [f"- {_md_cell(line)}" for line in _notes(rows)]
+    lines += ["", "![size vs tokens/s](report.png)", ""]
+    return "\n".join(lines)
+
+
+def render_html(rows: list[dict], title: str, png: bytes) -> str:
+    esc = html.escape
+    head = "".join(f'<th class="{"num" if name in RIGHT else ""}">{esc(name)}</th>' for name, _ in COLUMNS)
+    body = []
+    for row, cells in zip(rows, table_cells(rows)):
+        css = {"gate failed": "failed", "not built": "missing", "stale": "missing"}.get(row["status"], "")
+        css = (css + " pareto").strip() if row["pareto"] else css
+        tds = "".join(f'<td class="{"num" if name in RIGHT else ""}">{esc(cell)}</td>'
+                      for (name, _), cell in zip(COLUMNS, cells))
+        body.append(f'<tr class="{css}">{tds}</tr>')
+    notes = "".join(f"<li>{esc(line)}</li>" for line in _notes(rows))
+    image = base64.b64encode(png).decode("ascii")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; white-space: nowrap; }}
+th {{ background: #f0f0f0; }}
+td.num, th.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tr.pareto td:first-child {{ font-weight: bold; }}
+tr.failed {{ background: #fde8e8; }}
+tr.missing {{ background: #f4f4f4; color: #777; }}
+img {{ max-width: 100%; margin-top: 1em; }}
+</style>
+</head>
+<body>
+<h1>{esc(title)}</h1>
+<table>
+<thead><tr>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody>
+</table>
+<ul>{notes}</ul>
+<img alt="size vs tokens/s, perplexity as colour" src="data:image/png;base64,{image}">
+</body>
+</html>
+"""
+
+
+def render_png(rows: list[dict], title: str, path: Path) -> None:
+    """Scatter of size vs tokens/s; written with the Agg canvas directly (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=PNG_SIZE, dpi=PNG_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plotted = [r for r in rows if r["size_mb"] is not None and r["tokens_per_s"] is not None]
+    good = [r for r in plotted if r["status"] != "gate failed"]
+    failed = [r for r in plotted if r["status"] == "gate failed"]
+    coloured = [r for r in good if r["perplexity"] is not None]
+    grey = [r for r in good if r["perplexity"] is None]
+    handles = []
+    if coloured:
+        values = [r["perplexity"] for r in coloured]
+        low, high = min(values), max(values)
+        if low == high:
+            low, high = low - 0.5, high + 0.5
+        points = ax.scatter([r["size_mb"] for r in coloured], [r["tokens_per_s"] for r in coloured], c=values,
+                            cmap="viridis", norm=Normalize(low, high), s=90, edgecolors="black", linewidths=0.6,
+                            zorder=3)
+        fig.colorbar(points, ax=ax, label="perplexity (lower is better)")
+    if grey:
+        ax.scatter([r["size_mb"] for r in grey], [r["tokens_per_s"] for r in grey], s=90, color="lightgrey",
+                   edgecolors="black", linewidths=0.6, zorder=3)
+        handles.append(Line2D([], [], marker="o", ls="", color="lightgrey", markeredgecolor="black",
+                              label="perplexity not measured"))
+    if failed:
+        ax.scatter([r["size_mb"] for r in failed], [r["tokens_per_s"] for r in failed], s=90, facecolors="none",
+                   edgecolors="red", linewidths=1.8, zorder=3)
+        handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="red",
+                              markeredgewidth=1.8, label="gate failed"))
+    front = sorted((r for r in plotted if r["pareto"]), key=lambda r: (r["size_mb"], r["tokens_per_s"]))
+    if front:
+        ax.plot([r["size_mb"] for r in front], [r["tokens_per_s"] for r in front], ls="--", color="black",
+                lw=1.2, zorder=2)
+        handles.append(Line2D([], [], ls="--", color="black", label="Pareto front"))
+    for row in plotted:
+        ax.annotate(row["label"], (row["size_mb"], row["tokens_per_s"]), xytext=(6, 6), textcoords="offset points",
+                    fontsize=9, color="firebrick" if row["status"] == "gate failed" else "black")
+    if not plotted:
+        ax.text(0.5, 0.5, "no evaluated variant to plot", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.margins(0.15)
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=9)
+    missing = [r["label"] for r in rows if r["status"] in ("not built", "stale")]
+    if missing:
+        fig.text(0.01, 0.01, f"{NOT_BUILT}: {', '.join(missing)}", fontsize=8, color="dimgrey")
+    ax.set_title(f"{title}: size vs decode speed (up and left is better)")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("decode speed (tokens/s)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout(rect=(0, 0.03, 1, 1) if missing else (0, 0, 1, 1))
+    fig.savefig(path, format="png", dpi=PNG_DPI, metadata={"Software": None})
+
+
+def write_report(project: Project, patterns: list[str], out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html, report.png and report.json for the matching evaluate targets."""
+    names = select_targets(project, list(patterns))
+    rows = collect_rows(project, names)
+    title = "Model variants"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"report.{kind}" for kind in ("md", "html", "png", "json")}
+    render_png(rows, title, paths["png"])
+    paths["md"].write_text(render_markdown(rows, title), encoding="utf-8")
+    paths["html"].write_text(render_html(rows, title, paths["png"].read_bytes()), encoding="utf-8")
+    data = {"format": REPORT_FORMAT, "patterns": list(patterns), "targets": names, "rows": rows}
+    paths["json"].write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return paths
