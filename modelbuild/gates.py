@@ -46,11 +46,16 @@ def check_gates(target, out_dir: Path) -> dict[str, dict]:
     """Each gate's value, limit and verdict, read from the output's metrics.json."""
     if not target.gates:
         return {}
-    where = f"{target.file}: target '{target.name}'"
     try:
         metrics = json.loads((Path(out_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError) as error:
-        raise UserError(f"{where}: gates: cannot read {METRICS_FILE} of the output ({error})") from None
+        raise UserError(f"{target.file}: target '{target.name}': gates: cannot read {METRICS_FILE} of the output ({error})") from None
+    return gate_results(target, metrics)
+
+
+def gate_results(target, metrics: dict) -> dict[str, dict]:
+    """Each gate's value, limit and verdict for these metrics; a gated metric without a value is a UserError."""
+    where = f"{target.file}: target '{target.name}'"
     results = {}
     for metric, (op, limit) in target.gates.items():
         value = metrics.get(metric)

@@ -9,13 +9,16 @@ is built from) and writes into the output folder:
     report.png   size (MB) vs decode speed (tokens/s), perplexity as colour, Pareto front as a line
     report.json  the rows as data
 
-Gates: those the evaluate target declares in TOML, checked against its output now (as the
+Gates: those the evaluate target declares in TOML, checked against its measurement now (as the
 executor checks them), else those metrics.json records. A gate that fails makes the evaluate
-stage fail, so its output folder is then missing (or holds an older, stale evaluation): such
-variants are listed as "gate failed / not built" and left out of the plot and the front. A
-variant is Pareto-optimal when no other variant is at least as small, as fast and as accurate
-(perplexity) and strictly better in one of them; only variants that passed their gates compete. Outputs hold no timestamps or absolute paths: the same build folder
-gives byte-identical text files.
+stage fail, so nothing is put in build/; the measurement itself is in the cache (the executor
+records it before it checks the gates), and the report reads it from there by the target's
+current action key: such variants keep their numbers, are marked "FAILED: metric value not op
+limit", drawn as red circles and kept off the Pareto front. Only a variant with no measurement
+of its current inputs is "not built" (or "stale"). A variant is Pareto-optimal when no other
+variant is at least as small, as fast and as accurate (perplexity) and strictly better in one of
+them; only variants that passed their gates compete. Outputs hold no timestamps or absolute
+paths: the same build folder and cache give byte-identical text files.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 
 from . import UserError
 from .digest import hash_json
-from .gates import check_gates
+from .gates import gate_results
 from .project import Project
 from .stage import key_components, outputs_intact, read_stamp, stat_cache
+from .store import Store
 
 EVALUATE = "evaluate"
 METRICS = "metrics.json"
@@ -89,24 +93,37 @@ def _guess_model_target(project: Project, name: str) -> str | None:
     return deps[0] if len(deps) == 1 else None
 
 
-def _evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str]:
-    """(state, metrics, note): state is "current", "not built" or "stale"."""
+def _parse_metrics(text: str | bytes, shown: str) -> dict:
+    try:
+        metrics = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{shown}: not readable JSON: {error}") from None
+    if not isinstance(metrics, dict) or metrics.get("schema") != 1:
+        schema = metrics.get("schema") if isinstance(metrics, dict) else None
+        raise UserError(f"{shown}: unknown metrics schema {schema!r} (this modelbuild reads schema 1)")
+    return metrics
+
+
+def evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str]:
+    """(state, metrics, note): state is "current", "measured" (a measurement of the current
+    inputs that failed its gate at build time, so it lives in the cache only), "not built" or "stale"."""
     target = project.targets[name]
     out = project.output_dir(name)
     stamp = read_stamp(out)
+    cache = stat_cache(project)
     if stamp is None:
+        cached = Store(project.cache_dir).read_output(hash_json(key_components(project, target, cache)), METRICS)
+        if cached is not None:
+            return "measured", _parse_metrics(cached, f"cache: {name}: {METRICS}"), \
+                "measured, but failed its gate at build time, so not put in build/ (numbers from the cache)"
         return "not built", None, f"no output in build/{name}" if not out.exists() else f"build/{name} has no stamp"
     path = out / METRICS
     if not path.is_file():
         return "not built", None, f"build/{name} has no {METRICS}"
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"build/{name}/{METRICS}: not readable JSON: {error}") from None
-    if not isinstance(metrics, dict) or metrics.get("schema") != 1:
-        schema = metrics.get("schema") if isinstance(metrics, dict) else None
-        raise UserError(f"build/{name}/{METRICS}: unknown metrics schema {schema!r} (this modelbuild reads schema 1)")
-    cache = stat_cache(project)
+        metrics = _parse_metrics(path.read_text(encoding="utf-8"), f"build/{name}/{METRICS}")
+    except OSError as error:
+        raise UserError(f"build/{name}/{METRICS}: not readable: {error}") from None
     if stamp.get("action_key") != hash_json(key_components(project, target, cache)):
         return "stale", metrics, "inputs changed since this evaluation (its rebuild failed or has not run)"
     if not outputs_intact(out, stamp, cache):
@@ -115,14 +132,14 @@ def _evaluation_state(project: Project, name: str) -> tuple[str, dict | None, st
 
 
 def _gate_results(project: Project, name: str, metrics: dict) -> dict:
-    """The gates the target declares now, checked against its output as the executor checks them
-    (a gate tightened since the build fails here too); else the gates metrics.json recorded."""
+    """The gates the target declares now, checked against its measurement as the executor checks
+    them (a gate tightened since the build fails here too); else the gates metrics.json recorded."""
     target = project.targets[name]
     declared = getattr(target, "gates", None)
     if not declared:
         return metrics.get("gates") or {}
     try:
-        return check_gates(target, project.output_dir(name))
+        return gate_results(target, metrics)
     except UserError:  # a gated metric was not measured: the executor fails such a gate
         return {metric: {"op": op, "limit": limit, "value": metrics.get(metric), "passed": False}
                 for metric, (op, limit) in declared.items()}
@@ -161,9 +178,9 @@ def _build_seconds(project: Project, model: str | None) -> tuple[float | None, f
 def collect_rows(project: Project, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        state, metrics, note = _evaluation_state(project, name)
+        state, metrics, note = evaluation_state(project, name)
         row: dict = {"eval_target": name, "state": state, "note": note}
-        usable = metrics if state == "current" else None  # a stale evaluation describes an older model
+        usable = metrics if state in ("current", "measured") else None  # a stale one describes an older model
         for key in METRIC_KEYS:
             row[key] = usable.get(key) if usable else None
         row["model_target"] = (usable or metrics or {}).get("model_target") or _guess_model_target(project, name)
@@ -282,7 +299,9 @@ def _notes(rows: list[dict]) -> list[str]:
             lines.append(f"{row['eval_target']}: {NOT_BUILT}: {row['note']}; run `doit {row['eval_target']}` "
                          "to see why.")
         elif row["status"] == "gate failed":
-            lines.append(f"{row['eval_target']}: {row['status_text']}.")
+            where = " (measurement from the cache: a target that fails its gate is not put in build/)" \
+                if row["state"] == "measured" else ""
+            lines.append(f"{row['eval_target']}: {row['status_text']}{where}.")
     return lines
 
 

@@ -93,6 +93,19 @@ class Store:
         os.utime(path)  # last use, for LRU collection
         return entry
 
+    def read_output(self, key: str, rel: str) -> bytes | None:
+        """One output file of a cached action, if the cache has it intact; None otherwise."""
+        entry = self.lookup(key)
+        info = entry and entry["manifest"].get(rel)
+        if not info:
+            return None
+        path = self.object_path(info["digest"])
+        try:
+            intact = hash_file(path) == info["digest"]
+        except OSError:
+            return None
+        return path.read_bytes() if intact else None
+
     def record(self, out_dir: Path, stamp: dict) -> None:
         """Store every output file by digest, then the action entry that points at them."""
         for rel, info in stamp["manifest"].items():

@@ -76,6 +76,13 @@ def test_too_tight_gate_fails_its_target_without_remeasuring_and_relaxing_restor
         assert f"'{gated}' running on" not in failed.out  # the cached measurement was re-checked, not redone
         assert not variants.path(f"build/{gated}").exists()  # nothing that failed a gate looks built
         assert variants.path("build/tiny-travel-cpu-fp32-eval/metrics.json").exists()  # its own gate is fixed
+        # The report still shows what was measured (from the cache), marked as failing its gate.
+        report = variants.modelbuild("report", "tiny-*-eval", "--out", "reports-tight")
+        assert report.returncode == 0, report.out
+        rows = {r["eval_target"]: r for r in json.loads(variants.path("reports-tight/report.json").read_text())["rows"]}
+        assert rows[gated]["state"] == "measured" and rows[gated]["status"] == "gate failed"
+        assert rows[gated]["perplexity_delta_pct"] == measured and not rows[gated]["pareto"]
+        assert f"{gated}: FAILED: perplexity_delta_pct {measured:.4g} not < -100 (measurement from the cache" in report.out
     finally:
         variants.path("targets/variants.toml").write_text(original)
     relaxed = variants.doit("tiny-variants")
