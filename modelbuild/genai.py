@@ -1,9 +1,13 @@
-"""Generation with onnxruntime-genai, shared by the genai-build check, the smoke pass and `chat`."""
+"""Running built bundles: generation with onnxruntime-genai (the genai-build and quantize-onnx
+checks, the smoke and evaluate passes, `chat`) and full-sequence feeds for plain onnxruntime."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from . import UserError
 
 ADAPTER_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -72,3 +76,69 @@ class Chat:
 
     def answer(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64) -> str:
         return self.tokenizer.decode(self.generate(prompt, adapter, max_new_tokens)).strip()
+
+
+def verify_bundle(bundle: Path, prompt: str, what: str) -> dict:
+    """Load the bundle and generate with no adapter and with each one; return the token counts.
+
+    ``what`` names the bundle in errors ("built bundle", "quantized bundle").
+    """
+    try:
+        chat = Chat(bundle)
+        counts = {"(none)": len(chat.generate(prompt, None, max_new_tokens=8))}
+        for name in chat.adapter_names:
+            counts[name] = len(chat.generate(prompt, name, max_new_tokens=8))
+    except Exception as error:  # onnxruntime-genai raises plain RuntimeError/OrtException
+        raise UserError(f"{what} fails to load or generate in onnxruntime-genai: {error}") from None
+    if not all(counts.values()):
+        raise UserError(f"{what} generated no tokens: {counts}")
+    return counts
+
+
+def prefill_feeder(model, decoder: dict, where: str):
+    """ids -> the decoder's whole input dict for one sequence with an empty KV cache.
+
+    ``model`` is the decoder's onnx.ModelProto (external data need not be loaded), ``decoder``
+    the ``model.decoder`` section of genai_config.json, which names the inputs. Inputs that are
+    overridable initializers (switchable LoRA weights) are left to their defaults. ``where``
+    (the pass's input key) starts the error for an input it cannot feed.
+    """
+    import numpy as np
+    import onnx
+
+    names = decoder.get("inputs", {})
+    patterns = [re.compile(re.escape(names.get(key, "")).replace("%d", r"\d+") + "$")
+                for key in ("past_key_names", "past_value_names") if names.get(key)]
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if value.name == names.get("input_ids", "input_ids"):
+            specs.append((value.name, "ids", dtype))
+        elif value.name == names.get("attention_mask", "attention_mask"):
+            specs.append((value.name, "mask", dtype))
+        elif value.name == names.get("position_ids", "position_ids"):
+            specs.append((value.name, "positions", dtype))
+        elif any(p.match(value.name) for p in patterns):
+            specs.append((value.name, "past", dtype))
+        else:
+            raise UserError(f"{where}: decoder input '{value.name}' is none of input_ids, attention_mask, position_ids or the KV cache")
+    kv_heads, head_size = decoder.get("num_key_value_heads"), decoder.get("head_size")
+
+    def feeds(ids) -> dict:
+        ids = np.asarray(ids, dtype=np.int64)[None, :]
+        out = {}
+        for name, kind, dtype in specs:
+            if kind == "ids":
+                out[name] = ids.astype(dtype)
+            elif kind == "mask":
+                out[name] = np.ones_like(ids, dtype=dtype)
+            elif kind == "positions":
+                out[name] = np.arange(ids.shape[1], dtype=dtype)[None, :]
+            else:
+                out[name] = np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
+        return out
+
+    return feeds

@@ -93,33 +93,26 @@ def _nll(logits, ids: list[int], start: int) -> tuple[float, int]:
 
 
 def _onnx_perplexity(model: Path, adapter_file: Path | None, examples, threads: int, device: str, progress, bar) -> tuple[float, int]:
-    import numpy as np
+    import onnx
     import onnxruntime as ort
 
+    from modelbuild.genai import prefill_feeder
+
+    decoder = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(model / "model.onnx"), options, providers=providers)
-    decoder = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
-    inputs = {i.name: i for i in session.get_inputs()}
+    session = ort.InferenceSession(str(model / decoder["filename"]), options, providers=providers)
+    feeds = prefill_feeder(onnx.load(str(model / decoder["filename"]), load_external_data=False), decoder, "inputs.model")
     run_options = ort.RunOptions()
     if adapter_file is not None:
         lora = ort.LoraAdapter()
         lora.Load(str(adapter_file))
         run_options.add_active_adapter(lora)
-    kv_type = np.float16 if any("float16" in i.type for n, i in inputs.items() if n.startswith("past_key_values")) else np.float32
     total, count = 0.0, 0
     for ids, start in examples:
-        array = np.asarray([ids], dtype=np.int64)
-        feeds = {"input_ids": array, "attention_mask": np.ones_like(array)}
-        if "position_ids" in inputs:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
-        for layer in range(decoder["num_hidden_layers"]):
-            for kind in ("key", "value"):
-                feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
-                    (1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=kv_type)
-        logits = session.run(["logits"], feeds, run_options)[0]
+        logits = session.run(["logits"], feeds(ids), run_options)[0]
         nll, n = _nll(logits, ids, start)
         total, count = total + nll, count + n
         progress.advance(bar)

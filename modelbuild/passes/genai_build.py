@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX
+from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, verify_bundle
 from modelbuild.passdef import Input, PassDef, param
 
 INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default")
@@ -152,22 +152,6 @@ def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path,
     return {name: weights[name].astype(expected[name].dtype) for name in weights}
 
 
-def _verify(bundle: Path, prompt: str) -> dict:
-    """Load the bundle and generate with no adapter and with each one; return the token counts."""
-    from modelbuild.genai import Chat
-
-    try:
-        chat = Chat(bundle)
-        counts = {"(none)": len(chat.generate(prompt, None, max_new_tokens=8))}
-        for name in chat.adapter_names:
-            counts[name] = len(chat.generate(prompt, name, max_new_tokens=8))
-    except Exception as error:  # onnxruntime-genai raises plain RuntimeError/OrtException
-        raise UserError(f"built bundle fails to load or generate in onnxruntime-genai: {error}") from None
-    if not all(counts.values()):
-        raise UserError(f"built bundle generated no tokens: {counts}")
-    return counts
-
-
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     base = inputs["base"]
     adapters: dict[str, Path] = inputs.get("adapters") or {}
@@ -199,7 +183,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
-        counts = _verify(out_dir, params.check_prompt)
+        counts = verify_bundle(out_dir, params.check_prompt, "built bundle")
     (out_dir / "modelbuild.json").write_text(json.dumps({
         "precision": params.precision,
         "device": device,

@@ -37,15 +37,16 @@ rtn, k_quant and hqq are deterministic: the same bundle and params give byte-ide
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
+from modelbuild.genai import prefill_feeder, verify_bundle
 from modelbuild.passdef import Input, PassDef, param
 
 ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
@@ -77,6 +78,9 @@ class Params:
         CHAT, "gptq: record -> text: 'chat' for the bundle's chat template (what generation sees), or a text template with {prompt} and {response}",
     )
     exclude_lora: bool = param(True, "keep LoRA MatMuls (.../lora_A/MatMul, .../lora_B/MatMul) float so switchable adapters keep working")
+    keep_float: list[str] = param(
+        [], "MatMul node names (globs) kept float, e.g. [\"/lm_head/MatMul\"]: a tied LM head then reads the embedding's float copy",
+    )
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
 
 
@@ -176,7 +180,13 @@ def _plan(model, params: Params, adapters: dict) -> Plan:
                 f"params.exclude_lora: false would quantize {len(broken)} LoRA MatMuls whose weights the bundle's "
                 f"adapters ({', '.join(sorted(adapters))}) switch at run time; keep it true"
             )
-    exclude = sorted(set(overridable) | (set(lora) if params.exclude_lora else set()))
+    kept = set()
+    for pattern in params.keep_float:
+        matched = fnmatch.filter(weights, pattern)
+        if not matched:
+            raise UserError(f"params.keep_float: '{pattern}' matches no MatMul with a constant weight (e.g. {next(iter(weights), 'none')})")
+        kept.update(matched)
+    exclude = sorted(set(overridable) | kept | (set(lora) if params.exclude_lora else set()))
     if not [name for name in weights if name not in exclude]:
         raise UserError("inputs.bundle: no MatMul with a constant fp32 weight to quantize")
     readers: dict[str, list[str]] = {}
@@ -213,49 +223,6 @@ def _has_chat_template(bundle: Path) -> bool:
         return bool(json.loads((bundle / "tokenizer_config.json").read_text()).get("chat_template"))
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _input_feeder(model, decoder: dict):
-    """ids -> the decoder's full input dict (empty KV cache), for onnxruntime sessions."""
-    import numpy as np
-    import onnx
-
-    names = decoder.get("inputs", {})
-    patterns = [re.compile(re.escape(names.get(key, "")).replace("%d", r"\d+") + "$")
-                for key in ("past_key_names", "past_value_names") if names.get(key)]
-    initializers = {init.name for init in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue  # overridable initializer (LoRA weight): its default is used
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        if value.name == names.get("input_ids", "input_ids"):
-            specs.append((value.name, "ids", dtype))
-        elif value.name == names.get("attention_mask", "attention_mask"):
-            specs.append((value.name, "mask", dtype))
-        elif value.name == names.get("position_ids", "position_ids"):
-            specs.append((value.name, "positions", dtype))
-        elif any(p.match(value.name) for p in patterns):
-            specs.append((value.name, "past", dtype))
-        else:
-            raise UserError(f"inputs.bundle: decoder input '{value.name}' is not one gptq calibration can feed")
-    kv_heads, head_size = decoder.get("num_key_value_heads"), decoder.get("head_size")
-
-    def feeds(ids) -> dict:
-        ids = np.asarray(ids, dtype=np.int64)[None, :]
-        out = {}
-        for name, kind, dtype in specs:
-            if kind == "ids":
-                out[name] = ids.astype(dtype)
-            elif kind == "mask":
-                out[name] = np.ones_like(ids, dtype=dtype)
-            elif kind == "positions":
-                out[name] = np.arange(ids.shape[1], dtype=dtype)[None, :]
-            else:
-                out[name] = np.zeros((1, kv_heads, 0, head_size), dtype=dtype)
-        return out
-
-    return feeds
 
 
 def _calibration(bundle: Path, path: Path, shown: str, params: Params, feeds) -> tuple[list[dict], dict]:
@@ -584,22 +551,6 @@ def _copy_rest(bundle: Path, out_dir: Path, model_files: set[str]) -> None:
             shutil.copyfile(entry, target)
 
 
-def _verify(bundle: Path, prompt: str) -> dict:
-    """Load the bundle and generate with no adapter and with each one; return the token counts."""
-    from modelbuild.genai import Chat
-
-    try:
-        chat = Chat(bundle)
-        counts = {"(none)": len(chat.generate(prompt, None, max_new_tokens=8))}
-        for name in chat.adapter_names:
-            counts[name] = len(chat.generate(prompt, name, max_new_tokens=8))
-    except Exception as error:  # onnxruntime-genai raises plain RuntimeError/OrtException
-        raise UserError(f"quantized bundle fails to load or generate in onnxruntime-genai: {error}") from None
-    if not all(counts.values()):
-        raise UserError(f"quantized bundle generated no tokens: {counts}")
-    return counts
-
-
 def _size(folder: Path, names) -> int:
     return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
 
@@ -640,7 +591,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             shown = (calibration.relative_to(ctx.project_root).as_posix()
                      if calibration.is_relative_to(ctx.project_root) else calibration.name)
             status.update(f"calibration data: {shown}")
-            samples, calibration_record = _calibration(bundle, calibration, shown, params, _input_feeder(model, decoder))
+            samples, calibration_record = _calibration(bundle, calibration, shown, params, prefill_feeder(model, decoder, "inputs.bundle"))
 
     with step_progress() as progress:
         steps = len(set(plan.weights) - set(plan.exclude)) + len(samples or ())  # gptq: forward passes, then weights
@@ -659,7 +610,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         del model
         _copy_rest(bundle, out_dir, model_files)
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
-        counts = _verify(out_dir, params.check_prompt)
+        counts = verify_bundle(out_dir, params.check_prompt, "quantized bundle")
 
     before = _size(bundle, sorted(model_files))
     after = _size(out_dir, sorted({filename, data_name}))
