@@ -35,6 +35,11 @@ params = {{ algorithm = "{algorithm}"{', calibration_samples = 8, max_length = 9
 pass = "quantize-onnx"
 inputs = { bundle = ":tiny-q-fp32" }
 params = { algorithm = "k_quant", block_size = 128 }
+
+[target.tiny-q-float-head]
+pass = "quantize-onnx"
+inputs = { bundle = ":tiny-q-fp32" }
+params = { algorithm = "hqq", keep_float = ["/lm_head/MatMul"] }
 """
 
 
@@ -43,7 +48,7 @@ def quantized(tmp_path_factory):
     """A project with the fp32 tiny bundle and one quantized bundle per algorithm."""
     project = new_project(tmp_path_factory.mktemp("quantize") / "project")
     project.path("targets/quantize.toml").write_text(TARGETS)
-    targets = [f"tiny-q-{a}" for a in ALGORITHMS] + ["tiny-q-block128"]
+    targets = [f"tiny-q-{a}" for a in ALGORITHMS] + ["tiny-q-block128", "tiny-q-float-head"]
     result = project.doit(*targets)
     assert set(targets) <= result.executed
     return project
@@ -248,3 +253,23 @@ inputs = { bundle = ":tiny-q-rtn" }
     assert result.returncode != 0
     assert "inputs.bundle: already quantized (15 MatMulNBits nodes)" in result.out
     quantized.path("targets/twice.toml").unlink()
+
+
+def test_keep_float_leaves_the_named_matmul_float_and_nothing_else(quantized):
+    import onnx
+
+    def ops(name):
+        model = onnx.load(str(quantized.path(f"build/{name}/model.onnx")), load_external_data=False)
+        return {n.name.removesuffix("_Q4"): n.op_type for n in model.graph.node if n.op_type in ("MatMul", "MatMulNBits")}
+
+    head, all_int4 = ops("tiny-q-float-head"), ops("tiny-q-hqq")
+    assert head["/lm_head/MatMul"] == "MatMul" and all_int4["/lm_head/MatMul"] == "MatMulNBits"
+    assert {n for n, op in head.items() if op == "MatMulNBits"} == {n for n, op in all_int4.items() if op == "MatMulNBits"} - {"/lm_head/MatMul"}
+    assert len(head) == len(all_int4)
+    assert _record(quantized, "float-head")["kept_float"]["other"] == ["/lm_head/MatMul"]
+    quantized.path("targets/nomatch.toml").write_text(
+        '[target.tiny-q-nomatch]\npass = "quantize-onnx"\ninputs = { bundle = ":tiny-q-fp32" }\nparams = { keep_float = ["/head/*"] }\n')
+    result = quantized.doit("tiny-q-nomatch", check=False)
+    quantized.path("targets/nomatch.toml").unlink()
+    assert result.returncode != 0
+    assert "target 'tiny-q-nomatch': params.keep_float: '/head/*' matches no MatMul with a constant weight" in result.out
