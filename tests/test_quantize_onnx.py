@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -40,6 +41,11 @@ params = { algorithm = "k_quant", block_size = 128 }
 pass = "quantize-onnx"
 inputs = { bundle = ":tiny-q-fp32" }
 params = { algorithm = "hqq", keep_float = ["/lm_head/MatMul"] }
+
+[target.tiny-q-int8-head]
+pass = "quantize-onnx"
+inputs = { bundle = ":tiny-q-fp32" }
+params = { algorithm = "hqq", int8_nodes = ["/lm_head/*"] }
 """
 
 
@@ -48,7 +54,7 @@ def quantized(tmp_path_factory):
     """A project with the fp32 tiny bundle and one quantized bundle per algorithm."""
     project = new_project(tmp_path_factory.mktemp("quantize") / "project")
     project.path("targets/quantize.toml").write_text(TARGETS)
-    targets = [f"tiny-q-{a}" for a in ALGORITHMS] + ["tiny-q-block128", "tiny-q-float-head"]
+    targets = [f"tiny-q-{a}" for a in ALGORITHMS] + ["tiny-q-block128", "tiny-q-float-head", "tiny-q-int8-head"]
     result = project.doit(*targets)
     assert set(targets) <= result.executed
     return project
@@ -255,17 +261,28 @@ inputs = { bundle = ":tiny-q-rtn" }
     quantized.path("targets/twice.toml").unlink()
 
 
-def test_keep_float_leaves_the_named_matmul_float_and_nothing_else(quantized):
+def test_keep_float_and_int8_nodes_change_the_named_matmul_and_nothing_else(quantized):
     import onnx
 
     def ops(name):
+        """original MatMul name -> (op, bits) in the bundle ``name``."""
         model = onnx.load(str(quantized.path(f"build/{name}/model.onnx")), load_external_data=False)
-        return {n.name.removesuffix("_Q4"): n.op_type for n in model.graph.node if n.op_type in ("MatMul", "MatMulNBits")}
+        return {
+            re.sub(r"_Q[48]$", "", n.name): (n.op_type, next((a.i for a in n.attribute if a.name == "bits"), None))
+            for n in model.graph.node if n.op_type in ("MatMul", "MatMulNBits")
+        }
 
-    head, all_int4 = ops("tiny-q-float-head"), ops("tiny-q-hqq")
-    assert head["/lm_head/MatMul"] == "MatMul" and all_int4["/lm_head/MatMul"] == "MatMulNBits"
-    assert {n for n, op in head.items() if op == "MatMulNBits"} == {n for n, op in all_int4.items() if op == "MatMulNBits"} - {"/lm_head/MatMul"}
-    assert len(head) == len(all_int4)
+    head_float, head_int8, all_int4 = ops("tiny-q-float-head"), ops("tiny-q-int8-head"), ops("tiny-q-hqq")
+    assert all_int4["/lm_head/MatMul"] == ("MatMulNBits", 4)
+    assert head_float["/lm_head/MatMul"] == ("MatMul", None)
+    assert head_int8["/lm_head/MatMul"] == ("MatMulNBits", 8)
+    others = {n: v for n, v in all_int4.items() if n != "/lm_head/MatMul"}
+    assert {n: v for n, v in head_float.items() if n != "/lm_head/MatMul"} == others
+    assert {n: v for n, v in head_int8.items() if n != "/lm_head/MatMul"} == others
+    assert _record(quantized, "int8-head")["int8"] == ["/lm_head/MatMul"]
+    sizes = {name: sum(p.stat().st_size for p in quantized.path(f"build/{name}").glob("model.onnx*"))
+             for name in ("tiny-q-hqq", "tiny-q-int8-head", "tiny-q-float-head")}
+    assert sizes["tiny-q-hqq"] < sizes["tiny-q-int8-head"] < sizes["tiny-q-float-head"]
     assert _record(quantized, "float-head")["kept_float"]["other"] == ["/lm_head/MatMul"]
     quantized.path("targets/nomatch.toml").write_text(
         '[target.tiny-q-nomatch]\npass = "quantize-onnx"\ninputs = { bundle = ":tiny-q-fp32" }\nparams = { keep_float = ["/head/*"] }\n')

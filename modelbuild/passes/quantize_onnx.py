@@ -81,6 +81,9 @@ class Params:
     keep_float: list[str] = param(
         [], "MatMul node names (globs) kept float, e.g. [\"/lm_head/MatMul\"]: a tied LM head then reads the embedding's float copy",
     )
+    int8_nodes: list[str] = param(
+        [], "MatMul node names (globs) quantized to int8 (RTN, symmetric, same block size) instead of int4, e.g. [\"/lm_head/MatMul\"]",
+    )
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
 
 
@@ -139,6 +142,7 @@ class Plan:
     lora: list[str]  # MatMuls named as LoRA
     overridable: list[str]  # MatMuls whose weight is a graph input (an adapter may replace it)
     exclude: list[str]  # kept float on purpose
+    int8: list[str]  # quantized to int8 instead of int4
     shared: dict[str, list[str]]  # weight initializer -> other nodes reading it (e.g. tied embeddings)
 
 
@@ -180,14 +184,13 @@ def _plan(model, params: Params, adapters: dict) -> Plan:
                 f"params.exclude_lora: false would quantize {len(broken)} LoRA MatMuls whose weights the bundle's "
                 f"adapters ({', '.join(sorted(adapters))}) switch at run time; keep it true"
             )
-    kept = set()
-    for pattern in params.keep_float:
-        matched = fnmatch.filter(weights, pattern)
-        if not matched:
-            raise UserError(f"params.keep_float: '{pattern}' matches no MatMul with a constant weight (e.g. {next(iter(weights), 'none')})")
-        kept.update(matched)
+    kept, int8 = _matching(params.keep_float, weights, "keep_float"), _matching(params.int8_nodes, weights, "int8_nodes")
+    if kept & int8:
+        raise UserError(f"params.int8_nodes: {sorted(kept & int8)[0]} is also in params.keep_float")
     exclude = sorted(set(overridable) | kept | (set(lora) if params.exclude_lora else set()))
-    if not [name for name in weights if name not in exclude]:
+    if set(int8) & set(exclude):
+        raise UserError(f"params.int8_nodes: {sorted(int8 & set(exclude))[0]} is a LoRA MatMul or has a switchable weight; it stays float")
+    if not [name for name in weights if name not in exclude and name not in int8]:
         raise UserError("inputs.bundle: no MatMul with a constant fp32 weight to quantize")
     readers: dict[str, list[str]] = {}
     for node in graph.node:
@@ -199,7 +202,18 @@ def _plan(model, params: Params, adapters: dict) -> Plan:
         for node, weight in weights.items()
         if node not in exclude and len(readers[weight]) > 1
     }
-    return Plan(names, weights, lora, overridable, exclude, shared)
+    return Plan(names, weights, lora, overridable, exclude, sorted(int8), shared)
+
+
+def _matching(patterns: list[str], weights: dict, key: str) -> set[str]:
+    """MatMuls with a constant weight whose names match the globs of params.<key>; each glob must match."""
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(weights, pattern)
+        if not hits:
+            raise UserError(f"params.{key}: '{pattern}' matches no MatMul with a constant weight (e.g. {next(iter(weights), 'none')})")
+        matched.update(hits)
+    return matched
 
 
 # --- calibration (gptq) -------------------------------------------------------------------------
@@ -323,6 +337,22 @@ def _matmul_nbits_node(make):
     return make_node
 
 
+def _quantize_int8(model, params: Params, plan: Plan):
+    """The int8_nodes, quantized after the int4 pass: symmetric RTN MatMulNBits with 8 bits."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    # nodes_to_include does not restrict the quantizer to those nodes: exclude every other MatMul.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in plan.int8]
+    config = mnq.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
+                                             accuracy_level=params.accuracy_level or None, bits=8)
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=params.block_size, is_symmetric=True,
+                                         accuracy_level=params.accuracy_level or None, nodes_to_exclude=others,
+                                         algo_config=config)
+    with _quiet():
+        quantizer.process()
+    return quantizer.model.model
+
+
 def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_step):
     if params.algorithm == "gptq":
         result = _gptq(model, params, plan, samples, on_step)
@@ -341,7 +371,7 @@ def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_
             block_size=params.block_size,
             is_symmetric=params.symmetric,
             accuracy_level=params.accuracy_level or None,
-            nodes_to_exclude=plan.exclude,
+            nodes_to_exclude=plan.exclude + plan.int8,
             algo_config=config,
         )
         with _library_hooks(quantizer, on_step), _quiet(), warnings.catch_warnings():
@@ -349,6 +379,8 @@ def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             quantizer.process()
         result = quantizer.model.model
+    if plan.int8:
+        result = _quantize_int8(result, params, plan)
     if params.accuracy_level:
         # HQQ writes no accuracy_level; set it on every node that lacks it.
         import onnx
@@ -469,7 +501,7 @@ def _gptq(model, params: Params, plan: Plan, samples: list[dict], on_step):
     from onnxruntime.quantization.neural_compressor import weight_only
 
     graph = model.graph
-    excluded = set(plan.exclude)
+    excluded = set(plan.exclude) | set(plan.int8)
     targets = [(i, n) for i, n in enumerate(graph.node) if n.name in plan.weights and n.name not in excluded]
     names = sorted({n.input[0] for _, n in targets})
     hessians = _hessians(model, names, samples, on_step)
@@ -516,6 +548,9 @@ def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
         raise UserError(f"the quantizer changed {len(kept_wrong)} MatMuls it was told to keep float (e.g. {kept_wrong[0]})")
     if not quantized:
         raise UserError("the quantizer quantized no MatMul")
+    missing = [name for name in plan.int8 if getattr(nodes.get(f"{name}_Q8"), "op_type", None) != "MatMulNBits"]
+    if missing:
+        raise UserError(f"the int8 pass did not quantize {len(missing)} of params.int8_nodes (e.g. {missing[0]})")
     inputs = {}
     for value in model.graph.input:
         shape = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
@@ -594,7 +629,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             samples, calibration_record = _calibration(bundle, calibration, shown, params, prefill_feeder(model, decoder, "inputs.bundle"))
 
     with step_progress() as progress:
-        steps = len(set(plan.weights) - set(plan.exclude)) + len(samples or ())  # gptq: forward passes, then weights
+        steps = len(set(plan.weights) - set(plan.exclude) - set(plan.int8)) + len(samples or ())  # gptq: forward passes, then weights
         bar = progress.add_task(f"{params.algorithm} int4", total=steps)
 
         def on_step(done: int, total: int | None) -> None:
@@ -628,6 +663,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             "overridable_weight": len([n for n in kept if n in set(plan.overridable) and n not in set(plan.lora)]),
             "other": [n for n in kept if n not in set(plan.lora) and n not in set(plan.overridable)],
         },
+        "int8": plan.int8,
         "shared_weights_kept_float": plan.shared,
         "calibration": calibration_record,
         "adapters": sorted(adapters),
