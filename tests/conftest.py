@@ -46,6 +46,15 @@ class Project:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.out[-4000:]}")
         return result
 
+    def doit_with(self, rel: str, text: str, *args: str) -> DoitResult:
+        """``doit *args`` (unchecked) with an extra target file that exists only for this run."""
+        path = self.path(rel)
+        path.write_text(text)
+        try:
+            return self.doit(*args, check=False)
+        finally:
+            path.unlink()
+
     def modelbuild(self, *args: str, env: dict | None = None) -> DoitResult:
         return run_cmd([sys.executable, "-m", "modelbuild", *args], self.root, self.env(env))
 

@@ -61,12 +61,9 @@ def test_export_rebuild_is_byte_identical(built):
 
 
 def test_export_that_misses_its_tolerance_fails_and_leaves_nothing(built):
-    built.path("targets/strict.toml").write_text(
-        '[target.strict-export]\npass = "onnx-export"\ninputs = { model = ":tiny-base" }\nparams = { max_logit_diff = 1e-12 }\n')
-    try:
-        failed = built.doit("strict-export", check=False)
-    finally:
-        built.path("targets/strict.toml").unlink()
+    failed = built.doit_with("targets/strict.toml",
+        '[target.strict-export]\npass = "onnx-export"\ninputs = { model = ":tiny-base" }\nparams = { max_logit_diff = 1e-12 }\n',
+        "strict-export")
     assert failed.returncode != 0
     assert "modelbuild: targets/strict.toml: target 'strict-export': exported model's logits differ from torch: max |dlogit|" in failed.out
     assert "> params.max_logit_diff 1e-12" in failed.out
@@ -85,12 +82,9 @@ def test_merged_model_is_base_plus_adapter(built):
 
 
 def test_merging_something_that_is_no_adapter_is_a_one_line_error(built):
-    built.path("targets/bad.toml").write_text(
-        '[target.bad-merge]\npass = "lora-merge"\ninputs = { base = ":tiny-base", adapter = ":tiny-base" }\n')
-    try:
-        failed = built.doit("bad-merge", check=False)
-    finally:
-        built.path("targets/bad.toml").unlink()
+    failed = built.doit_with("targets/bad.toml",
+        '[target.bad-merge]\npass = "lora-merge"\ninputs = { base = ":tiny-base", adapter = ":tiny-base" }\n',
+        "bad-merge")
     assert failed.returncode != 0
     assert "targets/bad.toml: target 'bad-merge': inputs.adapter: no adapter_config.json: not a LoRA adapter" in failed.out
     assert "Traceback" not in failed.out

@@ -221,44 +221,38 @@ def test_gptq_calibrates_on_the_project_data(quantized):
 
 
 def test_gptq_without_calibration_fails_in_one_line(quantized):
-    quantized.path("targets/nocal.toml").write_text(f"""
+    result = quantized.doit_with("targets/nocal.toml", f"""
 [target.tiny-q-nocal]
 pass = "quantize-onnx"
 inputs = {{ bundle = ":{FP32}" }}
 params = {{ algorithm = "gptq" }}
-""")
-    result = quantized.doit("tiny-q-nocal", check=False)
+""", "tiny-q-nocal")
     assert result.returncode != 0
     assert "modelbuild: targets/nocal.toml: target 'tiny-q-nocal': inputs.calibration: algorithm 'gptq' needs calibration data" in result.out
     assert "Traceback" not in result.out
     assert not quantized.path("build/tiny-q-nocal").exists()
-    quantized.path("targets/nocal.toml").unlink()
 
 
 def test_quantizing_switchable_lora_is_refused(quantized):
-    quantized.path("targets/lora.toml").write_text(f"""
+    result = quantized.doit_with("targets/lora.toml", f"""
 [target.tiny-q-lora]
 pass = "quantize-onnx"
 inputs = {{ bundle = ":{FP32}" }}
 params = {{ algorithm = "rtn", exclude_lora = false }}
-""")
-    result = quantized.doit("tiny-q-lora", check=False)
+""", "tiny-q-lora")
     assert result.returncode != 0
     assert "modelbuild: targets/lora.toml: target 'tiny-q-lora': params.exclude_lora: false would quantize 28 LoRA MatMuls" in result.out
     assert "Traceback" not in result.out
-    quantized.path("targets/lora.toml").unlink()
 
 
 def test_an_int4_bundle_is_not_quantized_again(quantized):
-    quantized.path("targets/twice.toml").write_text("""
+    result = quantized.doit_with("targets/twice.toml", """
 [target.tiny-q-twice]
 pass = "quantize-onnx"
 inputs = { bundle = ":tiny-q-rtn" }
-""")
-    result = quantized.doit("tiny-q-twice", check=False)
+""", "tiny-q-twice")
     assert result.returncode != 0
     assert "inputs.bundle: already quantized (15 MatMulNBits nodes)" in result.out
-    quantized.path("targets/twice.toml").unlink()
 
 
 def test_keep_float_and_int8_nodes_change_the_named_matmul_and_nothing_else(quantized):
@@ -284,9 +278,8 @@ def test_keep_float_and_int8_nodes_change_the_named_matmul_and_nothing_else(quan
              for name in ("tiny-q-hqq", "tiny-q-int8-head", "tiny-q-float-head")}
     assert sizes["tiny-q-hqq"] < sizes["tiny-q-int8-head"] < sizes["tiny-q-float-head"]
     assert _record(quantized, "float-head")["kept_float"]["other"] == ["/lm_head/MatMul"]
-    quantized.path("targets/nomatch.toml").write_text(
-        '[target.tiny-q-nomatch]\npass = "quantize-onnx"\ninputs = { bundle = ":tiny-q-fp32" }\nparams = { keep_float = ["/head/*"] }\n')
-    result = quantized.doit("tiny-q-nomatch", check=False)
-    quantized.path("targets/nomatch.toml").unlink()
+    result = quantized.doit_with("targets/nomatch.toml",
+        '[target.tiny-q-nomatch]\npass = "quantize-onnx"\ninputs = { bundle = ":tiny-q-fp32" }\nparams = { keep_float = ["/head/*"] }\n',
+        "tiny-q-nomatch")
     assert result.returncode != 0
     assert "target 'tiny-q-nomatch': params.keep_float: '/head/*' matches no MatMul with a constant weight" in result.out
