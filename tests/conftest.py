@@ -80,6 +80,32 @@ def run_cmd(argv: list[str], cwd: Path, env: dict | None = None) -> DoitResult:
     return DoitResult(proc.returncode, proc.stdout)
 
 
+def ort_logits(model_dir: Path, input_ids, adapter_file: Path | None = None):
+    """Logits (float64) of a genai bundle's model.onnx for one whole sequence, empty KV cache,
+    through plain onnxruntime: an independent check of what the passes build."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+    if "position_ids" in {i.name for i in session.get_inputs()}:
+        feeds["position_ids"] = np.arange(input_ids.shape[1], dtype=np.int64)[None, :]
+    for layer in range(config["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
+                (1, config["num_key_value_heads"], 0, config["head_size"]), dtype=np.float32
+            )
+    options = ort.RunOptions()
+    if adapter_file is not None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(adapter_file))
+        options.add_active_adapter(adapter)
+    return session.run(["logits"], feeds, options)[0].astype(np.float64)
+
+
 def new_project(root: Path, cache: Path | None = None) -> Project:
     """A fresh project; its cache is empty but shares the repo's sha256-pinned downloads
     (install.sh fetched the embedded wheel), so tests never download."""

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import new_project
+from conftest import new_project, ort_logits
 
 ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
 DETERMINISTIC = ("rtn", "k_quant", "hqq")
@@ -66,26 +66,6 @@ def _bundle(project, algorithm):
 
 def _record(project, algorithm):
     return json.loads((_bundle(project, algorithm) / "quantization.json").read_text())
-
-
-def _ort_logits(model_dir, input_ids, adapter_file=None):
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-    for layer in range(config["num_hidden_layers"]):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
-                (1, config["num_key_value_heads"], 0, config["head_size"]), dtype=np.float32
-            )
-    options = ort.RunOptions()
-    if adapter_file is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_file))
-        options.add_active_adapter(adapter)
-    return session.run(["logits"], feeds, options)[0].astype(np.float64)
 
 
 def _eval_ids(bundle, count=4):
@@ -166,8 +146,8 @@ def test_logits_stay_close_to_fp32_and_the_adapter_still_moves_them(quantized, a
     source, bundle = quantized.path(f"build/{FP32}"), _bundle(quantized, algorithm)
     adapter = source / "adapters/travel.onnx_adapter"
     for ids in _eval_ids(source):
-        fp32, fp32_tuned = _ort_logits(source, ids), _ort_logits(source, ids, adapter)
-        q, q_tuned = _ort_logits(bundle, ids), _ort_logits(bundle, ids, bundle / "adapters/travel.onnx_adapter")
+        fp32, fp32_tuned = ort_logits(source, ids), ort_logits(source, ids, adapter)
+        q, q_tuned = ort_logits(bundle, ids), ort_logits(bundle, ids, bundle / "adapters/travel.onnx_adapter")
         adapter_effect = _rel(fp32_tuned, fp32)
         assert adapter_effect > 0.3  # the yardstick: a trained adapter moves the logits this much
         # int4 noise is a fraction of that (a wrong packing or scale layout is ~1: unrelated logits).
@@ -183,9 +163,9 @@ def test_gptq_beats_rtn_on_held_out_text(quantized):
     source = quantized.path(f"build/{FP32}")
     errors = {algorithm: [] for algorithm in ("rtn", "gptq")}  # both symmetric, block 32
     for ids in _eval_ids(source):
-        fp32 = _ort_logits(source, ids)
+        fp32 = ort_logits(source, ids)
         for algorithm in errors:
-            errors[algorithm].append(_rel(_ort_logits(_bundle(quantized, algorithm), ids), fp32))
+            errors[algorithm].append(_rel(ort_logits(_bundle(quantized, algorithm), ids), fp32))
     assert np.mean(errors["gptq"]) < 0.95 * np.mean(errors["rtn"]), errors
 
 
@@ -193,7 +173,7 @@ def test_odd_block_count_packs_zero_points_per_column(quantized):
     """block 128 on K=128 is one block a column: asymmetric zero points must be packed per column."""
     source, bundle = quantized.path(f"build/{FP32}"), quantized.path("build/tiny-q-block128")
     ids = _eval_ids(source, 1)[0]
-    error = _rel(_ort_logits(bundle, ids), _ort_logits(source, ids))
+    error = _rel(ort_logits(bundle, ids), ort_logits(source, ids))
     assert error < 0.3, error
     assert _record(quantized, "block128")["symmetric"] is False
 

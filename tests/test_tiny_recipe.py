@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from conftest import TINY, new_project
+from conftest import TINY, new_project, ort_logits
 
 FP32_TARGETS = """
 [target.tiny-fp32]
@@ -51,28 +51,6 @@ def test_int4_base_is_quantized_and_lora_stays_float(built_tiny):
     assert lora_inputs == {n.input[1] for n in lora_nodes}
 
 
-def _ort_logits(model_dir, input_ids, adapter_file=None):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-    names = {i.name for i in session.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = np.arange(input_ids.shape[1], dtype=np.int64)[None, :]
-    for layer in range(config["num_hidden_layers"]):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
-                (1, config["num_key_value_heads"], 0, config["head_size"]), dtype=np.float32
-            )
-    options = ort.RunOptions()
-    if adapter_file is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_file))
-        options.add_active_adapter(adapter)
-    return session.run(["logits"], feeds, options)[0]
-
-
 def test_fp32_builder_logits_match_torch_with_and_without_adapter(built_tiny):
     """Guards the builder's LM-head trap and the switchable-adapter layout against torch/peft."""
     import torch
@@ -88,14 +66,14 @@ def test_fp32_builder_logits_match_torch_with_and_without_adapter(built_tiny):
     base = AutoModelForCausalLM.from_pretrained(built_tiny.path("build/tiny-base"), dtype=torch.float32).eval()
     with torch.no_grad():
         torch_base = base(torch.from_numpy(ids)).logits.numpy()
-    onnx_base = _ort_logits(bundle, ids)
+    onnx_base = ort_logits(bundle, ids)
     assert np.abs(onnx_base - torch_base).max() < 1e-4
     assert (onnx_base.argmax(-1) == torch_base.argmax(-1)).all()
 
     tuned = PeftModel.from_pretrained(base, built_tiny.path("build/tiny-travel-adapter")).eval()
     with torch.no_grad():
         torch_tuned = tuned(torch.from_numpy(ids)).logits.numpy()
-    onnx_tuned = _ort_logits(bundle, ids, bundle / "adapters/travel.onnx_adapter")
+    onnx_tuned = ort_logits(bundle, ids, bundle / "adapters/travel.onnx_adapter")
     assert np.abs(torch_tuned - torch_base).max() > 1e-2  # the adapter really moves the logits
     assert np.abs(onnx_tuned - torch_tuned).max() < 1e-4
 
@@ -130,7 +108,7 @@ params = { precision = "fp32" }
         tuned = PeftModel.from_pretrained(base, built_tiny.path(f"build/{folder}"), adapter_name=name).eval()
         with torch.no_grad():
             logits[name] = tuned(torch.from_numpy(ids)).logits.numpy()
-        onnx_logits = _ort_logits(bundle, ids, bundle / f"adapters/{name}.onnx_adapter")
+        onnx_logits = ort_logits(bundle, ids, bundle / f"adapters/{name}.onnx_adapter")
         assert np.abs(onnx_logits - logits[name]).max() < 1e-4, name
         base = tuned.unload()
     assert np.abs(logits["travel"] - logits["other"]).max() > 1e-2
