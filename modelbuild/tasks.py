@@ -20,9 +20,9 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from . import UserError
-from .devices import Machine, machine_from
+from .devices import Machine
 from .project import Project, Target, load_project
-from .stage import StageError, build, input_path, is_up_to_date
+from .stage import StageError, build, input_path, is_up_to_date, slot_pool
 
 _projects: dict[Path, Project] = {}
 
@@ -39,20 +39,16 @@ def project_at(root: Path) -> Project:
     return _projects[root]
 
 
-_machines: dict[Path, Machine] = {}
-
-
 def machine_for(project: Project) -> Machine | None:
-    """The machine's devices, discovered only when the project has GPU targets (a no-op stays fast)."""
+    """The machine's devices, discovered only when the project has GPU targets (a no-op stays
+    fast); the same discovery the stages' slot pool then schedules on."""
     if not any(t.device != "cpu" for t in project.targets.values()):
         return None
-    if project.root not in _machines:
-        try:
-            _machines[project.root] = machine_from(project.devices)
-        except UserError as error:
-            print(f"modelbuild: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return _machines[project.root]
+    try:
+        return slot_pool(project).machine
+    except UserError as error:
+        print(f"modelbuild: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def unavailable_device(project: Project, target: Target) -> str | None:
