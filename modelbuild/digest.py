@@ -18,6 +18,8 @@ from pathlib import Path
 
 import blake3
 
+from . import UserError
+
 # BLAKE3: cryptographic (a shared cache must not be poisonable by crafted collisions, which
 # rules out xxh3) and, mmap'd on all cores, 4x faster than hashlib's sha256 on this machine
 # (bench/hash_bench.py).
@@ -84,19 +86,33 @@ class StatCache:
         return digest
 
 
-def tree_manifest(root: Path, stat_cache: StatCache, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
-    """{relative posix path: {"size", "digest"}} for every file under ``root``, sorted."""
+def walk_files(root: Path, exclude: tuple[str, ...] = ()):
+    """(relative posix path, path) of every file under ``root``, in sorted order.
+
+    A symbolic link is followed only while it stays inside ``root``: one that leads out of it
+    (``config.json -> /etc/passwd``) is a ``UserError``, so no file the user did not put in the
+    folder ends up in an artifact, the cache or a shared remote cache.
+    """
     root = Path(root)
-    manifest = {}
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root)
+        for name in [*dirnames, *filenames]:
+            full = Path(dirpath) / name
+            if full.is_symlink() and not full.resolve().is_relative_to(real_root):
+                raise UserError(f"{(rel_dir / name).as_posix()} is a symbolic link to {full.resolve()}, outside "
+                                f"{root.name}/; copy the file in if it belongs to the input")
         dirnames[:] = sorted(d for d in dirnames if (rel_dir / d).as_posix() not in exclude)
         for filename in sorted(filenames):
             rel = (rel_dir / filename).as_posix()
-            if rel in exclude:
-                continue
-            full = Path(dirpath) / filename
-            manifest[rel] = {"size": full.stat().st_size, "digest": stat_cache.digest(full)}
+            if rel not in exclude:
+                yield rel, Path(dirpath) / filename
+
+
+def tree_manifest(root: Path, stat_cache: StatCache, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative posix path: {"size", "digest"}} for every file under ``root``, sorted."""
+    manifest = {rel: {"size": full.stat().st_size, "digest": stat_cache.digest(full)}
+                for rel, full in walk_files(root, exclude)}
     return dict(sorted(manifest.items()))
 
 

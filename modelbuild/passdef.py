@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import inspect
+import math
 import re
 import types
 import typing
@@ -66,6 +67,12 @@ class PassDef:
     devices: tuple[str, ...] = ("cpu",)
     # Numbers the pass writes to metrics.json in its output; targets may gate on them (gates.py).
     metrics: tuple[str, ...] = ()
+    # Load-time check of a combination of params and inputs that the graph can answer (e.g.
+    # "gptq needs inputs.calibration"): check(params: dict, inputs: dict) gets each given input as
+    # the absolute Path of a file or folder, or the Ref of another target (a dict of those for a
+    # named input), and raises UserError("inputs.x: ..."); the loader prefixes file and target.
+    # Rules on params alone belong in the Params dataclass's __post_init__ (ValueError("params.x: ...")).
+    check: Callable[[dict, dict], None] | None = None
 
     @property
     def module(self) -> types.ModuleType:
@@ -109,6 +116,11 @@ class PassDef:
                 resolved[name] = f.default_factory()
             else:
                 raise UserError(f"{where}: params.{name}: required param of pass '{self.name}' is missing")
+        try:
+            self.params(**resolved)  # its __post_init__ checks ranges: at load, not in the worker
+        except (ValueError, TypeError, UserError) as error:
+            message = str(error)
+            raise UserError(f"{where}: {message if message.startswith('params.') else 'params: ' + message}") from None
         return resolved
 
 
@@ -146,6 +158,12 @@ def _code_digest(source_file: Path) -> str:
     return _code_digests[source_file]
 
 
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """For a Params ``__post_init__``: ``require(self.rank >= 1, "rank", "at least 1", self.rank)``."""
+    if not ok:
+        raise ValueError(f"params.{key}: must be {rule}, got {value!r}")
+
+
 def type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
@@ -175,7 +193,9 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
         return dict(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is int and isinstance(value, bool):
         raise UserError(f"{where}: expected int, got bool {value!r}")

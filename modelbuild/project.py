@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 import os
 import re
 try:
@@ -59,6 +60,14 @@ from .gates import parse_gates
 from .passdef import PassDef, get_pass
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Output folders, their temporary siblings (".<name>~xxxxxxxx.tmp") and lock files carry the
+# name: it must fit the 255-byte file-name limit of common filesystems with room to spare.
+MAX_NAME = 200
+# `doit <name>` runs the doit command of that name, never a task: such a target could not be built.
+DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
+                           "run", "strace", "tabcompletion"})
+# A matrix multiplies targets; past this many combinations it is a typo (or a hang), not a plan.
+MAX_MATRIX = 1000
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 VAR_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 WHOLE_VAR_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -177,6 +186,9 @@ def load_project(root: Path | str) -> Project:
             value = doc["default_targets"]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UserError(f"{rel}: default_targets: expected a list of target names")
+            if not value:
+                raise UserError(f"{rel}: default_targets: empty list; name the targets plain `doit` builds, "
+                                "or remove the key to build every target")
             project.default_targets = value
         if "devices" in doc:
             if devices_from:
@@ -209,8 +221,7 @@ def load_project(root: Path | str) -> Project:
     seen_in: dict[str, str] = {}
     for rel, name, table, origin in raw_targets:
         where = f"{rel}: target '{name}'" + (f" ({origin})" if origin else "")
-        if not NAME_RE.match(name):
-            raise UserError(f"{where}: bad target name: use letters, digits, '.', '_' and '-'")
+        _check_name(name, where, "target")
         if name in seen_in:
             raise UserError(f"{where}: duplicate target name (also defined in {seen_in[name]})")
         seen_in[name] = rel
@@ -236,8 +247,7 @@ def load_project(root: Path | str) -> Project:
 def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> list[str]:
     """A group builds every target matching its globs: ``smollm2-variants = ["smollm2-*-eval"]``."""
     where = f"{rel}: group.{name}"
-    if not NAME_RE.match(name):
-        raise UserError(f"{where}: bad group name: use letters, digits, '.', '_' and '-'")
+    _check_name(name, where, "group")
     if name in project.targets or name in project.groups:
         raise UserError(f"{where}: the name is already taken by a target or group")
     if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
@@ -249,6 +259,16 @@ def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> l
             raise UserError(f"{where}: '{pattern}' matches no target")
         members.extend(m for m in matched if m not in members)
     return members
+
+
+def _check_name(name: str, where: str, what: str) -> None:
+    if not NAME_RE.match(name):
+        raise UserError(f"{where}: bad {what} name: use letters, digits, '.', '_' and '-'")
+    if len(name) > MAX_NAME:
+        raise UserError(f"{where}: {what} name is {len(name)} characters long (at most {MAX_NAME}: it names folders and files)")
+    if name in DOIT_COMMANDS:
+        raise UserError(f"{where}: '{name}' is a doit command (`doit {name}` would run the command, not build the {what}); "
+                        "choose another name")
 
 
 def _table(doc: dict, key: str, rel: str, what: str) -> dict:
@@ -332,6 +352,11 @@ def _expand_matrix(template_name: str, table: dict, variables: dict | None, wher
             else:
                 raise UserError(f"{where}: matrix.{key}[{i}]: expected a string, number, boolean or table")
         axes.append(axis)
+    combinations = math.prod(len(axis) for axis in axes)
+    if combinations > MAX_MATRIX:
+        sizes = " x ".join(str(len(axis)) for axis in axes)
+        raise UserError(f"{where}: matrix: {sizes} = {combinations} targets, more than {MAX_MATRIX}; "
+                        "split it into several matrices or recipes")
     body = {k: v for k, v in table.items() if k != "matrix"}
     out = []
     for combination in itertools.product(*axes):
@@ -377,8 +402,10 @@ def _lookup(var: str, variables: dict, where: str) -> Any:
 def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str) -> Target:
     _check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
     pass_name = table.get("pass")
-    if not isinstance(pass_name, str):
+    if pass_name is None:
         raise UserError(f"{where}: pass: missing (every target names the pass that builds it)")
+    if not isinstance(pass_name, str):
+        raise UserError(f"{where}: pass: must be a string (a pass name), got {type(pass_name).__name__} {pass_name!r}")
     pass_def = get_pass(pass_name)
     if pass_def is None:
         from .passdef import registry
@@ -423,6 +450,21 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
             }
         else:
             inputs[key] = _make_ref(root, base_dir, value, spec.kind, f"{where}: inputs.{key}")
+    if pass_def.check is not None:
+        def resolved(ref: Ref):
+            return ref if ref.kind == "target" else (root / ref.value).resolve()
+
+        try:
+            pass_def.check(params, {key: {sub: resolved(r) for sub, r in value.items()} if isinstance(value, dict)
+                                    else resolved(value) for key, value in inputs.items()})
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        except OSError as error:
+            raise UserError(f"{where}: inputs: cannot read {error.filename}: {error.strerror}") from None
+    for key, value in inputs.items():
+        for sub, ref in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if ref.kind == "file" and (root / ref.value).is_dir():
+                _check_folder(root / ref.value, f"{where}: inputs.{key}" + (f".{sub}" if sub else ""))
     gates = parse_gates(table["gates"], pass_def.metrics, pass_name, where) if "gates" in table else {}
     return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates)
 
@@ -437,8 +479,14 @@ def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str) -> 
         raise UserError(f"{where}: expected a string (':target-name' or a file path), got {value!r}")
     if value.startswith(":"):
         return Ref("target", value[1:])
-    path = (base_dir / Path(value).expanduser()).resolve()
+    written = Path(os.path.normpath(base_dir / Path(value).expanduser()))
+    path = written.resolve()
     shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    if written.is_relative_to(root) and not path.is_relative_to(root):
+        # A link inside the project must not pull an outside file into artifacts and the cache
+        # behind the user's back; an outside path written as such is taken as meant.
+        raise UserError(f"{where}: {written.relative_to(root).as_posix()} is a symbolic link to {path}, outside the "
+                        "project; write that path itself if you mean to use it")
     if not path.exists():
         raise UserError(f"{where}: missing input file {shown}")
     if kind == "file" and not path.is_file():
@@ -446,6 +494,19 @@ def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str) -> 
     if kind == "dir" and not path.is_dir():
         raise UserError(f"{where}: {shown} is not a folder")
     return Ref("file", shown)
+
+
+def _check_folder(folder: Path, where: str) -> None:
+    """A folder input: readable, and no symbolic link inside it leads out of it."""
+    from .digest import walk_files
+
+    try:
+        for _ in walk_files(folder):
+            pass
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    except OSError as error:
+        raise UserError(f"{where}: cannot read {error.filename or folder}: {error.strerror}") from None
 
 
 def _check_cycles(project: Project) -> None:

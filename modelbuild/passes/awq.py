@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.passdef import Input, PassDef, param
-from modelbuild.passes.lora_finetune import CHAT, load_records, render
+from modelbuild.passdef import Input, PassDef, param, require
+from modelbuild.ml.records import CHAT, load_records, render
 
 # model_type -> layout. Every one of these: pre-norm decoder layers whose RMSNorm output
 # (x * weight) feeds only q/k/v resp. only gate/up, and an MLP down(act(gate) * up).
@@ -77,6 +77,12 @@ class Params:
         False, "write every decoder-layer Linear already quantize-dequantized onto the int4 grid (quantize, then finetune)"
     )
     seed: int = param(0, "seed for choosing the calibration records")
+
+    def __post_init__(self):
+        for name in ("samples", "grid", "max_length"):
+            require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        require(self.block_size >= 16 and not self.block_size & (self.block_size - 1), "block_size",
+                "a power of 2 >= 16 (MatMulNBits needs one)", self.block_size)
 
 
 # --- int4 block quantize-dequantize (MLAS RTN) ------------------------------------------------
@@ -390,11 +396,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.hf import save_model_folder
     from modelbuild.progress import step_progress
 
-    for name in ("samples", "grid", "max_length"):
-        if getattr(params, name) < 1:
-            raise UserError(f"params.{name}: must be at least 1")
-    if params.block_size < 16 or params.block_size & (params.block_size - 1):
-        raise UserError(f"params.block_size: {params.block_size} is not a power of 2 >= 16 (MatMulNBits needs one)")
     data_path = inputs["data"]
     shown = data_path.relative_to(ctx.project_root).as_posix() if data_path.is_relative_to(ctx.project_root) else str(data_path)
     device = torch.device("cuda" if ctx.device.startswith("cuda") else "cpu")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbuild.passdef import PassDef, param
+from modelbuild.passdef import PassDef, param, require
 
 SEEN_VARIABLES = ("CUDA_VISIBLE_DEVICES", "MODELBUILD_DEVICE", "MODELBUILD_THREADS", "MODELBUILD_SIMULATED_GPUS",
                   "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -27,6 +27,10 @@ SEEN_VARIABLES = ("CUDA_VISIBLE_DEVICES", "MODELBUILD_DEVICE", "MODELBUILD_THREA
 class Params:
     seconds: float = param(1.0, "how long to run the matrix-multiply load on the device (0 = only report)")
     size: int = param(256, "square matrix size of the load")
+
+    def __post_init__(self):
+        require(self.seconds >= 0, "seconds", "0 or more", self.seconds)
+        require(self.size >= 1, "size", "at least 1", self.size)
 
 
 def _matmul_gflops(seconds: float, size: int, device: str) -> dict:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from modelbuild import UserError, speed
 from modelbuild.gates import METRICS_FILE
-from modelbuild.passdef import Input, PassDef, param
-from modelbuild.passes.lora_finetune import CHAT, load_records, render
+from modelbuild.passdef import Input, PassDef, param, require
+from modelbuild.ml.records import CHAT, load_records, render
 
 METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb")
 MODEL_FILE_SUFFIXES = (".onnx", ".onnx.data", ".data", ".safetensors", ".bin")
@@ -44,6 +44,13 @@ class Params:
     )
     new_tokens: int = param(64, "tokens generated per prompt for the speed figures")
     speed_runs: int = param(2, "times each prompt is generated (the median is reported)")
+
+    def __post_init__(self):
+        require(self.new_tokens >= 2, "new_tokens", "at least 2 (decode speed needs a second token)", self.new_tokens)
+        require(self.speed_runs >= 1, "speed_runs", "at least 1", self.speed_runs)
+        require(bool(self.prompts), "prompts", "a non-empty list", self.prompts)
+        require(self.samples >= 0, "samples", "0 (all) or more", self.samples)
+        require(self.max_length >= 2, "max_length", "at least 2", self.max_length)
 
 
 def _model_kind(model: Path) -> str:
@@ -148,8 +155,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.genai import bundle_adapters
     from modelbuild.progress import step_progress
 
-    if params.new_tokens < 2 or params.speed_runs < 1 or not params.prompts:
-        raise UserError("params.new_tokens must be at least 2, params.speed_runs at least 1, params.prompts non-empty")
     model: Path = inputs["model"]
     kind = _model_kind(model)
     adapter_file = adapter_dir = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -52,6 +53,38 @@ class Params:
     symmetric: bool = param(True, "symmetric int4 (asymmetric breaks tied-embedding models such as SmolLM2)")
     extra_options: dict = param({}, "further model-builder extra_options, passed through as key=value strings")
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
+
+    def __post_init__(self):
+        for key, value in self.extra_options.items():
+            _check_extra_option(key, value)
+
+
+# Builder options this pass sets from its own params: one source of truth each.
+OWN_OPTIONS = {"accuracy_level": "accuracy_level", "algo_config": "int4_algorithm", "block_size": "block_size",
+               "is_symmetric": "symmetric", "nodes_to_exclude": None}
+# Builder options that read a file: an input the action key would not see (declare it as an input).
+READS_FILES = ("adapter_path", "kv_cache_scale_file", "dflash2_path", "dspark_path")
+
+
+def _check_extra_option(key: str, value) -> None:
+    """A builder option that could write outside the output folder, read an undeclared file, or
+    put a credential into the target file is refused when the targets load."""
+    where = f"params.extra_options.{key}"
+    if not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"{where}: expected a string, number or boolean, got {type(value).__name__}")
+    if key in OWN_OPTIONS:
+        own = OWN_OPTIONS[key]
+        raise ValueError(f"{where}: set by this pass" + (f"; use params.{own}" if own else " (LoRA nodes stay float)"))
+    if key == "hf_token":
+        raise ValueError(f"{where}: credentials never go into target files; huggingface_hub reads HF_TOKEN from the environment")
+    if key in READS_FILES or key.endswith(("_path", "_file")):
+        hint = "; use inputs.adapters" if key == "adapter_path" else ""
+        raise ValueError(f"{where}: names a file the builder would read, which the action key cannot see{hint}")
+    if key == "filename":
+        name = str(value)
+        if Path(name).name != name or name in ("", ".", "..") or not name.endswith(".onnx"):
+            raise ValueError(f"{where}: {name!r} must be a plain file name ending in .onnx: the bundle is written "
+                             "into the stage's own output folder, nowhere else")
 
 
 def _builder_options(params: Params, precision: str) -> list[str]:
@@ -156,9 +189,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     base = inputs["base"]
     adapters: dict[str, Path] = inputs.get("adapters") or {}
     device = ctx.device.split(":")[0]
-    for name in adapters:
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
     from rich.console import Console
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp, Console(stderr=True).status("") as status:
@@ -202,6 +232,13 @@ def _quiet_builder():
         yield
 
 
+def check(params: dict, inputs: dict) -> None:
+    """At load: adapter names become file names (adapters/<name>.onnx_adapter) and og.Adapters keys."""
+    for name in inputs.get("adapters") or {}:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
+
+
 PASS = PassDef(
     name="genai-build",
     version=1,
@@ -214,4 +251,5 @@ PASS = PassDef(
     run=run,
     libraries=("torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-genai"),
     devices=("cpu", "cuda"),
+    check=check,
 )

@@ -55,13 +55,27 @@ def _from_hub(params: Params, ctx) -> tuple[Path, str]:
     return folder, folder.name
 
 
+def check(params: dict, inputs: dict) -> None:
+    """At load: a hub id or a local folder that holds a Hugging Face model (config.json + safetensors)."""
+    local = inputs.get("local")
+    if local is None:
+        if not params["model"]:
+            raise UserError("params.model: give a hub id, or set inputs.local to a model folder")
+        return
+    if not isinstance(local, Path):
+        return  # another target's output: checked when it is built
+    names = [entry.name for entry in local.iterdir()]
+    if "config.json" not in names:
+        raise UserError(f"inputs.local: {local} has no config.json: not a Hugging Face model folder")
+    if not any(name.endswith(".safetensors") for name in names):
+        raise UserError(f"inputs.local: {local} has no *.safetensors weights (convert .bin checkpoints to safetensors first)")
+
+
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     local = inputs.get("local")
     if local is not None:
         source, origin = local, {"local": True}
     else:
-        if not params.model:
-            raise UserError("params.model: give a hub id, or set inputs.local to a model folder")
         source, commit = _from_hub(params, ctx)
         origin = {"model": params.model, "revision": params.revision, "commit": commit}
     copied = []
@@ -84,4 +98,5 @@ PASS = PassDef(
     inputs={"local": Input("local model folder, instead of the hub", required=False)},
     run=run,
     libraries=("huggingface_hub",),
+    check=check,
 )

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.ml.records import load_records, render
+from modelbuild.passdef import Input, PassDef, param, require
 
 SEED_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
-CHAT = "chat"
 
 
 @dataclass(frozen=True)
@@ -34,45 +34,14 @@ class Params:
     max_length: int = param(512, "tokens per record; longer records are truncated")
     seed: int = param(0, "seed for LoRA init, dropout and data order")
 
-
-def load_records(path: Path, shown: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise UserError(f"{shown}: line {number}: not JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{shown}: line {number}: expected a JSON object")
-        records.append(record)
-    if not records:
-        raise UserError(f"{shown}: no records")
-    return records
-
-
-def render(record: dict, template: str, tokenizer, where: str) -> tuple[str, str]:
-    """(prompt part, full text): the loss can skip the prompt part."""
-    for key in ("prompt", "response") if template == CHAT else ():
-        if not isinstance(record.get(key), str):
-            raise UserError(f"{where}: missing string field '{key}'")
-    if template == CHAT:
-        if not tokenizer.chat_template:
-            raise UserError("params.template: 'chat', but the base model has no chat template")
-        user = [{"role": "user", "content": record["prompt"]}]
-        prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": record["response"]}], tokenize=False)
-        return prefix, full
-    try:
-        full = template.format_map(record)
-        cut = template.index("{response}")
-        prefix = template[:cut].format_map(record)
-    except KeyError as error:
-        raise UserError(f"{where}: template field {error} is not in the record") from None
-    except ValueError:
-        raise UserError("params.template: must contain {response} (and usually {prompt})") from None
-    return prefix, full
+    def __post_init__(self):
+        # learning_rate = 0 trains nothing and ships an adapter whose every lora_B is zero.
+        require(self.learning_rate > 0, "learning_rate", "positive", self.learning_rate)
+        require(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        require(self.alpha > 0, "alpha", "positive", self.alpha)
+        for name in ("max_steps", "batch_size", "rank"):
+            require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        require(self.max_length >= 2, "max_length", "at least 2 (a prompt token and a response token)", self.max_length)
 
 
 def tokenize(records, params: Params, tokenizer, shown: str) -> list[tuple[list[int], list[int]]]:
@@ -82,8 +51,13 @@ def tokenize(records, params: Params, tokenizer, shown: str) -> list[tuple[list[
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
         labels = list(ids)
         if params.loss_on == "response":
-            masked = min(len(tokenizer(prefix, add_special_tokens=False)["input_ids"]), len(ids))
-            labels[:masked] = [-100] * masked
+            prompt_tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            if prompt_tokens >= len(ids):
+                raise UserError(
+                    f"{shown}: record {number}: its prompt alone is {prompt_tokens} tokens, so no response token fits in "
+                    f"params.max_length = {params.max_length}: shorten the record or raise max_length"
+                )
+            labels[:prompt_tokens] = [-100] * prompt_tokens
         examples.append((ids, labels))
     return examples
 
@@ -108,10 +82,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     data_path = inputs["data"]
     shown = data_path.relative_to(ctx.project_root).as_posix() if data_path.is_relative_to(ctx.project_root) else str(data_path)
-    for name in ("max_steps", "batch_size", "max_length", "rank"):
-        if getattr(params, name) < 1:
-            raise UserError(f"params.{name}: must be at least 1")
-
     torch.manual_seed(params.seed)
     tokenizer = AutoTokenizer.from_pretrained(inputs["base"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passdef import Input, PassDef, param, require
 
 PROBE = "Plan a weekend in Lisbon with a small budget."
 
@@ -26,6 +26,9 @@ PROBE = "Plan a weekend in Lisbon with a small budget."
 @dataclass(frozen=True)
 class Params:
     max_logit_diff: float = param(1e-3, "largest |logit| difference allowed between merged and unmerged model on the probe prompt")
+
+    def __post_init__(self):
+        require(self.max_logit_diff > 0, "max_logit_diff", "positive", self.max_logit_diff)
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passdef import Input, PassDef, param, require
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -32,6 +32,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Params:
     opset: int = param(18, "ONNX opset version of the exported graph", choices=(18, 19, 20, 21, 22, 23))
     max_logit_diff: float = param(1e-4, "largest |logit| difference allowed between onnxruntime and torch on the probes")
+
+    def __post_init__(self):
+        require(self.max_logit_diff > 0, "max_logit_diff", "positive", self.max_logit_diff)
     optimize: bool = param(True, "let the exporter fold constants and remove redundant ops (onnxscript optimizer)")
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passdef import Input, PassDef, param, require
 
 ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
 NEEDS_CALIBRATION = ("gptq",)
@@ -85,6 +85,10 @@ class Params:
         [], "MatMul node names (globs) quantized to int8 (RTN, symmetric, same block size) instead of int4, e.g. [\"/lm_head/MatMul\"]",
     )
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
+
+    def __post_init__(self):
+        for name in ("calibration_samples", "max_length"):
+            require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
 
 
 # --- reading the bundle -------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def _calibration(bundle: Path, path: Path, shown: str, params: Params, feeds) ->
     """Calibration input dicts and a record of what they are."""
     import onnxruntime_genai as og
 
-    from modelbuild.passes.lora_finetune import load_records, render
+    from modelbuild.ml.records import load_records, render
 
     records = load_records(path, shown)
     count = min(params.calibration_samples, len(records))
@@ -590,21 +594,18 @@ def _size(folder: Path, names) -> int:
     return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
 
 
-def _check_params(params: Params, calibration: Path | None) -> None:
-    if params.algorithm in NEEDS_CALIBRATION and calibration is None:
+def check(params: dict, inputs: dict) -> None:
+    """At load: gptq without calibration data would fail only after the upstream stages ran."""
+    if params["algorithm"] in NEEDS_CALIBRATION and "calibration" not in inputs:
         raise UserError(
-            f"inputs.calibration: algorithm '{params.algorithm}' needs calibration data: a JSONL file of "
+            f"inputs.calibration: algorithm '{params['algorithm']}' needs calibration data: a JSONL file of "
             'prompt/response records from the project, e.g. inputs.calibration = "data/travel_train.jsonl"'
         )
-    for name in ("calibration_samples", "max_length"):
-        if getattr(params, name) < 1:
-            raise UserError(f"params.{name}: must be at least 1")
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     bundle: Path = inputs["bundle"]
     calibration: Path | None = inputs.get("calibration")
-    _check_params(params, calibration)
     decoder, filename = _decoder(bundle)
 
     import onnx
@@ -686,4 +687,5 @@ PASS = PassDef(
     run=run,
     libraries=("onnx", "onnxruntime", "onnxruntime-genai", "torch"),  # torch: HQQ's arithmetic
     devices=("cpu",),
+    check=check,
 )

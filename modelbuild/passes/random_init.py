@@ -9,12 +9,12 @@ LM head, which silently produces a wrong model; this pass refuses such configs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.ml.records import load_records
+from modelbuild.passdef import Input, PassDef, param, require
 
 TINY_PHI3 = {
     "model_type": "phi3",
@@ -41,19 +41,20 @@ class Params:
     seed: int = param(0, "torch seed for the weights")
     chat_template: str = param(PHI3_CHAT_TEMPLATE, "jinja chat template stored with the tokenizer")
 
+    def __post_init__(self):
+        require(isinstance(self.config.get("model_type"), str) and bool(self.config.get("model_type")),
+                "config.model_type", "a transformers model type such as \"phi3\"", self.config.get("model_type"))
+
 
 def corpus_lines(path: Path) -> list[str]:
     """Text to train the tokenizer on: prompt/response of a JSONL file, or the lines of a text file."""
-    lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            record = json.loads(line)
-            lines.extend(str(v) for v in record.values())
-        else:
-            lines.append(line)
-    return lines
+    if path.suffix == ".jsonl":
+        return [value for record in load_records(path, path.name) for value in record.values()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"inputs.corpus: {path.name} is not UTF-8 text (byte {error.start}); the tokenizer trains on text") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def train_tokenizer(lines: list[str], vocab_size: int, chat_template: str):
@@ -90,8 +91,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     fields = dict(params.config)
     model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise UserError("params.config.model_type: missing")
     try:
         config = AutoConfig.for_model(model_type, **fields)
     except (ValueError, TypeError) as error:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passdef import Input, PassDef, param, require
 
 BASE = "(none)"
 
@@ -26,13 +26,15 @@ class Params:
     max_new_tokens: int = param(64, "tokens generated per answer")
     require_adapter_effect: bool = param(True, "fail when an adapter leaves every answer unchanged")
 
+    def __post_init__(self):
+        require(bool(self.prompts), "prompts", "a non-empty list", self.prompts)
+        require(self.max_new_tokens >= 1, "max_new_tokens", "at least 1", self.max_new_tokens)
+
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.genai import Chat
     from modelbuild.progress import step_progress
 
-    if not params.prompts:
-        raise UserError("params.prompts: give at least one prompt")
     try:
         chat = Chat(inputs["bundle"])
     except Exception as error:  # onnxruntime-genai raises plain RuntimeError
