@@ -110,7 +110,7 @@ def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple
     for stage in lock["stages"]:  # the store must hold what it pins, even after a gc emptied it
         store.record(project.output_dir(stage), read_stamp(project.output_dir(stage)))
     digests = [info["digest"] for stage in lock["stages"].values() for info in stage["outputs"].values()]
-    store.pin(f"release-{name}", digests)
+    store.pin(f"release-{name}", digests, [stage["action_key"] for stage in lock["stages"].values()])
     return lock_path, archive
 
 
@@ -133,11 +133,29 @@ def onnx_initializer_diff(a: Path, b: Path) -> dict[str, float]:
     return diffs
 
 
+def read_lock(path: Path) -> dict:
+    """A lock manifest written by ``release``; anything else is one line saying what it is."""
+    try:
+        lock = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        hint = " (that is the release archive: give the .lock.json beside it)" if path.name.endswith(".tar.gz") else ""
+        raise UserError(f"{path}: not a lock manifest: binary data{hint}") from None
+    except ValueError as error:
+        raise UserError(f"{path}: not a lock manifest: not JSON ({error})") from None
+    if not isinstance(lock, dict) or lock.get("format") != LOCK_FORMAT:
+        found = f"format {lock.get('format')!r}" if isinstance(lock, dict) else f"a JSON {type(lock).__name__}"
+        raise UserError(f"{path}: not a modelbuild lock manifest ({found}; expected a table with format {LOCK_FORMAT})")
+    stages = lock.get("stages")
+    if not isinstance(lock.get("target"), str) or not isinstance(stages, dict) or lock["target"] not in stages \
+            or not all(isinstance(s, dict) and isinstance(s.get("outputs"), dict) for s in stages.values()) \
+            or not isinstance(lock.get("target_files"), dict):
+        raise UserError(f"{path}: damaged lock manifest (target, stages with their outputs, target_files expected)")
+    return lock
+
+
 def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[bool, list[str]]:
     """Rebuild from scratch, cache bypassed; (all byte-identical?, report lines)."""
-    lock = json.loads(Path(lock_path).read_text())
-    if lock.get("format") != LOCK_FORMAT:
-        raise UserError(f"{lock_path}: not a modelbuild lock manifest (format {lock.get('format')!r})")
+    lock = read_lock(Path(lock_path))
     project = load_project(project_root)
     report = []
     for rel, digest in lock["target_files"].items():

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from . import say
-from .digest import hash_file
+from .digest import hash_file, hash_json
 
 FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, xfs, ...)
 
@@ -52,6 +52,32 @@ def write_json_atomic(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are meant to be read and shared
     os.replace(tmp, path)
+
+
+def entry_problem(key: str, entry: object) -> str | None:
+    """Why an action entry cannot be trusted, or None.
+
+    An entry is served only when it is self-consistent: its key is the digest of its key
+    components, and its manifest (output name -> digest) hashes to its manifest digest, the
+    value downstream keys are made of. An entry edited by hand, or written by a broken or
+    hostile client, fails one of these and is never served. (A writer who recomputes every
+    digest can still publish a wrong build: share a cache only among trusted builders.)
+    """
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    manifest = entry.get("manifest")
+    if not isinstance(manifest, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("digest"), str) and len(info["digest"]) == 64
+            and isinstance(info.get("size"), int) and ".." not in Path(rel).parts and not Path(rel).is_absolute()
+            for rel, info in manifest.items()):
+        return "malformed (its manifest is not a table of relative file names to digests)"
+    if entry.get("action_key") != key:
+        return "filed under another key"
+    if "components" in entry and hash_json(entry["components"]) != key:
+        return "inconsistent (its key components do not hash to its key)"
+    if entry.get("manifest_digest") != hash_json(manifest):
+        return "inconsistent (its manifest does not hash to its manifest digest)"
+    return None
 
 
 class Store:
@@ -85,10 +111,18 @@ class Store:
     # -- action cache ----------------------------------------------------------------------
 
     def lookup(self, key: str) -> dict | None:
+        """The action entry for ``key`` if the cache has a self-consistent one (else it is dropped)."""
         path = self.actions / f"{key}.json"
         try:
             entry = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except OSError:
+            return None
+        except ValueError:
+            entry = None
+        problem = entry_problem(key, entry)
+        if problem:
+            say(f"cache entry {key[:12]}… is {problem}: dropped, never served")
+            path.unlink(missing_ok=True)
             return None
         os.utime(path)  # last use, for LRU collection
         return entry
@@ -156,14 +190,18 @@ class Store:
                 path.unlink(missing_ok=True)
         return out
 
-    def pinned_digests(self) -> set[str]:
-        digests = set()
+    def pinned(self) -> tuple[set[str], set[str]]:
+        """(object digests, action keys) that releases pin."""
+        digests, actions = set(), set()
         for path in sorted(self.pins.glob("*.json")):
-            digests.update(json.loads(path.read_text()).get("digests", []))
-        return digests
+            pin = json.loads(path.read_text())
+            digests.update(pin.get("digests", []))
+            actions.update(pin.get("actions", []))
+        return digests, actions
 
-    def pin(self, name: str, digests: list[str]) -> None:
-        write_json_atomic(self.pins / f"{name}.json", {"digests": sorted(set(digests))})
+    def pin(self, name: str, digests: list[str], actions: list[str]) -> None:
+        """Keep these objects and action entries through every gc: the release restores from them."""
+        write_json_atomic(self.pins / f"{name}.json", {"digests": sorted(set(digests)), "actions": sorted(set(actions))})
 
     def object_files(self) -> list[Path]:
         return [p for p in self.objects.glob("??/*") if not p.name.startswith(".tmp-")]
@@ -181,10 +219,13 @@ class Store:
     def gc(self, max_bytes: int) -> dict:
         """Drop least-recently-used actions until the objects they need fit ``max_bytes``.
 
-        Objects a release pins are never dropped; objects no action needs any more are.
+        Objects and action entries a release pins are never dropped (so the release's stages
+        restore instead of rebuilding); objects no action needs any more are.
         """
-        pinned = self.pinned_digests()
-        entries = sorted(self.entries(), key=lambda item: item[0].stat().st_mtime)  # oldest first
+        pinned, pinned_actions = self.pinned()
+        entries = sorted((item for item in self.entries() if item[0].stem not in pinned_actions),
+                         key=lambda item: item[0].stat().st_mtime)  # oldest first
+        kept_pinned = [item for item in self.entries() if item[0].stem in pinned_actions]
 
         def needed(kept):
             digests = set(pinned)
@@ -201,7 +242,7 @@ class Store:
             path, _ = kept.pop(0)
             path.unlink(missing_ok=True)
             dropped_actions += 1
-        keep = needed(kept)
+        keep = needed(kept + kept_pinned)
         freed = 0
         for obj in self.object_files():
             digest = obj.parent.name + obj.name
@@ -211,9 +252,20 @@ class Store:
         return {"dropped_actions": dropped_actions, "freed_bytes": freed, **self.info()}
 
     def verify(self) -> list[str]:
-        """Re-hash every object; drop corrupt ones and the actions that need them. Returns problems."""
+        """Check every action entry (self-consistent, objects present) and re-hash every object;
+        drop corrupt objects, bad entries and the entries that need a dropped object. Returns problems."""
         problems = []
         bad = set()
+        for path in sorted(self.actions.glob("*.json")):
+            try:
+                entry = json.loads(path.read_text())
+            except ValueError:
+                entry = None
+            problem = entry_problem(path.stem, entry)
+            if problem:
+                what = entry.get("target", "?") if isinstance(entry, dict) else "?"
+                problems.append(f"action {what} ({path.stem[:12]}…) is {problem}: dropped")
+                path.unlink()
         for obj in self.object_files():
             digest = obj.parent.name + obj.name
             if hash_file(obj) != digest:
