@@ -79,7 +79,11 @@ def cmd_chat(args) -> int:
     known = bundle_adapters(bundle)
     if args.adapter and args.adapter not in known:
         raise UserError(f"{bundle}: no adapter '{args.adapter}' (has: {', '.join(known) or 'none'})")
-    chat = Chat(bundle)
+    try:
+        chat = Chat(bundle)
+    except Exception as error:  # onnxruntime-genai raises plain RuntimeError for a damaged bundle
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{bundle}: the bundle does not load in onnxruntime-genai ({reason}); rebuild it with doit") from None
     if args.compare:
         for adapter in [None, *chat.adapter_names]:
             print(f"[{adapter or 'no adapter'}] {chat.answer(args.prompt, adapter, args.max_new_tokens)}")
@@ -103,8 +107,10 @@ def cmd_fetch(args) -> int:
 def cmd_why(args) -> int:
     from .explain import explain
     from .project import load_project
+    from .stage import check_state
 
     project = load_project(args.project)
+    check_state(project)  # the same state files doit reads: a damaged one is an error here too
     for name in args.targets:
         if name not in project.targets:
             raise UserError(f"unknown target '{name}' (see: doit list)")

@@ -105,13 +105,21 @@ def discover_gpus() -> tuple[list[Gpu], str]:
 
 
 def doit_jobs(argv: list[str] | None = None) -> int:
-    """The ``-n``/``--process`` doit was started with (1 when not running under doit -n)."""
+    """The ``-n``/``--process`` doit was started with (1 when not running under doit -n).
+
+    doit itself takes ``-n -1`` and then builds nothing and exits 0: a negative count is a
+    ``UserError`` here, checked when the tasks load, before anything runs.
+    """
     argv = sys.argv if argv is None else argv
     for i, arg in enumerate(argv):
-        match = re.fullmatch(r"(?:-n|--process=?)(\d*)", arg)
+        match = re.fullmatch(r"(?:-n|--process)(=?)(.*)", arg)
         if match:
-            value = match.group(1) or (argv[i + 1] if i + 1 < len(argv) else "1")
-            return max(1, int(value)) if value.isdigit() else 1
+            value = match.group(2) if (match.group(1) or match.group(2)) else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not re.fullmatch(r"\d+", value):
+                shown = arg if match.group(2) or not value else f"{arg} {value}"
+                raise UserError(f"doit {shown}: the number of parallel jobs must "
+                                "be 0 or more (0 and 1 build one stage at a time)")
+            return max(1, int(value))
     return 1
 
 
@@ -129,6 +137,9 @@ def check_config(table: object, where: str) -> dict:
             raise UserError(f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
         if key == "gpus" and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
             raise UserError(f"{where}.gpus: expected a list of GPU indices such as [0, 1]")
+        if key == "gpus" and len(set(value)) != len(value):
+            twice = sorted({i for i in value if value.count(i) > 1})
+            raise UserError(f"{where}.gpus: GPU {twice[0]} is listed twice (each GPU is one slot)")
         if key in ("cpu_slots", "cpu_threads", "gpu_memory_gb") and value <= 0:
             raise UserError(f"{where}.{key}: must be positive")
     return dict(table)

@@ -428,6 +428,10 @@ def write_report(project: Project, patterns: list[str], out_dir: Path) -> dict[s
     """Write report.md, report.html, report.png and report.json for the matching evaluate targets."""
     names = select_targets(project, list(patterns))
     rows = collect_rows(project, names)
+    if all(row["status"] in ("not built", "stale") for row in rows):
+        shown = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+        raise UserError(f"report: no evaluation of the {len(names)} selected is built and current ({shown}); "
+                        f"build them first: doit -c {' '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
     title = "Model variants"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,12 @@ longer matches the new key, or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,39 @@ def stat_cache(project: Project) -> StatCache:
     if path not in _stat_caches:
         _stat_caches[path] = StatCache(path)
     return _stat_caches[path]
+
+
+def check_state(project: Project) -> None:
+    """Before anything runs: the cache folder is a writable folder, and the per-checkout state
+    (doit's database, the stat cache) is readable. Each problem is one line naming the file;
+    the state files only remember what was already checked, so deleting them is always safe."""
+    cache = project.cache_dir
+    shown_cache = f"cache folder {cache}" + (" (MODELBUILD_CACHE)" if os.environ.get("MODELBUILD_CACHE") else "")
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"{shown_cache}: not a folder")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{shown_cache}: cannot be created ({error.strerror}); point MODELBUILD_CACHE at a writable folder") from None
+    try:
+        tempfile.TemporaryFile(dir=cache).close()  # locks and results are written there
+    except OSError as error:
+        raise UserError(f"{shown_cache}: not writable ({error.strerror}); the cache holds locks and results: "
+                        "point MODELBUILD_CACHE at a writable folder") from None
+    try:
+        project.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{project.state_dir}: cannot create the build state folder ({error.strerror})") from None
+    doit_db = project.state_dir / "doit.sqlite3"
+    for path, what in ((doit_db, "doit's database of finished tasks"), (stat_cache(project).db_path, "the stat cache")):
+        if not path.exists():
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise UserError(f"{path}: not a readable sqlite database ({error}); it is {what}: deleting it is safe "
+                            "(outputs are re-checked by content)") from None
 
 
 _slot_pools: dict[Path, SlotPool] = {}

@@ -20,11 +20,12 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from . import UserError
-from .devices import Machine
+from .devices import Machine, doit_jobs
 from .project import Project, Target, load_project
-from .stage import StageError, build, input_path, is_up_to_date, slot_pool
+from .stage import StageError, build, check_state, input_path, is_up_to_date, slot_pool
 
 _projects: dict[Path, Project] = {}
+_machines: dict[Path, Machine | None] = {}
 
 
 def project_at(root: Path) -> Project:
@@ -33,6 +34,8 @@ def project_at(root: Path) -> Project:
     if root not in _projects:
         try:
             _projects[root] = load_project(root)
+            doit_jobs()  # `doit -n -1` would otherwise exit 0 having built nothing
+            check_state(_projects[root])
         except UserError as error:
             print(f"modelbuild: {error}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -41,14 +44,17 @@ def project_at(root: Path) -> Project:
 
 def machine_for(project: Project) -> Machine | None:
     """The machine's devices, discovered only when the project has GPU targets (a no-op stays
-    fast); the same discovery the stages' slot pool then schedules on."""
-    if not any(t.device != "cpu" for t in project.targets.values()):
-        return None
-    try:
-        return slot_pool(project).machine
-    except UserError as error:
-        print(f"modelbuild: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    fast); the same discovery the stages' slot pool then schedules on. Decided once per project
+    (graph loading stays linear in the number of targets)."""
+    if project.root not in _machines:
+        _machines[project.root] = None
+        if any(t.device != "cpu" for t in project.targets.values()):
+            try:
+                _machines[project.root] = slot_pool(project).machine
+            except UserError as error:
+                print(f"modelbuild: {error}", file=sys.stderr)
+                raise SystemExit(2) from None
+    return _machines[project.root]
 
 
 def unavailable_device(project: Project, target: Target) -> str | None:
@@ -78,6 +84,8 @@ def _build_action(project: Project, target: Target):
         return build(project, target)
     except StageError as error:
         return TaskFailed(str(error))
+    except UserError as error:  # e.g. an input folder that gained a link to outside since load
+        return TaskFailed(f"{target.file}: target '{target.name}': {error}")
 
 
 def _unavailable_action(target: Target, reason: str):
@@ -96,7 +104,10 @@ class ActionKeyCheck:
         self.target = target
 
     def __call__(self, task, values) -> bool:
-        return is_up_to_date(self.project, self.target, values)
+        try:
+            return is_up_to_date(self.project, self.target, values)
+        except UserError:
+            return False  # the build action meets the same problem and reports it in one line
 
     def __repr__(self) -> str:
         return f"action key of '{self.target.name}' (pass, params, device, libraries, input contents) and its output manifest"
