@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("devices", help="the devices and slots that doit -n schedules stages on")
     p.set_defaults(func=cmd_devices)
 
+    from .olive import add_commands  # import-olive, init (modelbuild/olive, modelbuild/init_project.py)
+    add_commands(sub)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,332 @@
+"""Olive passes -> modelbuild targets: the mapping table and the chain builder.
+
+The workflow's passes run in order; each consumes what the chain holds (a Hugging Face folder,
+a plain ONNX folder or an onnxruntime-genai bundle, plus LoRA adapters) and most become one
+target. Torch-side weight quantizers (gptq, rtn, AwqQuantizer, SelectiveMixedPrecision) only
+decide how the following ModelBuilder quantizes, so they are carried forward as a *pending*
+quantization and written where the int4 model is made:
+
+    gptq -> ... -> ModelBuilder int4     genai-build fp32 + quantize-onnx algorithm=gptq
+    rtn (4 bit) -> ModelBuilder int4     genai-build int4, int4_algorithm=rtn
+    rtn (8 bit, lm_head) after gptq      quantize-onnx int8_nodes=["/lm_head/MatMul"]
+    AwqQuantizer -> ModelBuilder int4    awq target (HF -> HF) + genai-build int4 rtn
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .model import NAME_SAFE, PASS_TYPES, SUPPORTED, Artifact, Options, Pending, Target, norm_type
+from .passes import PassMappings
+from .workflow import OliveError, PassEntry, Workflow, expect
+
+
+class Importer(PassMappings):
+    """One chain of targets for one workflow (one search combination); pass handlers in passes.py."""
+
+    def __init__(self, wf: Workflow, name: str, out_dir: Path, model_path: Path | None = None,
+                 data: dict[str, Path] | None = None, skip_unsupported: bool = False,
+                 labels: list[tuple[int, str]] | None = None):
+        self.wf, self.name, self.out_dir = wf, name, out_dir
+        self.model_path, self.data = model_path, dict(data or {})
+        self.skip, self.labels = skip_unsupported, labels or []  # search: (pass index, value label) per axis
+        self.index = -1  # the pass being mapped
+        self.targets: list[Target] = []
+        self.header: list[str] = []  # comments at the top of the file
+        self.pending_comments: list[str] = []  # go above the next target written
+        self.used_data: set[str] = set()
+        self.adapters: dict[str, str] = {}
+        self.pending = Pending()
+        self.device = "cpu"
+        self.base: Artifact | None = None
+        self.art: Artifact | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def fail(self, path: str, message: str) -> OliveError:
+        return self.wf.fail(path, message)
+
+    def unsupported(self, path: str, message: str) -> None:
+        """A one-line refusal, or with --skip-unsupported a comment where it was left out."""
+        if not self.skip:
+            raise self.fail(path, f"{message}; --skip-unsupported imports the rest without it")
+        self.pending_comments.append(f"LEFT OUT {path}: {message}")
+
+    def tname(self, key: str) -> str:
+        stem = NAME_SAFE.sub("-", key).strip("-.") or "pass"
+        return f"{self.name}-{stem}{self.suffix(self.index)}"
+
+    def suffix(self, upto: int) -> str:
+        """A search combination's values, for the passes at or before ``upto``: targets before a
+        searched pass are shared by every combination."""
+        return "".join(f"-{label}" for index, label in self.labels if index <= upto)
+
+    def add(self, target: Target, entry: PassEntry | None, notes: list[str]) -> Artifact:
+        comments = list(self.pending_comments)
+        self.pending_comments = []
+        if entry is not None:
+            comments.append(f"Olive pass '{entry.key}' ({entry.type}) at {entry.path}: {json.dumps(entry.options, sort_keys=True)}")
+        target.comments = comments + target.comments + [f"  {n}" for n in notes]
+        if any(t.name == target.name for t in self.targets):
+            raise self.fail(entry.path if entry else "passes", f"two targets would be called '{target.name}': rename a pass")
+        self.targets.append(target)
+        return Artifact(f":{target.name}", "hf", target=target)
+
+    def rel(self, path: Path) -> str:
+        """A path as the TOML file refers to it: relative inside the project, else absolute."""
+        path = path.resolve()
+        root = self.out_dir.parent.resolve()
+        if path.is_relative_to(root):
+            return Path(os.path.relpath(path, self.out_dir.resolve())).as_posix()
+        return str(path)
+
+    def local(self, text: str, path: str) -> Path:
+        """A path written in the workflow, relative to the workflow file's folder (or the cwd)."""
+        for base in (self.wf.base_dir, Path.cwd()):
+            candidate = (base / Path(text).expanduser())
+            if candidate.exists():
+                return candidate
+        raise self.fail(path, f"no such file or folder '{text}' (relative paths are taken from {self.wf.base_dir})")
+
+    def data_file(self, ref: Any, path: str, role: str) -> str:
+        """A data config (by name or inline) -> a local JSONL file for the TOML file."""
+        if isinstance(ref, str) and ref in self.data:
+            self.used_data.add(ref)
+            return self.rel(self.data[ref])
+        if isinstance(ref, str):
+            if ref not in self.wf.data_configs:
+                raise self.fail(path, f"unknown data config '{ref}' (data_configs: {', '.join(self.wf.data_configs) or 'none'})")
+            spec, spec_path = self.wf.data_configs[ref]
+            name = ref
+        else:
+            spec, spec_path = expect(ref, (dict,), self.wf.source, path, "a data config name or object"), path
+            name = spec.get("name", role)
+            if name in self.data:
+                self.used_data.add(name)
+                return self.rel(self.data[name])
+        load = spec.get("load_dataset_config", spec.get("params_config", {})) or {}
+        expect(load, (dict,), self.wf.source, f"{spec_path}.load_dataset_config")
+        data_name = load.get("data_name")
+        files = load.get("data_files")
+        if data_name in ("json", "jsonl") and isinstance(files, str):
+            return self.rel(self.local(files, f"{spec_path}.load_dataset_config.data_files"))
+        source = f"the hub dataset '{data_name}'" if data_name else f"data of type {spec.get('type', '?')}"
+        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE")
+
+    def calibration(self, o: Options, path: str) -> str:
+        ref = o.get("data_config", (str, dict))
+        if ref is not None:
+            return self.data_file(ref, o.path("data_config"), "calibration")
+        if "calibration" in self.data:
+            self.used_data.add("calibration")
+            return self.rel(self.data["calibration"])
+        raise self.fail(path, "calibrates on Olive's default hub dataset (no data_config): pass a local JSONL file with --data calibration=FILE")
+
+    def need(self, entry: PassEntry, *kinds: str) -> bool:
+        if self.art is not None and self.art.kind in kinds:
+            return True
+        have = {"hf": "a Hugging Face model", "onnx": "a plain ONNX model", "bundle": "an onnxruntime-genai bundle"}
+        wanted = " or ".join(have[k] for k in kinds)
+        self.unsupported(f"{entry.path}.type", f"{entry.type} needs {wanted}, but the chain holds {have[self.art.kind]} here")
+        return False
+
+    def rebuild_as(self, e: PassEntry, precision: str, why: str) -> bool:
+        """Fold an ONNX-side conversion into the ModelBuilder that made the chain's bundle."""
+        upstream = self.art.target
+        if self.art.kind != "bundle" or upstream is None or upstream.pass_name != "genai-build" or self.art.precision != "fp32":
+            return False
+        upstream.params["precision"] = precision
+        for key in ("int4_algorithm", "block_size", "accuracy_level", "symmetric"):
+            upstream.params.pop(key, None)
+        upstream.comments.append(f"  precision {precision}: folded in from Olive pass '{e.key}' ({e.type}): {why}")
+        self.pending_comments.append(f"Olive pass '{e.key}' ({e.type}) at {e.path}: no target of its own: {upstream.name} builds {precision} ({why})")
+        self.art = Artifact(self.art.ref, "bundle", precision, upstream)
+        return True
+
+    # -- the workflow ---------------------------------------------------------------------------
+    def run(self) -> list[Target]:
+        self.device = self.pick_device()
+        self.input_model()
+        for self.index, entry in enumerate(self.wf.passes):
+            kind = norm_type(entry.type)
+            if kind not in PASS_TYPES:
+                self.unsupported(f"{entry.path}.type", f"Olive pass '{entry.key}' ({entry.type}) has no modelbuild counterpart (supported: {SUPPORTED})")
+                continue
+            getattr(self, "p_" + kind if hasattr(self, "p_" + kind) else "p_" + self.family(kind))(entry, Options(self, entry))
+        if self.pending.algorithm not in ("", "awq") or self.pending.int8_nodes or self.pending.mixed or self.pending.precision:
+            path, text = self.pending.sources[0]
+            self.unsupported(path, f"{text} quantizes the torch model for a later ModelBuilder, and none follows: modelbuild quantizes int4 while building the genai bundle")
+        self.evaluators()
+        if self.pending_comments:
+            self.header += self.pending_comments
+        for name in self.data:
+            if name not in self.used_data and name not in ("calibration", "eval"):  # roles: used where a pass needs them
+                raise OliveError("--data", name, f"the workflow reads no data config '{name}' (data configs: {', '.join(self.wf.data_configs) or 'none'}; also: calibration, eval)")
+        return self.targets
+
+    @staticmethod
+    def family(kind: str) -> str:
+        if kind in ("onnxblockwisertnquantization", "onnxkquantquantization", "onnxmatmul4quantizer", "matmulnbitsquantizer", "onnxhqqquantization"):
+            return "nbits"
+        if kind in ("onnxdynamicquantization", "onnxstaticquantization", "onnxquantization"):
+            return "int8"
+        return {"gptqquantizer": "gptq", "awqquantizer": "awq", "qlora": "lora"}[kind]
+
+    def pick_device(self) -> str:
+        wf = self.wf
+        if wf.target_system is None:
+            return "cpu"
+        system = wf.systems[wf.target_system]
+        if norm_type(str(system["type"])) not in ("localsystem", "pythonenvironment"):
+            self.unsupported(system["type_path"], f"system type {system['type']}: modelbuild builds on this machine (LocalSystem)")
+        accelerators = system["accelerators"]
+        if not accelerators:
+            return "cpu"
+        path = f"{system['path']}.accelerators[0]"
+        acc = expect(accelerators[0], (dict,), wf.source, path)
+        device = acc.get("device")
+        providers = expect(acc.get("execution_providers") or [], (list,), wf.source, f"{path}.execution_providers")
+        provider = providers[0] if providers else None
+        if provider in (None, "CPUExecutionProvider") and device in (None, "cpu", "CPU"):
+            return "cpu"
+        if provider == "CUDAExecutionProvider" or (provider is None and str(device).lower() == "gpu"):
+            self.header.append(f"device: {path} ({device or 'gpu'}, {provider or 'CUDA'}) -> device = \"cuda\" where the pass runs on CUDA")
+            return "cuda"
+        where = f"{path}.execution_providers[0]" if provider else f"{path}.device"
+        self.unsupported(where, f"{provider or device} has no modelbuild device (supported: CPUExecutionProvider -> cpu, CUDAExecutionProvider -> cuda)")
+        self.header.append(f"built for cpu instead of {provider or device}")
+        return "cpu"
+
+    def input_model(self) -> None:
+        wf, model = self.wf, self.wf.input_model
+        mtype = expect(model.get("type"), (str,), wf.source, "input_model.type", "a model type such as HfModel")
+        body, body_path = (model["config"], "input_model.config") if isinstance(model.get("config"), dict) else (model, "input_model")
+        kind = norm_type(mtype)
+        if kind in ("hfmodel", "pytorchmodel"):
+            hf = body.get("hf_config") or {}
+            expect(hf, (dict,), wf.source, f"{body_path}.hf_config")
+            model_id = body.get("model_path") or hf.get("model_name")
+            id_path = f"{body_path}.model_path" if body.get("model_path") else f"{body_path}.hf_config.model_name"
+            trust = bool(body.get("trust_remote_code") or hf.get("trust_remote_code") or (body.get("load_kwargs") or {}).get("trust_remote_code"))
+            params = {"trust_remote_code": True} if trust else {}
+            inputs = {}
+            if self.model_path is not None:
+                inputs["local"] = self.rel(self.model_path)
+                if isinstance(model_id, str):
+                    params["model"] = model_id
+            elif not isinstance(model_id, str) or not model_id:
+                raise self.fail(id_path, "no model: give a hub id or a folder (or pass --model-path FOLDER)")
+            elif model_id.startswith("<") or "://" in model_id:
+                raise self.fail(id_path, f"'{model_id}' is not a hub id or a folder: pass --model-path FOLDER")
+            elif (wf.base_dir / model_id).exists() or model_id.startswith((".", "/", "~")):
+                inputs["local"] = self.rel(self.local(model_id, id_path))
+            elif re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
+                params["model"] = model_id
+            else:
+                raise self.fail(id_path, f"'{model_id}' is neither a local folder nor a hub id (org/name)")
+            revision = hf.get("revision") or (body.get("load_kwargs") or {}).get("revision")
+            if isinstance(revision, str):
+                params["revision"] = revision
+            notes = ["--model-path -> inputs.local"] if self.model_path is not None else []
+            target = Target(f"{self.name}-base", "hf-import", params, inputs, doc=f"{model_id or 'model'} (Olive input_model)")
+            target.comments.append(f"Olive input_model ({mtype}): {json.dumps(model, sort_keys=True)[:300]}")
+            target.comments += [f"  {n}" for n in notes]
+            self.targets.append(target)
+            self.art = self.base = Artifact(f":{target.name}", "hf", target=target)
+            adapter = body.get("adapter_path")
+            if adapter is not None:
+                expect(adapter, (str,), wf.source, f"{body_path}.adapter_path")
+                self.adapters["adapter"] = self.rel(self.local(adapter, f"{body_path}.adapter_path"))
+                self.header.append(f"{body_path}.adapter_path -> a switchable adapter 'adapter' of the genai bundle")
+        elif kind == "onnxmodel":
+            path_text = body.get("model_path")
+            if self.model_path is not None:
+                folder = self.model_path
+            else:
+                expect(path_text, (str,), wf.source, f"{body_path}.model_path", "a path to the ONNX model")
+                folder = self.local(path_text, f"{body_path}.model_path")
+            if folder.is_file():
+                folder = folder.parent
+            genai = (folder / "genai_config.json").is_file()
+            self.art = Artifact(self.rel(folder), "bundle" if genai else "onnx", "fp32" if genai else "")
+            self.header.append(f"input_model ({mtype}) -> the folder {self.rel(folder)} as a file input")
+        else:
+            raise self.fail("input_model.type", f"{mtype}: modelbuild imports HfModel, PyTorchModel (hub id or folder) and ONNXModel")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluators(self) -> None:
+        wf = self.wf
+        unused = [n for n in wf.evaluators if n != wf.evaluator]
+        if unused:
+            self.header.append(f"evaluators not used by the workflow (no evaluator set for them): {', '.join(unused)}")
+        if wf.evaluator is None:
+            return
+        spec, path = wf.evaluators[wf.evaluator]
+        etype = spec.get("type")
+        if etype is not None and norm_type(str(etype)) != "oliveevaluator":
+            return self.unsupported(f"{path}.type", f"evaluator type {etype}: modelbuild's evaluate measures perplexity on local JSONL and speed; benchmark suites (lm-eval tasks) are not run")
+        for key in spec:
+            if key not in ("type", "metrics", "name"):
+                raise self.fail(f"{path}.{key}", "unknown evaluator key (known: type, metrics)")
+        gates: dict[str, str] = {}
+        data_ref: Any = None
+        reference_needed = False
+        notes = []
+        for i, metric in enumerate(expect(spec.get("metrics", []), (list,), wf.source, f"{path}.metrics")):
+            mpath = f"{path}.metrics[{i}]"
+            expect(metric, (dict,), wf.source, mpath)
+            mtype = metric.get("type")
+            subs = expect(metric.get("sub_types", []), (list,), wf.source, f"{mpath}.sub_types")
+            if metric.get("data_config") is not None:
+                data_ref = (metric["data_config"], f"{mpath}.data_config")
+            for j, sub in enumerate(subs):
+                spath = f"{mpath}.sub_types[{j}]"
+                expect(sub, (dict,), wf.source, spath)
+                sub_name = sub.get("name")
+                if mtype == "latency":
+                    metric_name = "ttft_ms"
+                elif mtype == "throughput":
+                    metric_name = "tokens_per_s"
+                elif mtype == "accuracy" and sub_name == "perplexity":
+                    metric_name = "perplexity"
+                else:
+                    self.unsupported(f"{spath}.name", f"metric {mtype}/{sub_name}: evaluate measures perplexity, tokens/s, time to first token, peak RSS and size")
+                    continue
+                notes.append(f"{spath} ({mtype} {sub_name}) -> {metric_name}")
+                goal = sub.get("goal")
+                if goal is None:
+                    continue
+                expect(goal, (dict,), wf.source, f"{spath}.goal")
+                gtype, value = goal.get("type"), goal.get("value")
+                expect(value, (int, float), wf.source, f"{spath}.goal.value")
+                if gtype == "threshold":
+                    gates[metric_name] = f"{'>=' if metric_name == 'tokens_per_s' else '<='} {value}"
+                elif gtype == "percent-max-degradation" and metric_name == "perplexity":
+                    gates["perplexity_delta_pct"] = f"<= {value}"
+                    reference_needed = True
+                else:
+                    self.unsupported(f"{spath}.goal.type", f"goal {gtype} on {mtype}: gates are limits on measured values (threshold; percent-max-degradation for perplexity)")
+        if self.art.kind == "onnx":
+            return self.unsupported(path, "evaluate measures a genai bundle or an HF model; this chain ends in a plain ONNX model")
+        if data_ref is not None:
+            data = self.data_file(data_ref[0], data_ref[1], "eval")
+        elif "eval" in self.data:
+            self.used_data.add("eval")
+            data = self.rel(self.data["eval"])
+        else:
+            raise self.fail(path, "evaluate measures on held-out JSONL prompt/response records: pass --data eval=FILE")
+        inputs: dict[str, Any] = {"model": self.art.ref, "data": data}
+        if reference_needed:
+            ref = Target(f"{self.name}-input-eval", "evaluate", {"variant": "input model (torch)"}, {"model": self.base.ref, "data": data},
+                         self.device, doc="the input model, measured as the reference of relative goals")
+            if not any(t.name == ref.name for t in self.targets):
+                self.add(ref, None, ["Olive's evaluate_input_model: the reference of percent goals"])
+            inputs["reference"] = f":{ref.name}"
+        if self.adapters and self.art.kind == "bundle":
+            notes.append(f"measured without adapter (params.adapter = \"{next(iter(self.adapters))}\" measures with it)")
+        target = Target(f"{self.name}-eval{self.suffix(len(self.wf.passes))}", "evaluate", {}, inputs, self.device, doc=f"Olive evaluator '{wf.evaluator}'", gates=gates)
+        target.comments.append(f"Olive evaluator '{wf.evaluator}' at {path}: {json.dumps(spec, sort_keys=True)[:300]}")
+        self.add(target, None, notes + ([f"goals -> gates {json.dumps(gates)}"] if gates else []))
