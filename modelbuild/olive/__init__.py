@@ -9,136 +9,25 @@ only when the whole workflow imported (every mistake is one line naming the JSON
 ``--data NAME=FILE`` gives a local JSONL file for the data config NAME, or for the two roles a
 workflow leaves to Olive's hub defaults: ``calibration`` (gptq, AWQ, static int8 without a
 data_config) and ``eval`` (evaluators whose metrics name no data config).
+
+Only the argument parsing lives here (the CLI imports it on every call); the importer itself is
+in importer.py (workflow.py reads the JSON, mapping.py and passes.py map passes to targets,
+emit.py writes TOML, cli_args.py turns olive command lines into workflows).
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
-import re
-import shlex
-from pathlib import Path
 
-from modelbuild import UserError
+def run_import(*args, **kwargs):
+    from .importer import run_import as run
 
-from . import cli_args
-from .emit import render, write_atomic
-from .mapping import Importer
-from .model import NAME_SAFE
-from .workflow import OliveError, expect, load_json, normalize
-
-MAX_COMBINATIONS = 16  # a search space above this is refused (each combination is a whole chain)
+    return run(*args, **kwargs)
 
 
-def _label(key: str, value) -> str:
-    text = value if isinstance(value, str) else f"{key}{str(value).lower()}"
-    return NAME_SAFE.sub("-", str(text)).strip("-.") or "x"
+def cmd_import_olive(args) -> int:
+    from .importer import cmd_import_olive as cmd
 
-
-def derive_name(model: dict, source: str) -> str:
-    """The target prefix: the model id's last part ("Qwen/Qwen2.5-0.5B-Instruct" -> "qwen2.5-0.5b-instruct")."""
-    body = model.get("config") if isinstance(model.get("config"), dict) else model
-    hf = body.get("hf_config") if isinstance(body.get("hf_config"), dict) else {}
-    model_id = body.get("model_path") or hf.get("model_name")
-    if not isinstance(model_id, str) or model_id.startswith("<"):
-        model_id = Path(source).stem
-    return NAME_SAFE.sub("-", model_id.rstrip("/").split("/")[-1].lower()).strip("-.") or "imported"
-
-
-def search_axes(wf) -> list[tuple[int, str, list, str]]:
-    axes = []
-    for index, entry in enumerate(wf.passes):
-        for key, value in entry.options.items():
-            path = f"{entry.path}.{key}"
-            if value == "SEARCHABLE_VALUES":
-                raise wf.fail(path, 'Olive\'s default search space is not written in the file: list the values, {"type": "Categorical", "values": [...]}')
-            if isinstance(value, dict) and value.get("type") in ("Categorical", "Boolean"):
-                values = [True, False] if value["type"] == "Boolean" else expect(value.get("values"), (list,), wf.source, f"{path}.values")
-                if not values:
-                    raise wf.fail(f"{path}.values", "empty search space")
-                axes.append((index, key, values, path))
-    return axes
-
-
-def import_workflow(doc: dict, source: str, base_dir: Path, out_path: Path, name: str | None = None,
-                    model_path: Path | None = None, data: dict[str, Path] | None = None,
-                    skip_unsupported: bool = False, command: str = "", default_targets: bool = False) -> tuple[str, list[str]]:
-    """The TOML text for a workflow and the names of its targets (raises OliveError)."""
-    wf = normalize(doc, source, base_dir)
-    name = name or derive_name(wf.input_model, source)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise OliveError("--name", name, "use letters, digits, '.', '_' and '-'")
-    axes = search_axes(wf)
-    combos = list(itertools.product(*[values for _, _, values, _ in axes]))
-    if len(combos) > MAX_COMBINATIONS:
-        raise wf.fail(axes[0][3], f"the search space has {len(combos)} combinations; import builds every one and stops at {MAX_COMBINATIONS}: narrow the values")
-    header = [f"Imported from the Olive workflow {source} by: python -m modelbuild import-olive{command}",
-              "Each target's comment names the Olive pass it came from and its original options.",
-              "Nothing here was run: `doit list` validates this file, `doit " + name + "` builds every target of it."]
-    targets: dict[str, object] = {}
-    notes: list[str] = []
-    for combo in combos:
-        work = copy.deepcopy(wf)
-        for (index, key, _, _), value in zip(axes, combo):
-            work.passes[index].options[key] = value
-        labels = [(index, _label(key, value)) for (index, key, _, _), value in zip(axes, combo)]
-        imp = Importer(work, name, out_path.parent, model_path, data, skip_unsupported, labels)
-        for target in imp.run():
-            if target.name in targets:
-                continue  # shared by the combinations (made before the pass whose value differs)
-            targets[target.name] = target
-        notes = notes or imp.header
-    header += notes
-    if wf.ignored:
-        header.append(f"not carried over (logging, caches and output folders are modelbuild's own): {', '.join(wf.ignored)}")
-    if wf.search_strategy and axes:
-        header.append(f"search: {len(combos)} combinations of {', '.join(p for _, _, _, p in axes)} -> a target chain each (suffix = the values)")
-    elif wf.search_strategy:
-        header.append("search_strategy: the passes declare no search space, so there is one chain to build")
-    names = list(targets)
-    text = render(header, list(targets.values()), {name: names}, names[-1:] if default_targets else None)
-    return text, names
-
-
-def parse_data(items: list[str]) -> dict[str, Path]:
-    data = {}
-    for item in items or []:
-        key, sep, path = item.partition("=")
-        if not sep or not key or not path:
-            raise UserError(f"--data {item}: expected NAME=FILE (a data config name, or calibration / eval)")
-        if not Path(path).is_file():
-            raise UserError(f"--data {item}: no such file {path}")
-        data[key] = Path(path).resolve()
-    return data
-
-
-def run_import(args, out_path: Path, default_targets: bool = False, workflow: str | None = None) -> tuple[Path, list[str], str]:
-    """Import per the parsed command-line ``args``; returns (output path, target names, name)."""
-    workflow = workflow if workflow is not None else args.workflow
-    if (workflow is None) == (getattr(args, "cli", None) is None):
-        raise UserError("import-olive: give a workflow JSON file or --cli \"olive ...\" (one of them)")
-    model_path = Path(args.model_path).resolve() if args.model_path else None
-    if model_path is not None and not model_path.exists():
-        raise UserError(f"--model-path {args.model_path}: no such file or folder")
-    data = parse_data(args.data)
-    if workflow is not None:
-        path = Path(workflow)
-        doc = load_json(path, str(workflow))
-        source, base_dir, command = str(workflow), path.resolve().parent, f" {workflow}"
-    else:
-        doc, source, base_dir, command = cli_args.parse(args.cli), "--cli", Path.cwd(), f" --cli {shlex.quote(args.cli)}"
-    for flag, value in (("--name", args.name), ("--model-path", args.model_path)):
-        if value:
-            command += f" {flag} {value}"
-    command += "".join(f" --data {d}" for d in args.data or []) + (" --skip-unsupported" if args.skip_unsupported else "")
-    name = args.name or derive_name(doc.get("input_model") if isinstance(doc.get("input_model"), dict) else {}, source)
-    if out_path is None:
-        out_path = Path(args.project) / "targets" / f"{name}.toml"
-    text, names = import_workflow(doc, source, base_dir, out_path, name, model_path, data, args.skip_unsupported, command, default_targets)
-    if out_path.exists() and not args.force:
-        raise UserError(f"{out_path}: already exists (--force replaces it)")
-    write_atomic(out_path, text)
-    return out_path, names, name
+    return cmd(args)
 
 
 def add_import_arguments(p) -> None:
@@ -148,14 +37,6 @@ def add_import_arguments(p) -> None:
                    help="local JSONL for data config NAME, or for 'calibration' / 'eval' when the workflow relies on hub defaults (repeatable)")
     p.add_argument("--skip-unsupported", action="store_true", help="write what maps, with a comment where a pass was left out")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
-
-
-def cmd_import_olive(args) -> int:
-    out = Path(args.output) if args.output else None
-    path, names, group = run_import(args, out)
-    print(f"wrote {path}: {len(names)} targets ({', '.join(names)})")
-    print(f"next: doit list   # validate;   doit {group}   # build them")
-    return 0
 
 
 def add_commands(sub) -> None:

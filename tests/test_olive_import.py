@@ -1,0 +1,277 @@
+"""import-olive: Olive workflows (the seeds', olive-recipes', hand-written ones) and olive command
+lines become target files that real doit runs validate and build on the tiny model; every bad
+input is one line naming the file and the JSON path, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, new_project
+
+OLIVE = REPO / "tests" / "data" / "olive"
+SEEDS = OLIVE / "seeds"
+WORKFLOWS = OLIVE / "workflows"
+TRAIN = REPO / "targets" / "data" / "travel_train.jsonl"
+EVAL = REPO / "targets" / "data" / "travel_eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny random Phi3 as an HF folder (built by a real doit run): what --model-path points at."""
+    project = new_project(tmp_path_factory.mktemp("tiny") / "project")
+    project.doit("tiny-base")
+    return project.root / "build" / "tiny-base"
+
+
+def bare(tmp_path: Path, name: str = "imported"):
+    """A project with dodo.py and an empty targets/ (nothing else to validate or build)."""
+    project = new_project(tmp_path / name)
+    shutil.rmtree(project.root / "targets")
+    (project.root / "targets").mkdir()
+    return project
+
+
+def import_olive(project, *args: str):
+    return project.modelbuild("import-olive", *map(str, args))
+
+
+def assert_refused(result, source: Path | str, json_path: str, *words: str) -> str:
+    lines = result.out.strip().splitlines()
+    assert result.returncode == 2, result.out
+    assert len(lines) == 1 and "Traceback" not in result.out, result.out
+    assert lines[0].startswith(f"modelbuild: {source}: {json_path}: "), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def targets_of(project) -> dict:
+    import tomllib
+
+    docs = [tomllib.loads(p.read_text()) for p in sorted((project.root / "targets").glob("*.toml"))]
+    return {name: t for doc in docs for name, t in doc.get("target", {}).items()}
+
+
+# -- the seeds' workflows ---------------------------------------------------------------------------
+def test_seed_workflow_imports_builds_and_answers(tiny, tmp_path):
+    """The seeds' main workflow (older schema: ModelBuilder int4 + OrtTransformersOptimization, a
+    latency evaluator, an engine with search_strategy): import -> doit -> the bundle answers."""
+    project = bare(tmp_path)
+    seed = SEEDS / "qwen2.5_modelbuilder_transformers_opt.json"
+    result = import_olive(project, seed, "--name", "seed", "--model-path", tiny, "--data", f"eval={EVAL}")
+    assert result.returncode == 0, result.out
+    text = (project.root / "targets" / "seed.toml").read_text()
+    assert "# Olive pass 'conversion' (ModelBuilder) at passes.conversion.config: {\"precision\": \"int4\"}" in text
+    assert "# Olive pass 'optimization' (OrtTransformersOptimization)" in text
+    targets = targets_of(project)
+    assert {n: t["pass"] for n, t in targets.items()} == {"seed-base": "hf-import", "seed-conversion": "genai-build", "seed-eval": "evaluate"}
+    assert targets["seed-conversion"]["params"] == {"precision": "int4", "int4_algorithm": "default"}
+
+    built = project.doit("seed")
+    assert {"seed-base", "seed-conversion", "seed-eval"} <= built.executed
+    metrics = json.loads((project.root / "build" / "seed-eval" / "metrics.json").read_text())
+    assert metrics["ttft_ms"] > 0 and metrics["perplexity"] > 1  # the latency metric, measured
+    from modelbuild.genai import Chat
+
+    chat = Chat(project.root / "build" / "seed-conversion")
+    tokens = chat.generate("What should I see in Chicago?", None, 8)
+    assert 0 < len(tokens) <= 8 and chat.answer("What should I see in Chicago?", None, 8)
+    assert tokens == chat.generate("What should I see in Chicago?", None, 8)  # greedy: deterministic
+    again = project.doit("seed")
+    assert not again.executed  # a second doit is a no-op
+
+
+def test_second_seed_workflow_builds(tiny, tmp_path):
+    project = bare(tmp_path)
+    result = import_olive(project, SEEDS / "phi4-mini_modelbuilder_int4.json", "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    targets = targets_of(project)
+    assert targets["phi-4-mini-instruct-base"]["params"] == {"trust_remote_code": True, "model": "microsoft/Phi-4-mini-instruct"}
+    built = project.doit("phi-4-mini-instruct")
+    assert "phi-4-mini-instruct-convert" in built.executed
+    assert (project.root / "build" / "phi-4-mini-instruct-convert" / "genai_config.json").is_file()
+
+
+@pytest.mark.parametrize("name, json_path, words", [
+    ("gpu_system_fragment.json", "input_model", ["missing"]),
+    ("int8_fragment_with_comments.jsonc", "line 6 column 40", ["malformed JSON", "comments are not JSON"]),
+])
+def test_seed_fragments_refused(tmp_path, name, json_path, words):
+    project = bare(tmp_path)
+    assert_refused(import_olive(project, SEEDS / name), SEEDS / name, json_path, *words)
+    assert not list((project.root / "targets").iterdir())
+
+
+def test_seed_command_lines(tiny, tmp_path):
+    """Every olive command line of the seeds imports (doit list validates it) or is refused in one line."""
+    outcomes = []
+    for i, line in enumerate((SEEDS / "commands.txt").read_text().splitlines()):
+        project = bare(tmp_path, f"cli{i}")
+        data = {"finetune": ["--data", f"train_data={TRAIN}"]}.get(line.split()[1], [])
+        result = import_olive(project, "--cli", line, "--model-path", tiny, "--name", f"cli{i}", "--data", f"calibration={TRAIN}", *data)
+        if result.returncode == 0:
+            project.doit("list")
+            outcomes.append(("ok", line.split()[1]))
+        else:
+            outcomes.append(("refused", result.out.strip()))
+            assert result.returncode == 2 and len(result.out.strip().splitlines()) == 1, result.out
+    refused = [o for o in outcomes if o[0] == "refused"]
+    assert len(outcomes) == 8 and len(refused) == 2, outcomes
+    assert "DmlExecutionProvider has no modelbuild device" in refused[0][1] + refused[1][1]
+    assert "adapter_path: no such file or folder" in refused[0][1] + refused[1][1]
+
+
+def test_auto_opt_command_line_round_trip(tiny, tmp_path):
+    project = bare(tmp_path)
+    line = ("olive auto-opt --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct --output_path models/smolm2-optimized "
+            "--device cpu --provider CPUExecutionProvider --use_ort_genai --precision int4 --log_level 1")
+    result = import_olive(project, "--cli", line, "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    target = targets_of(project)["smollm2-135m-instruct-builder"]
+    assert target["pass"] == "genai-build" and target["params"]["int4_algorithm"] == "rtn"
+    project.doit("smollm2-135m-instruct")
+    from modelbuild.genai import Chat
+
+    assert Chat(project.root / "build" / "smollm2-135m-instruct-builder").answer("Plan a rainy day in London.", None, 6)
+
+
+# -- hand-written workflows: the ONNX chain, LoRA with switchable adapters, quantizers, search -------
+def test_onnx_chain_builds(tiny, tmp_path):
+    project = bare(tmp_path)
+    result = import_olive(project, WORKFLOWS / "onnx_chain.json", "--name", "chain", "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    passes = [t["pass"] for t in targets_of(project).values()]
+    assert passes == ["hf-import", "onnx-export", "graph-optimize", "onnx-int8"]
+    project.doit("chain")
+    record = json.loads((project.root / "build" / "chain-optimize" / "graph_optimize.json").read_text())
+    assert record["nodes_after"] < record["nodes_before"]  # the optimizer fused something
+    size = lambda t: sum(p.stat().st_size for p in (project.root / "build" / t).glob("model.onnx*"))
+    assert size("chain-quantize") < size("chain-optimize") / 2  # int8 weights
+
+
+def test_lora_workflow_keeps_adapter_switchable(tiny, tmp_path):
+    project = bare(tmp_path)
+    result = import_olive(project, WORKFLOWS / "lora_adapters.json", "--name", "travel", "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    targets = targets_of(project)
+    assert targets["travel-finetune"]["params"]["rank"] == 4 and targets["travel-finetune"]["params"]["max_steps"] == 12
+    assert targets["travel-builder"]["inputs"]["adapters"] == {"finetune": ":travel-finetune"}
+    assert targets["travel-finetune"]["inputs"]["data"] == str(TRAIN)  # the data config's local file
+    project.doit("travel")
+    from modelbuild.genai import Chat
+
+    chat = Chat(project.root / "build" / "travel-builder")
+    assert chat.adapter_names == ["finetune"]
+    prompt = "What should I see in Chicago?"
+    assert chat.generate(prompt, None, 10) != chat.generate(prompt, "finetune", 10)  # the adapter moves the answer
+
+
+def test_gptq_rtn_and_goals_map_to_quantize_onnx_and_gates(tiny, tmp_path):
+    project = bare(tmp_path)
+    result = import_olive(project, WORKFLOWS / "gptq_mixed.json", "--name", "g", "--model-path", tiny, "--data", f"calibration={TRAIN}", "--data", f"eval={EVAL}")
+    assert result.returncode == 0, result.out
+    t = targets_of(project)
+    assert t["g-m-fp32"]["params"] == {"precision": "fp32"}
+    assert t["g-m"]["pass"] == "quantize-onnx"
+    assert t["g-m"]["params"] == {"algorithm": "gptq", "block_size": 32, "symmetric": True, "int8_nodes": ["/lm_head/MatMul"]}
+    assert t["g-eval"]["gates"] == {"perplexity_delta_pct": "<= 50", "ttft_ms": "<= 500"}
+    assert t["g-eval"]["inputs"]["reference"] == ":g-input-eval"
+    listing = project.doit("list")
+    assert {"g-m", "g-m-fp32", "g-eval", "g-input-eval"} <= {line.split()[0] for line in listing.out.splitlines() if line.strip()}
+
+
+def test_search_space_becomes_one_chain_per_combination(tmp_path):
+    project = bare(tmp_path)
+    assert import_olive(project, WORKFLOWS / "search.json", "--name", "s").returncode == 0
+    names = set(targets_of(project))
+    quant = {n for n in names if n.startswith("s-quant-")}
+    assert names - quant == {"s-base", "s-builder"}  # shared by every combination
+    assert quant == {f"s-quant-block_size{b}-is_symmetric{s}" for b in (32, 64) for s in ("true", "false")}
+    assert targets_of(project)["s-quant-block_size64-is_symmetricfalse"]["params"] == {"algorithm": "rtn", "block_size": 64, "symmetric": False}
+    project.doit("list")
+    doc = json.loads((WORKFLOWS / "search.json").read_text())
+    doc["passes"]["builder"]["precision"] = {"type": "Categorical", "values": ["fp32", "fp16", "int8", "int4", "fp32"]}
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(doc))
+    assert_refused(import_olive(bare(tmp_path, "big"), big), big, "passes.builder.precision", "20 combinations", "stops at 16")
+
+
+# -- bad input: one line, JSON path, exit 2, nothing written ------------------------------------------
+BASE = {"input_model": {"type": "HfModel", "model_path": "org/model"}, "passes": {"m": {"type": "ModelBuilder", "precision": "int4"}}}
+
+
+@pytest.mark.parametrize("change, json_path, words", [
+    (lambda d: d.update(engines={}), "engines", ["unknown key"]),
+    (lambda d: d["passes"]["m"].update(precision=4), "passes.m.precision", ["expected a string", "int 4"]),
+    (lambda d: d["passes"]["m"].update(precison="int4"), "passes.m.precison", ["unknown option of Olive pass ModelBuilder"]),
+    (lambda d: d["passes"].update(ov={"type": "OpenVINOConversion"}), "passes.ov.type", ["OpenVINOConversion", "no modelbuild counterpart", "ModelBuilder", "--skip-unsupported"]),
+    (lambda d: d["passes"].update(q={"type": "QNNConversion"}), "passes.q.type", ["QNNConversion", "supported:"]),
+    (lambda d: d.update(data_configs=[{"name": "d", "type": "HuggingfaceContainer", "load_dataset_config": {"data_name": "tatsu-lab/alpaca"}}],
+                        passes={"l": {"type": "LoRA", "train_data_config": "d"}}), "data_configs[0]", ["hub dataset 'tatsu-lab/alpaca'", "--data d=FILE"]),
+    (lambda d: d["passes"].update(g={"type": "GraphSurgeries", "surgeries": [{"surgeon": "RemoveRopeMultiCache"}]}), "passes.g.surgeries[0].surgeon", ["RemoveRopeMultiCache"]),
+    (lambda d: d.update(systems={"s": {"type": "LocalSystem", "accelerators": [{"device": "npu", "execution_providers": ["QNNExecutionProvider"]}]}}),
+     "systems.s.accelerators[0].execution_providers[0]", ["QNNExecutionProvider has no modelbuild device"]),
+    (lambda d: d["input_model"].update(model_path="<MODEL_PATH>"), "input_model.model_path", ["--model-path"]),
+    (lambda d: d.update(passes={"g": {"type": "gptq"}, "m": {"type": "ModelBuilder", "precision": "int4"}}), "passes.g", ["--data calibration=FILE"]),
+])
+def test_bad_input_is_one_line(tmp_path, change, json_path, words):
+    doc = json.loads(json.dumps(BASE))
+    change(doc)
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(doc))
+    project = bare(tmp_path)
+    assert_refused(import_olive(project, path), path, json_path, *words)
+    assert not list((project.root / "targets").iterdir())
+
+
+def test_skip_unsupported_writes_the_rest_with_a_comment(tmp_path):
+    doc = json.loads(json.dumps(BASE))
+    doc["passes"]["ov"] = {"type": "OpenVINOConversion", "config": {}}
+    doc["passes"] = {"ov": {"type": "OpenVINOConversion"}, "m": doc["passes"]["m"]}
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(doc))
+    project = bare(tmp_path)
+    result = import_olive(project, path, "--skip-unsupported")
+    assert result.returncode == 0, result.out
+    text = (project.root / "targets" / "model.toml").read_text()
+    assert "# LEFT OUT passes.ov.type: Olive pass 'ov' (OpenVINOConversion) has no modelbuild counterpart" in text
+    assert [t["pass"] for t in targets_of(project).values()] == ["hf-import", "genai-build"]
+    project.doit("list")
+    again = import_olive(project, path, "--skip-unsupported")
+    assert again.returncode == 2 and "already exists (--force replaces it)" in again.out
+
+
+def test_malformed_json_and_missing_file(tmp_path):
+    project = bare(tmp_path)
+    path = tmp_path / "broken.json"
+    path.write_text('{"input_model": {"type": "HfModel",, }}')
+    assert_refused(import_olive(project, path), path, "line 1 column 36", "malformed JSON")
+    missing = import_olive(project, tmp_path / "nope.json")
+    assert missing.returncode == 2 and missing.out.strip() == f"modelbuild: {tmp_path / 'nope.json'}: no such file"
+
+
+# -- the olive-recipes corpus --------------------------------------------------------------------------
+def test_recipes_corpus_imports_or_refuses_as_documented(tmp_path):
+    """Each of the corpus files imports and validates with `doit list` (as is, or with
+    --skip-unsupported), or is refused in one line: the counts of tests/data/olive/COUNTS.md."""
+    spec = importlib.util.spec_from_file_location("olive_corpus", REPO / "bench" / "olive_corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    files = sorted(corpus.CORPUS.glob("*.json"))
+    assert len(files) >= 20
+    results = [corpus.classify(path, tmp_path) for path in files]
+    for r in results:
+        assert r["status"] in ("full", "partial", "refused"), r
+        if r["status"] != "full":
+            assert r["full_error_ok"], r  # one line, the file and JSON path, exit 2, nothing written
+        if r["status"] == "refused":
+            assert r["partial_error_ok"], r
+    counts = {k: sum(r["status"] == k for r in results) for k in ("full", "partial", "refused")}
+    documented = (OLIVE / "COUNTS.md").read_text()
+    for kind, n in counts.items():
+        assert f"| {kind} | {n} |" in documented, (kind, n)
