@@ -335,6 +335,10 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, ass
     env = dict(os.environ)
     env.update(assignment.environment(pool.machine))
     env.setdefault("PYTHONHASHSEED", "0")
+    # No git repository around the environment is an input: onnxruntime-genai's builder stamps
+    # the commit of whatever repo its site-packages sit in (a venv inside a project) into every
+    # model, so a bundle's bytes followed the project's HEAD. Without a repo it stamps its own.
+    env["GIT_DIR"] = os.devnull
     result = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(plan_file)], env=env)
     if result.returncode != 0:
         raise StageError(f"target '{target.name}': pass '{target.pass_def.name}' failed (exit {result.returncode})")

@@ -51,6 +51,16 @@ def test_int4_base_is_quantized_and_lora_stays_float(built_tiny):
     assert lora_inputs == {n.input[1] for n in lora_nodes}
 
 
+def test_bundle_bytes_do_not_follow_the_git_repo_around_the_venv(built_tiny):
+    """The builder stamps a git commit into the model: its own, never the HEAD of a repo that
+    happens to hold the virtual environment (that made rebuilds differ after every commit)."""
+    import onnx
+    import onnxruntime_genai as og
+
+    model = onnx.load(str(built_tiny.path("build/tiny-travel-cpu-int4/model.onnx")), load_external_data=False)
+    assert model.producer_version == f"{og.__version__}+{og.__commit__[:7]}"
+
+
 def test_fp32_builder_logits_match_torch_with_and_without_adapter(built_tiny):
     """Guards the builder's LM-head trap and the switchable-adapter layout against torch/peft."""
     import torch
