@@ -59,15 +59,9 @@ def cmd_targets(args) -> int:
     project = load_project(args.project)
     for name, target in project.targets.items():
         marker = "*" if name in project.default_targets else " "
-        inputs = ", ".join(f"{k}={_ref_text(v)}" for k, v in target.inputs.items())
+        inputs = ", ".join(f"{k}={ref}" for k, ref in target.inputs.items())
         print(f"{marker} {name:40} {target.pass_def.name:16} {target.device:6} {inputs}")
     return 0
-
-
-def _ref_text(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={v}" for k, v in value.items()) + "}"
-    return str(value)
 
 
 def cmd_chat(args) -> int:

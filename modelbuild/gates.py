@@ -65,9 +65,11 @@ def gate_results(target, metrics: dict) -> dict[str, dict]:
     return results
 
 
-def failed_gates(target, out_dir: Path) -> list[str]:
-    """Names of the gates the output at ``out_dir`` fails (a missing value counts as failed)."""
+def gate_failures(target, out_dir: Path) -> list[str]:
+    """One "metric = value (limit op x)" per gate the output at ``out_dir`` fails; an output
+    whose metrics cannot be read fails every gate, with the reason."""
     try:
-        return [metric for metric, result in check_gates(target, out_dir).items() if not result["passed"]]
-    except UserError:
-        return list(target.gates)
+        results = check_gates(target, out_dir)
+    except UserError as error:
+        return [str(error)]
+    return [f"{metric} = {r['value']:g} (limit {r['op']} {r['limit']:g})" for metric, r in results.items() if not r["passed"]]

@@ -83,6 +83,17 @@ class PassDef:
         hf.py shape outputs too), so an edited pass reruns even without a version bump."""
         return _code_digest(Path(inspect.getsourcefile(self.run)))
 
+    def group_inputs(self, flat: dict[str, Any]) -> dict[str, Any]:
+        """Flat inputs ("adapters.travel": x) as the pass reads them ({"adapters": {"travel": x}})."""
+        grouped: dict[str, Any] = {}
+        for key, value in flat.items():
+            name, _, sub = key.partition(".")
+            if self.inputs[name].named:
+                grouped.setdefault(name, {})[sub] = value
+            else:
+                grouped[key] = value
+        return grouped
+
     def param_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.params))
 

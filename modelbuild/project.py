@@ -94,7 +94,7 @@ class Target:
     name: str
     pass_def: PassDef
     params: dict[str, Any]
-    inputs: dict[str, Ref | dict[str, Ref]]
+    inputs: dict[str, Ref]  # "data": a reference; "adapters.travel": one entry of a named input (flat)
     device: str
     file: str  # TOML file, relative to the project root
     doc: str = ""
@@ -103,10 +103,7 @@ class Target:
     gates: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (op, limit), gates.py
 
     def input_refs(self) -> list[Ref]:
-        refs = []
-        for value in self.inputs.values():
-            refs.extend(value.values() if isinstance(value, dict) else [value])
-        return refs
+        return list(self.inputs.values())
 
     def deps(self) -> list[str]:
         return sorted({ref.value for ref in self.input_refs() if ref.kind == "target"})
@@ -229,12 +226,9 @@ def load_project(root: Path | str) -> Project:
 
     for target in project.targets.values():
         where = f"{target.file}: target '{target.name}'"
-        for key, value in target.inputs.items():
-            refs = value.items() if isinstance(value, dict) else [(None, value)]
-            for sub, ref in refs:
-                if ref.kind == "target" and ref.value not in project.targets:
-                    ikey = f"inputs.{key}" + (f".{sub}" if sub else "")
-                    raise UserError(f"{where}: {ikey}: unknown target '{ref.value}'")
+        for key, ref in target.inputs.items():
+            if ref.kind == "target" and ref.value not in project.targets:
+                raise UserError(f"{where}: inputs.{key}: unknown target '{ref.value}'")
     for rel, name, patterns in raw_groups:
         project.groups[name] = _resolve_group(project, rel, name, patterns)
     for name in project.default_targets:
@@ -429,7 +423,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
         gpu_memory_gb = float(gpu_memory_gb)
 
     given_inputs = _table(table, "inputs", rel, f"target '{name}'")
-    inputs: dict[str, Ref | dict[str, Ref]] = {}
+    inputs: dict[str, Ref] = {}
     for key in given_inputs:
         if key not in pass_def.inputs:
             known = ", ".join(sorted(pass_def.inputs)) or "none"
@@ -444,10 +438,8 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
         if spec.named:
             if not isinstance(value, dict) or not value:
                 raise UserError(f"{where}: inputs.{key}: expected a table of name = reference")
-            inputs[key] = {
-                sub: _make_ref(root, base_dir, ref, spec.kind, f"{where}: inputs.{key}.{sub}")
-                for sub, ref in value.items()
-            }
+            for sub, ref in value.items():
+                inputs[f"{key}.{sub}"] = _make_ref(root, base_dir, ref, spec.kind, f"{where}: inputs.{key}.{sub}")
         else:
             inputs[key] = _make_ref(root, base_dir, value, spec.kind, f"{where}: inputs.{key}")
     if pass_def.check is not None:
@@ -455,16 +447,14 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
             return ref if ref.kind == "target" else (root / ref.value).resolve()
 
         try:
-            pass_def.check(params, {key: {sub: resolved(r) for sub, r in value.items()} if isinstance(value, dict)
-                                    else resolved(value) for key, value in inputs.items()})
+            pass_def.check(params, pass_def.group_inputs({key: resolved(ref) for key, ref in inputs.items()}))
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
         except OSError as error:
             raise UserError(f"{where}: inputs: cannot read {error.filename}: {error.strerror}") from None
-    for key, value in inputs.items():
-        for sub, ref in (value.items() if isinstance(value, dict) else [(None, value)]):
-            if ref.kind == "file" and (root / ref.value).is_dir():
-                _check_folder(root / ref.value, f"{where}: inputs.{key}" + (f".{sub}" if sub else ""))
+    for key, ref in inputs.items():
+        if ref.kind == "file" and (root / ref.value).is_dir():
+            _check_folder(root / ref.value, f"{where}: inputs.{key}")
     gates = parse_gates(table["gates"], pass_def.metrics, pass_name, where) if "gates" in table else {}
     return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates)
 

@@ -27,10 +27,11 @@ from pathlib import Path
 from . import UserError
 from .digest import hash_file
 from .project import Project, load_project
-from .stage import read_stamp
+from .stage import stat_cache
+from .status import Fresh, read_stamp, status
 from .store import Store, write_json_atomic
 
-LOCK_FORMAT = 1
+LOCK_FORMAT = 2  # 2: named inputs flat ("adapters.travel"), keys with python and platform
 
 
 def run_doit(root: Path, target: str, env: dict | None = None) -> None:
@@ -41,18 +42,15 @@ def run_doit(root: Path, target: str, env: dict | None = None) -> None:
 
 def lock_manifest(project: Project, name: str) -> dict:
     stages = {}
+    cache = stat_cache(project)
     for stage in project.closure([name]):
-        stamp = read_stamp(project.output_dir(stage))
-        if stamp is None:
-            raise UserError(f"target '{stage}' has no output; build it first")
+        state = status(project, project.targets[stage], cache)
+        if not isinstance(state, Fresh):
+            raise UserError(f"target '{stage}' is not up to date ({state.text}); build it first")
+        stamp = state.stamp
         components = stamp["components"]
-        target = project.targets[stage]
-        inputs = {}
-        for key, ref in target.inputs.items():
-            if isinstance(ref, dict):
-                inputs[key] = {sub: {"ref": str(r), "digest": components["inputs"][key][sub]} for sub, r in ref.items()}
-            else:
-                inputs[key] = {"ref": str(ref), "digest": components["inputs"][key]}
+        inputs = {key: {"ref": str(ref), "digest": components["inputs"][key]}
+                  for key, ref in project.targets[stage].inputs.items()}
         stages[stage] = {
             "pass": components["pass"],
             "pass_version": components["pass_version"],

@@ -33,7 +33,8 @@ from . import UserError
 from .digest import hash_json
 from .gates import gate_results
 from .project import Project
-from .stage import key_components, outputs_intact, read_stamp, stat_cache
+from .stage import key_components, stat_cache
+from .status import Missing, Stale, read_stamp, status
 from .store import Store
 
 EVALUATE = "evaluate"
@@ -87,7 +88,7 @@ def _guess_model_target(project: Project, name: str) -> str | None:
     """The evaluated target when there is no metrics.json to name it: input 'model', or the only upstream."""
     target = project.targets[name]
     ref = target.inputs.get("model")
-    if ref is not None and not isinstance(ref, dict) and ref.kind == "target":
+    if ref is not None and ref.kind == "target":
         return ref.value
     deps = target.deps()
     return deps[0] if len(deps) == 1 else None
@@ -109,9 +110,9 @@ def evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str
     inputs that failed its gate at build time, so it lives in the cache only), "not built" or "stale"."""
     target = project.targets[name]
     out = project.output_dir(name)
-    stamp = read_stamp(out)
     cache = stat_cache(project)
-    if stamp is None:
+    state = status(project, target, cache)  # the executor's own decision
+    if isinstance(state, Missing):
         cached = Store(project.cache_dir).read_output(hash_json(key_components(project, target, cache)), METRICS)
         if cached is not None:
             return "measured", _parse_metrics(cached, f"cache: {name}: {METRICS}"), \
@@ -124,11 +125,11 @@ def evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str
         metrics = _parse_metrics(path.read_text(encoding="utf-8"), f"build/{name}/{METRICS}")
     except OSError as error:
         raise UserError(f"build/{name}/{METRICS}: not readable: {error}") from None
-    if stamp.get("action_key") != hash_json(key_components(project, target, cache)):
+    if isinstance(state, Stale) and state.why == "key":
         return "stale", metrics, "inputs changed since this evaluation (its rebuild failed or has not run)"
-    if not outputs_intact(out, stamp, cache):
+    if isinstance(state, Stale) and state.why == "output":
         return "stale", metrics, "output changed since it was built"
-    return "current", metrics, ""
+    return "current", metrics, ""  # fresh, or a current measurement failing a gate declared now
 
 
 def _gate_results(project: Project, name: str, metrics: dict) -> dict:

@@ -21,6 +21,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import sqlite3
 import subprocess
@@ -32,13 +33,14 @@ from pathlib import Path
 from . import UserError, say
 from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
-from .gates import check_gates, failed_gates
+from .gates import check_gates, gate_failures
 from .project import Project, Ref, Target
+from .status import STAMP_DIR, Fresh, Stale, read_stamp, status, write_stamp
 from .store import Store
 
-STAMP_DIR = ".modelbuild"
-STAMP = f"{STAMP_DIR}/stamp.json"
-KEY_FORMAT = 1  # bump when the shape of the key itself changes
+KEY_FORMAT = 2  # bump when the shape of the key itself changes
+PYTHON = ".".join(map(str, sys.version_info[:2]))
+PLATFORM = f"{sys.platform}-{platform.machine()}"
 
 _library_versions: dict[str, str] = {}
 
@@ -111,13 +113,6 @@ def slot_pool(project: Project) -> SlotPool:
     return _slot_pools[project.root]
 
 
-def read_stamp(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def input_path(project: Project, ref: Ref) -> Path:
     return project.output_dir(ref.value) if ref.kind == "target" else project.root / ref.value
 
@@ -132,16 +127,13 @@ def _ref_digest(project: Project, ref: Ref, cache: StatCache) -> str | None:
 
 def key_components(project: Project, target: Target, cache: StatCache) -> dict:
     """Everything the action key hashes, kept readable so a stamp can explain itself."""
-    inputs: dict = {}
-    for key, value in target.inputs.items():
-        if isinstance(value, dict):
-            inputs[key] = {sub: _ref_digest(project, ref, cache) for sub, ref in value.items()}
-        else:
-            inputs[key] = _ref_digest(project, value, cache)
+    inputs = {key: _ref_digest(project, ref, cache) for key, ref in target.inputs.items()}
     pass_def = target.pass_def
     return {
         "key_format": KEY_FORMAT,
         "digest": ALGORITHM,
+        "python": PYTHON,  # the interpreter and platform run every pass: a wheel of another ABI may differ
+        "platform": PLATFORM,
         "pass": pass_def.name,
         "pass_version": pass_def.version,
         "pass_code": pass_def.code_digest(),
@@ -152,27 +144,11 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
     }
 
 
-def outputs_intact(out_dir: Path, stamp: dict, cache: StatCache) -> bool:
-    """Every file the manifest lists is there with its digest, and nothing else is."""
-    try:
-        return tree_manifest(out_dir, cache, exclude=(STAMP_DIR,)) == stamp["manifest"]
-    except OSError:
-        return False
-
-
 def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
-    out_dir = project.output_dir(target.name)
-    stamp = read_stamp(out_dir)
-    if stamp is None:
-        return False
-    cache = stat_cache(project)
-    key = hash_json(key_components(project, target, cache))
-    return (
-        values.get("action_key") == key
-        and stamp.get("action_key") == key
-        and outputs_intact(out_dir, stamp, cache)
-        and not failed_gates(target, out_dir)
-    )
+    """doit's uptodate check: status() says Fresh, and doit recorded the same key (so ``doit
+    forget`` makes doit re-check the stage, as doit users expect)."""
+    state = status(project, target, stat_cache(project))
+    return isinstance(state, Fresh) and values.get("action_key") == state.stamp["action_key"]
 
 
 def build(project: Project, target: Target) -> dict:
@@ -186,7 +162,7 @@ def build(project: Project, target: Target) -> dict:
     force = os.environ.get("MODELBUILD_FORCE") == "1"
     cache = stat_cache(project)
     components = key_components(project, target, cache)
-    missing = [k for k, v in _flat_inputs(components["inputs"]) if v is None]
+    missing = [k for k, v in components["inputs"].items() if v is None]
     if missing:
         raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
     key = hash_json(components)
@@ -196,13 +172,11 @@ def build(project: Project, target: Target) -> dict:
     with store.lock(key, f"'{target.name}'"), store.lock(_target_lock_name(project, target), f"'{target.name}'"):
         for stale in project.build_dir.glob(f".{target.name}~*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
-        stamp = read_stamp(final)
-        if not force and stamp and stamp.get("action_key") == key and outputs_intact(final, stamp, cache):
-            if failed_gates(target, final):
-                try:
-                    _raise_for_gates(target, final)
-                finally:
-                    shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
+        state = None if force else status(project, target, cache)
+        if isinstance(state, Stale) and state.why == "gates":
+            shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
+            raise StageError(f"{target.file}: target '{target.name}': {'; '.join(state.reasons)}")
+        if isinstance(state, Fresh):
             say(f"'{target.name}': output already complete (another process or an interrupted "
                 "run finished it); reusing it")
             return {"action_key": key}
@@ -223,25 +197,15 @@ def build(project: Project, target: Target) -> dict:
                 stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
                 store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
             if target.gates:
-                stamp["gates"] = _raise_for_gates(target, out_tmp)
-            (out_tmp / STAMP_DIR).mkdir(exist_ok=True)
-            (out_tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+                failed = gate_failures(target, out_tmp)
+                if failed:
+                    raise StageError(f"{target.file}: target '{target.name}': quality gate failed: {'; '.join(failed)}")
+                stamp["gates"] = check_gates(target, out_tmp)
+            write_stamp(out_tmp, stamp)
             _swap_into_place(out_tmp, final, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {"action_key": key}
-
-
-def _raise_for_gates(target: Target, out_dir: Path) -> dict:
-    """Gate results for the stamp; a failed gate fails the stage with metric, value and limit."""
-    try:
-        results = check_gates(target, out_dir)
-    except UserError as error:
-        raise StageError(str(error)) from None
-    failed = [f"{metric} = {r['value']:g} (limit {r['op']} {r['limit']:g})" for metric, r in results.items() if not r["passed"]]
-    if failed:
-        raise StageError(f"{target.file}: target '{target.name}': quality gate failed: {'; '.join(failed)}")
-    return results
 
 
 def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
@@ -263,7 +227,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
         raise StageError(str(error)) from None
     after = key_components(project, target, cache)
     if after["inputs"] != components["inputs"]:
-        changed = [k for (k, v), (_, w) in zip(_flat_inputs(components["inputs"]), _flat_inputs(after["inputs"]), strict=True) if v != w]
+        changed = [k for k, v in components["inputs"].items() if after["inputs"].get(k) != v]
         raise StageError(
             f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
             "nothing recorded, run the build again"
@@ -292,16 +256,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _flat_inputs(inputs: dict) -> list[tuple[str, str | None]]:
-    flat = []
-    for key, value in inputs.items():
-        if isinstance(value, dict):
-            flat.extend((f"{key}.{sub}", digest) for sub, digest in value.items())
-        else:
-            flat.append((key, value))
-    return flat
-
-
 def _swap_into_place(new: Path, final: Path, work: Path) -> None:
     """Replace ``final`` with ``new`` by renames on one filesystem; the old output goes to ``work``."""
     if final.exists():
@@ -311,12 +265,7 @@ def _swap_into_place(new: Path, final: Path, work: Path) -> None:
 
 def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, assignment: Assignment,
                 pool: SlotPool) -> None:
-    inputs: dict = {}
-    for key, value in target.inputs.items():
-        if isinstance(value, dict):
-            inputs[key] = {sub: str(input_path(project, ref)) for sub, ref in value.items()}
-        else:
-            inputs[key] = str(input_path(project, value))
+    inputs = {key: str(input_path(project, ref)) for key, ref in target.inputs.items()}
     plan = {
         "target": target.name,
         "file": target.file,

@@ -37,10 +37,7 @@ def main(plan_file: str) -> int:
     if pass_def is None:
         print(f"modelbuild: target '{plan['target']}': pass '{plan['pass']}' is not installed", file=sys.stderr)
         return 2
-    inputs = {
-        key: ({sub: Path(p) for sub, p in value.items()} if isinstance(value, dict) else Path(value))
-        for key, value in plan["inputs"].items()
-    }
+    inputs = pass_def.group_inputs({key: Path(path) for key, path in plan["inputs"].items()})
     ctx = StageContext(
         target=plan["target"],
         device=plan["device"].split(":")[0],

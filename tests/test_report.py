@@ -19,7 +19,8 @@ from modelbuild.digest import hash_json, tree_manifest
 from modelbuild.passdef import get_pass
 from modelbuild.project import load_project
 from modelbuild.report import write_report
-from modelbuild.stage import STAMP, STAMP_DIR, key_components, read_stamp, stat_cache
+from modelbuild.stage import key_components, stat_cache
+from modelbuild.status import STAMP, STAMP_DIR, read_stamp, write_stamp
 
 MODELS = {  # model target -> (precision, stage seconds)
     "tiny-fp32": ("fp32", 10.0),
@@ -73,7 +74,7 @@ def _eval_inputs(model: str) -> dict:
     return inputs
 
 
-def write_stamp(project, name: str, seconds: float) -> None:
+def stamp_as_built(project, name: str, seconds: float) -> None:
     """Stamp build/<name> as stage.build does after running the pass."""
     out = project.output_dir(name)
     cache = stat_cache(project)
@@ -84,8 +85,7 @@ def write_stamp(project, name: str, seconds: float) -> None:
         "manifest_digest": hash_json(manifest), "seconds": round(seconds, 3), "origin": "built",
         "built_at": "2025-01-01T00:00:00Z",
     }
-    (out / STAMP_DIR).mkdir(exist_ok=True)
-    (out / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+    write_stamp(out, stamp)
     assert read_stamp(out)["seconds"] == round(seconds, 3)
 
 
@@ -108,7 +108,7 @@ def make_project(root: Path):
         out.mkdir(parents=True)
         for rel, text in files.items():
             (out / rel).write_text(text)
-        write_stamp(project, name, seconds)
+        stamp_as_built(project, name, seconds)
 
     build("tiny-base", {"config.json": "{}"}, BASE_SECONDS)
     for model, (precision, seconds) in MODELS.items():
@@ -209,7 +209,7 @@ def test_a_variant_only_as_small_and_fast_but_less_accurate_is_dominated(project
     out = project.output_dir("eval-int4-b16")
     twin = {**EVALS["eval-int4-rtn"], "model_target": "tiny-int4-b16", "variant": "int4-b16", "perplexity": 8.0}
     (out / "metrics.json").write_text(json.dumps(twin))
-    write_stamp(project, "eval-int4-b16", 3.0)  # rebuilt: a current evaluation again
+    stamp_as_built(project, "eval-int4-b16", 3.0)  # rebuilt: a current evaluation again
     paths = write_report(project, ["eval-int4-*"], tmp_path / "out")
     rows = {r["eval_target"]: r for r in json.loads(paths["json"].read_text())["rows"]}
     assert rows["eval-int4-b16"]["status"] == "passed" and rows["eval-int4-b16"]["tokens_per_s"] == 85.2

@@ -1,0 +1,133 @@
+"""Is a target up to date? The one answer: doit's uptodate check, the executor's reuse of a
+complete output, ``why``, the report and ``release`` all ask ``status()``.
+
+A target is **Fresh** when its output folder carries a stamp (``.modelbuild/stamp.json``) whose
+action key is the key computed now, every output file still has the digest the stamp records
+(and nothing else is there), and the output passes the target's quality gates. Otherwise it is
+**Missing** (no stamped output) or **Stale**, with the reasons: what changed in the key (param,
+input file, upstream artifact, library, pass code…), which output files changed, which gates
+fail. Gates are part of the answer but not of the key, so tightening a gate makes a target
+stale without invalidating its cached measurement.
+
+The stamp is written and read here only. It is also the action entry the cache stores
+(store.py), so its fields are those of an entry: key, key components, manifest, manifest digest,
+seconds, where it ran.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .digest import StatCache, hash_json, tree_manifest
+from .gates import gate_failures
+
+STAMP_DIR = ".modelbuild"
+STAMP = f"{STAMP_DIR}/stamp.json"
+
+
+def read_stamp(out_dir: Path) -> dict | None:
+    """The stamp of a finished output, or None when there is none (or it is unreadable)."""
+    try:
+        stamp = json.loads((Path(out_dir) / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) and isinstance(stamp.get("manifest"), dict) else None
+
+
+def write_stamp(out_dir: Path, stamp: dict) -> None:
+    (Path(out_dir) / STAMP_DIR).mkdir(exist_ok=True)
+    (Path(out_dir) / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class Fresh:
+    stamp: dict
+
+
+@dataclass(frozen=True)
+class Missing:
+    reason: str
+
+    @property
+    def text(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class Stale:
+    """``why`` is "key" (what the output was built from changed), "output" (files in build/
+    changed) or "gates" (the output is the right one but fails a gate declared now)."""
+
+    why: str
+    reasons: tuple[str, ...]
+    stamp: dict
+
+    @property
+    def text(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def status(project, target, cache: StatCache, as_built: frozenset[str] = frozenset()) -> Fresh | Missing | Stale:
+    """Fresh, Missing or Stale (with reasons) for ``target`` now.
+
+    ``as_built``: upstream targets about to be rebuilt; their artifacts are taken as the stamp
+    recorded them, since a rebuild that comes out byte-identical changes nothing here (this is
+    how ``why`` tells "stale" from "waits on an upstream rebuild").
+    """
+    from .stage import key_components  # the key's recipe lives with the executor that records it
+
+    out = project.output_dir(target.name)
+    stamp = read_stamp(out)
+    if stamp is None:
+        return Missing(f"never built (no output in build/{target.name})" if not out.exists()
+                       else f"build/{target.name} has no stamp (an interrupted or foreign output)")
+    now = key_components(project, target, cache)
+    old = stamp.get("components") or {}
+    for key, ref in target.inputs.items():
+        if ref.kind == "target" and ref.value in as_built:
+            now["inputs"][key] = (old.get("inputs") or {}).get(key)
+    if stamp.get("action_key") != hash_json(now):
+        return Stale("key", tuple(key_differences(old, now, target) or ["action key changed"]), stamp)
+    try:
+        current = tree_manifest(out, cache, exclude=(STAMP_DIR,))
+    except OSError as error:
+        return Stale("output", (f"output unreadable: {error}",), stamp)
+    if current != stamp["manifest"]:
+        changed = sorted(rel for rel in set(current) | set(stamp["manifest"])
+                         if current.get(rel, {}).get("digest") != stamp["manifest"].get(rel, {}).get("digest"))
+        return Stale("output", (f"output changed since it was built: {', '.join(changed)}",), stamp)
+    failed = gate_failures(target, out)
+    if failed:
+        return Stale("gates", tuple(f"quality gate failed: {failure}" for failure in failed), stamp)
+    return Fresh(stamp)
+
+
+def key_differences(old: dict, new: dict, target) -> list[str]:
+    """What differs between two sets of key components, one readable reason each."""
+    reasons = []
+    for field in ("pass_version", "pass_code", "device", "key_format", "digest", "platform"):
+        if old.get(field) != new.get(field):
+            reasons.append(f"{field.replace('_', ' ')}: {old.get(field)} -> {new.get(field)}")
+    for what, a, b in (("param", old.get("params", {}), new.get("params", {})),
+                       ("library", old.get("libraries", {}), new.get("libraries", {}))):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                shown = (repr(a.get(key)), repr(b.get(key))) if what == "param" else (a.get(key), b.get(key))
+                reasons.append(f"{what} {key}: {shown[0]} -> {shown[1]}")
+    old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
+    for key in sorted(set(old_inputs) | set(new_inputs)):
+        if old_inputs.get(key) != new_inputs.get(key):
+            reasons.append(_input_reason(key, target.inputs.get(key), old_inputs.get(key), new_inputs.get(key)))
+    return reasons
+
+
+def _input_reason(key: str, ref, old: str | None, new: str | None) -> str:
+    what = "upstream artifact" if ref is not None and ref.kind == "target" else "input file"
+    shown = str(ref) if ref is not None else key
+    if old is None:
+        return f"{what} {key} ({shown}): new input"
+    if new is None:
+        return f"{what} {key} ({shown}): removed, or upstream not built"
+    return f"{what} {key} ({shown}) changed: {old[:12]} -> {new[:12]}"
