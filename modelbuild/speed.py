@@ -46,33 +46,39 @@ def _genai_runner(model_dir: Path, adapter: str | None):
     return generate
 
 
-def _torch_runner(model_dir: Path, adapter_dir: str | None, threads: int):
+def _torch_runner(model_dir: Path, adapter_dir: str | None, threads: int, device: str):
+    """Torch fp32 eager on the stage's device (``cuda`` runs on the GPU the scheduler made visible)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
+    target = torch.device("cuda" if device.startswith("cuda") else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
+    model.to(target).eval()
 
     def generate(prompt: str, new_tokens: int) -> tuple[float, float, int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(target)
         with torch.inference_mode():
             past = None
             started = time.perf_counter()
             out = model(input_ids=ids, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             past = out.past_key_values
+            if target.type == "cuda":
+                torch.cuda.synchronize()
             first = time.perf_counter()
             for _ in range(new_tokens - 1):
                 out = model(input_ids=token, past_key_values=past, use_cache=True)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 past = out.past_key_values
+            if target.type == "cuda":
+                torch.cuda.synchronize()  # kernels run asynchronously: time what really ran
         return first - started, time.perf_counter() - first, new_tokens
 
     return generate
@@ -84,7 +90,7 @@ def main(request_file: str) -> int:
     if request["kind"] == "genai":
         generate = _genai_runner(model_dir, request.get("adapter"))
     else:
-        generate = _torch_runner(model_dir, request.get("adapter_dir"), request["threads"])
+        generate = _torch_runner(model_dir, request.get("adapter_dir"), request["threads"], request.get("device", "cpu"))
     generate(request["prompts"][0], 4)  # warm-up: first-run allocations and kernel selection
     ttfts, rates = [], []
     for _ in range(request["runs"]):

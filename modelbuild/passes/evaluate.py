@@ -185,7 +185,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     request = {
         "kind": kind, "model": str(model), "adapter": params.adapter or None,
         "adapter_dir": str(adapter_dir) if adapter_dir else None, "prompts": params.prompts,
-        "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads,
+        "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads, "device": ctx.device,
     }
     with tempfile.TemporaryDirectory() as scratch:
         try:
