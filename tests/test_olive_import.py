@@ -194,6 +194,35 @@ def test_lora_workflow_keeps_adapter_switchable(tiny, tmp_path):
     prompt = "What should I see in Chicago?"
     assert chat.generate(prompt, None, 10) != chat.generate(prompt, "finetune", 10)  # the adapter moves the answer
 
+    # The seed lab's last step: auto-opt with --adapter_path (the adapter just trained) -> a
+    # bundle whose adapter 'adapter' is switchable (input_model.adapter_path -> inputs.adapters).
+    line = f"olive auto-opt -m {tiny} --adapter_path {project.root / 'build' / 'travel-finetune'} --device cpu --use_ort_genai --precision int4"
+    result = import_olive(project, "--cli", line, "--name", "ao")
+    assert result.returncode == 0, result.out
+    built = targets_of(project)["ao-builder"]
+    assert built["inputs"]["adapters"] == {"adapter": "../build/travel-finetune"} and built["inputs"]["base"] == ":ao-base"
+    project.doit("ao")
+    chat = Chat(project.root / "build" / "ao-builder")
+    assert chat.adapter_names == ["adapter"] and chat.generate(prompt, None, 10) != chat.generate(prompt, "adapter", 10)
+
+
+def test_onnx_model_input_is_a_file_input(tmp_path):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"")
+    doc = {"input_model": {"type": "ONNXModel", "model_path": str(folder / "model.onnx")},
+           "passes": {"o": {"type": "OrtTransformersOptimization", "model_type": "gpt2"}, "q": {"type": "OnnxQuantization", "quant_mode": "dynamic"}}}
+    path = tmp_path / "onnx.json"
+    path.write_text(json.dumps(doc))
+    project = bare(tmp_path)
+    assert import_olive(project, path, "--name", "x").returncode == 0
+    t = targets_of(project)
+    assert t["x-o"]["inputs"] == {"model": str(folder)} and t["x-q"] == {**t["x-q"], "pass": "onnx-int8", "inputs": {"model": ":x-o"}}
+    project.doit("list")
+    doc["input_model"]["model_path"] = "missing/model.onnx"
+    path.write_text(json.dumps(doc))
+    assert_refused(import_olive(project, path, "--name", "y"), path, "input_model.model_path", "no such file or folder 'missing/model.onnx'")
+
 
 def test_gptq_rtn_and_goals_map_to_quantize_onnx_and_gates(tiny, tmp_path):
     project = bare(tmp_path)
