@@ -328,3 +328,36 @@ def test_recipes_corpus_imports_or_refuses_as_documented(tmp_path):
     documented = (OLIVE / "COUNTS.md").read_text()
     for kind, n in counts.items():
         assert f"| {kind} | {n} |" in documented, (kind, n)
+
+
+def test_pass_mappings_validate(tmp_path):
+    """More of the mapping table, each imported into one project and validated by `doit list`."""
+    hf = {"type": "HfModel", "model_path": "org/model"}
+    data = [{"name": "calib", "type": "HuggingfaceContainer", "load_dataset_config": {"data_name": "json", "data_files": str(TRAIN)}}]
+    cases = {
+        "awq": {"passes": {"a": {"type": "AwqQuantizer", "group_size": 64, "data_config": "calib"}, "m": {"type": "ModelBuilder", "precision": "int4"}}},
+        "mixed": {"passes": {"s": {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_mixed"}, "m": {"type": "ModelBuilder", "precision": "int4"}}},
+        "half": {"passes": {"m": {"type": "ModelBuilder", "precision": "fp32"}, "h": {"type": "OnnxFloatToFloat16"}}},
+        "static": {"passes": {"c": {"type": "OnnxConversion"}, "f": {"type": "OrtTransformersOptimization", "float16": True, "keep_io_types": True},
+                              "q": {"type": "OnnxStaticQuantization", "data_config": "calib", "per_channel": True}}},
+        "qlora": {"passes": {"l": {"type": "QLoRA", "r": 8, "train_data_config": "calib"}, "m": {"type": "ModelBuilder", "precision": "int8"}}},
+    }
+    project = bare(tmp_path)
+    for name, body in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"input_model": hf, "data_configs": data, **body}))
+        result = import_olive(project, path, "--name", name)
+        assert result.returncode == 0, result.out
+    t = targets_of(project)
+    assert t["awq-a"]["pass"] == "awq" and t["awq-a"]["params"] == {"block_size": 64, "symmetric": False}
+    assert t["awq-a"]["inputs"] == {"base": ":awq-base", "data": str(TRAIN)}
+    assert t["awq-m"]["params"] == {"precision": "int4", "int4_algorithm": "rtn", "block_size": 64, "symmetric": False}
+    assert t["mixed-m"]["params"] == {"precision": "int4", "int4_algorithm": "k_quant_mixed"}
+    assert t["half-m"]["params"] == {"precision": "fp16"} and "half-h" not in t  # folded into the builder
+    assert [t[n]["pass"] for n in ("static-c", "static-f", "static-f-fp16", "static-q")] == ["onnx-export", "graph-optimize", "onnx-fp16", "onnx-int8"]
+    assert t["static-f-fp16"]["params"] == {"keep_io_types": True, "op_block_list": []}
+    assert t["static-q"]["params"] == {"mode": "static", "per_channel": True} and t["static-q"]["inputs"]["calibration"] == str(TRAIN)
+    assert t["qlora-l"]["pass"] == "lora-finetune" and t["qlora-l"]["params"]["rank"] == 8
+    assert t["qlora-m"]["inputs"]["adapters"] == {"l": ":qlora-l"}
+    assert "QLoRA trains on a 4-bit base" in (project.root / "targets" / "qlora.toml").read_text()
+    project.doit("list")
