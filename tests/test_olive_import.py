@@ -146,8 +146,8 @@ def test_seed_command_lines(tiny, tmp_path):
             assert result.returncode == 2 and len(result.out.strip().splitlines()) == 1, result.out
     refused = [o for o in outcomes if o[0] == "refused"]
     assert len(outcomes) == 8 and len(refused) == 2, outcomes
-    assert "DmlExecutionProvider has no modelbuild device" in refused[0][1] + refused[1][1]
-    assert "adapter_path: no such file or folder" in refused[0][1] + refused[1][1]
+    assert "modelbuild: --cli: --provider: DmlExecutionProvider has no modelbuild device" in refused[0][1] + refused[1][1]
+    assert "modelbuild: --cli: --adapter_path: no such file or folder" in refused[0][1] + refused[1][1]
 
 
 def test_auto_opt_command_line_round_trip(tiny, tmp_path):

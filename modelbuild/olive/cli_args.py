@@ -12,6 +12,17 @@ import shlex
 from .workflow import OliveError
 
 SOURCE = "--cli"
+# JSON paths of the workflows made here -> the option they came from (for error messages)
+OPTION_OF = {
+    "input_model.model_path": "--model_name_or_path",
+    "input_model.adapter_path": "--adapter_path",
+    "data_configs[0]": "--data_name",
+    "data_configs[0].load_dataset_config.data_files": "--data_files",
+    "data_configs[0].pre_process_data_config.text_template": "--text_template",
+    "systems.local_system.accelerators[0].execution_providers[0]": "--provider",
+    "systems.local_system.accelerators[0].device": "--device",
+    "passes.awq": "--data_name",
+}
 IGNORED = ("--output_path", "-o", "--log_level", "--save_config_file", "--dry_run", "--account_name", "--container_name",
            "--keep_intermediate_models", "--cost_model", "--memory", "--num_splits", "--enable_search", "--seed")
 

@@ -134,7 +134,13 @@ def run_import(args, out_path: Path, default_targets: bool = False, workflow: st
     name = args.name or derive_name(doc.get("input_model") if isinstance(doc.get("input_model"), dict) else {}, source)
     if out_path is None:
         out_path = Path(args.project) / "targets" / f"{name}.toml"
-    text, names = import_workflow(doc, source, base_dir, out_path, name, model_path, data, args.skip_unsupported, command, default_targets)
+    try:
+        text, names = import_workflow(doc, source, base_dir, out_path, name, model_path, data, args.skip_unsupported, command, default_targets)
+    except OliveError as error:
+        if source != "--cli" or error.json_path not in cli_args.OPTION_OF:
+            raise
+        # the workflow was made from the command line: name the option, not the JSON path
+        raise OliveError(source, cli_args.OPTION_OF[error.json_path], str(error).split(f"{error.json_path}: ", 1)[1]) from None
     if out_path.exists() and not args.force:
         raise UserError(f"{out_path}: already exists (--force replaces it)")
     write_atomic(out_path, text)

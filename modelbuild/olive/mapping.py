@@ -226,7 +226,7 @@ class Importer(PassMappings):
             elif re.fullmatch(r"[\w.-]+/[\w.-]+", model_id):
                 params["model"] = model_id
             else:
-                raise self.fail(id_path, f"'{model_id}' is neither a local folder nor a hub id (org/name)")
+                raise self.fail(id_path, f"'{model_id}' is no local folder (relative paths are taken from {self.wf.base_dir}) and no hub id (org/name): pass --model-path FOLDER")
             revision = hf.get("revision") or (body.get("load_kwargs") or {}).get("revision")
             if isinstance(revision, str):
                 params["revision"] = revision
