@@ -33,17 +33,13 @@ File format (see README for a full example)::
     [group]                           # names that build every matching target
     smollm2-variants = ["smollm2-*-eval"]
 
-In recipes, a string that is exactly "{var}" becomes the var's value with its TOML type; "{var}"
-inside a longer string is replaced by its text; "{{" and "}}" are literal braces. An input
-reference that starts with ":" names a target; anything else is a file path relative to the
-TOML file.
+Recipes and matrices are expanded by expand.py. An input reference that starts with ":"
+names a target; anything else is a file path relative to the TOML file.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import itertools
-import math
 import os
 import re
 try:
@@ -56,6 +52,7 @@ from typing import Any
 
 from . import UserError
 from .devices import check_config
+from .expand import check_keys, expand_matrix, expand_use, table_of
 from .gates import parse_gates
 from .passdef import PassDef, get_pass
 
@@ -66,11 +63,7 @@ MAX_NAME = 200
 # `doit <name>` runs the doit command of that name, never a task: such a target could not be built.
 DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
                            "run", "strace", "tabcompletion"})
-# A matrix multiplies targets; past this many combinations it is a typo (or a hang), not a plan.
-MAX_MATRIX = 1000
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-VAR_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-WHOLE_VAR_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group"}
 TARGET_KEYS = {"pass", "doc", "inputs", "params", "device", "gpu_memory_gb", "matrix", "gates"}
@@ -192,14 +185,14 @@ def load_project(root: Path | str) -> Project:
                 raise UserError(f"{rel}: devices: already set in {devices_from}")
             devices_from = rel
             project.devices = check_config(doc["devices"], f"{rel}: devices")
-        for name, table in _table(doc, "target", rel, "target").items():
-            table = _table({"t": table}, "t", rel, f"target '{name}'")
-            for expanded_name, expanded, label in _expand_matrix(name, table, None, f"{rel}: target '{name}'"):
+        for name, table in table_of(doc, "target", rel, "target").items():
+            table = table_of({"t": table}, "t", rel, f"target '{name}'")
+            for expanded_name, expanded, label in expand_matrix(name, table, None, f"{rel}: target '{name}'"):
                 raw_targets.append((rel, expanded_name, expanded, label and f"matrix {label}"))
-        raw_groups.extend((rel, name, patterns) for name, patterns in _table(doc, "group", rel, "group").items())
-        for name, table in _table(doc, "recipe", rel, "recipe").items():
-            table = _table({"r": table}, "r", rel, f"recipe '{name}'")
-            _check_keys(table, RECIPE_KEYS, rel, f"recipe '{name}'")
+        raw_groups.extend((rel, name, patterns) for name, patterns in table_of(doc, "group", rel, "group").items())
+        for name, table in table_of(doc, "recipe", rel, "recipe").items():
+            table = table_of({"r": table}, "r", rel, f"recipe '{name}'")
+            check_keys(table, RECIPE_KEYS, rel, f"recipe '{name}'")
             if name in recipes:
                 raise UserError(f"{rel}: recipe '{name}': duplicate recipe name (also in {recipes[name][0]})")
             recipes[name] = (rel, table)
@@ -209,11 +202,11 @@ def load_project(root: Path | str) -> Project:
         for index, use in enumerate(use_list, 1):
             if not isinstance(use, dict):
                 raise UserError(f"{rel}: use #{index}: expected a table")
-            _check_keys(use, USE_KEYS, rel, f"use #{index}")
+            check_keys(use, USE_KEYS, rel, f"use #{index}")
             uses.append((rel, index, use))
 
     for rel, index, use in uses:
-        raw_targets.extend(_expand_use(rel, index, use, recipes))
+        raw_targets.extend(expand_use(rel, index, use, recipes))
 
     seen_in: dict[str, str] = {}
     for rel, name, table, origin in raw_targets:
@@ -265,136 +258,8 @@ def _check_name(name: str, where: str, what: str) -> None:
                         "choose another name")
 
 
-def _table(doc: dict, key: str, rel: str, what: str) -> dict:
-    value = doc.get(key, {})
-    if not isinstance(value, dict):
-        raise UserError(f"{rel}: {what}: expected a table, got {type(value).__name__}")
-    return value
-
-
-def _check_keys(table: dict, allowed: set[str], rel: str, what: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise UserError(f"{rel}: {what}: {key}: unknown key (known: {', '.join(sorted(allowed))})")
-
-
-def _expand_use(rel: str, index: int, use: dict, recipes: dict) -> list[tuple[str, str, dict, str]]:
-    recipe_name = use.get("recipe")
-    if not isinstance(recipe_name, str):
-        raise UserError(f"{rel}: use #{index}: recipe: expected a recipe name")
-    if recipe_name not in recipes:
-        raise UserError(f"{rel}: use #{index}: recipe: unknown recipe '{recipe_name}'")
-    recipe_file, recipe = recipes[recipe_name]
-    given = _table(use, "vars", rel, f"use #{index}")
-    defaults = _table(recipe, "vars", recipe_file, f"recipe '{recipe_name}'")
-    required = recipe.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise UserError(f"{recipe_file}: recipe '{recipe_name}': required: expected a list of var names")
-    for key in given:
-        if key not in defaults and key not in required:
-            raise UserError(f"{rel}: use #{index}: vars.{key}: recipe '{recipe_name}' has no such var")
-    for key in required:
-        if key not in given:
-            raise UserError(f"{rel}: use #{index}: vars.{key}: required by recipe '{recipe_name}' but not given")
-    variables = {**defaults, **given}
-    label = ", ".join(f"{k}={variables[k]}" for k in required) or f"use #{index}"
-    origin = f"recipe '{recipe_name}', {label}"
-    out = []
-    for template_name, table in _table(recipe, "target", recipe_file, f"recipe '{recipe_name}'").items():
-        table = _table({"t": table}, "t", recipe_file, f"recipe '{recipe_name}': target '{template_name}'")
-        where = f"{recipe_file}: recipe '{recipe_name}': target '{template_name}' ({label})"
-        for name, expanded, matrix_label in _expand_matrix(template_name, table, variables, where):
-            out.append((recipe_file, name, expanded, origin + (f", matrix {matrix_label}" if matrix_label else "")))
-    return out
-
-
-def _expand_matrix(template_name: str, table: dict, variables: dict | None, where: str) -> list[tuple[str, dict, str]]:
-    """One (name, table, label) per combination of the target's ``matrix``; one if it has none.
-
-    ``matrix = { device = ["cpu", "cuda"], variant = [{ name = "int4-rtn", algorithm = "rtn" }] }``
-    gives a target per (device, variant). A table entry sets ``{variant}`` to its ``name`` and
-    each of its other keys as a var of its own. The target name must use every matrix key, so
-    each combination gets its own name. Entry values may use the recipe's vars
-    (``bundle = ":{model}-travel-cpu-fp32"``). ``variables`` is None for a plain target: it is taken
-    as written unless it has a matrix (then, as in recipes, literal braces are "{{" and "}}").
-    """
-    matrix = table.get("matrix")
-    if matrix is None and variables is None:
-        return [(template_name, table, "")]
-    if matrix is None:
-        name = _substitute(template_name, variables, f"{where}: name")
-        if not isinstance(name, str):
-            raise UserError(f"{where}: name: must expand to a string")
-        return [(name, _substitute(table, variables, where), "")]
-    if not isinstance(matrix, dict) or not matrix:
-        raise UserError(f"{where}: matrix: expected a table of var = [values]")
-    axes: list[list[tuple[str, dict]]] = []
-    for key, values in matrix.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{where}: matrix.{key}: expected a non-empty list of values")
-        if f"{{{key}}}" not in template_name:
-            raise UserError(f"{where}: matrix.{key}: the target name must contain {{{key}}} so each variant gets its own name")
-        axis = []
-        for i, value in enumerate(values):
-            if isinstance(value, dict):
-                if not isinstance(value.get("name"), str):
-                    raise UserError(f"{where}: matrix.{key}[{i}]: a table entry needs a string 'name'")
-                fields = {k: _substitute(v, variables or {}, f"{where}: matrix.{key}[{i}]", k) for k, v in value.items() if k != "name"}
-                axis.append((value["name"], {**fields, key: value["name"]}))
-            elif isinstance(value, (str, int, float, bool)):
-                axis.append((str(value), {key: value}))
-            else:
-                raise UserError(f"{where}: matrix.{key}[{i}]: expected a string, number, boolean or table")
-        axes.append(axis)
-    combinations = math.prod(len(axis) for axis in axes)
-    if combinations > MAX_MATRIX:
-        sizes = " x ".join(str(len(axis)) for axis in axes)
-        raise UserError(f"{where}: matrix: {sizes} = {combinations} targets, more than {MAX_MATRIX}; "
-                        "split it into several matrices or recipes")
-    body = {k: v for k, v in table.items() if k != "matrix"}
-    out = []
-    for combination in itertools.product(*axes):
-        combined = dict(variables or {})
-        for _, assigned in combination:
-            combined.update(assigned)
-        label = ", ".join(f"{key}={shown}" for key, (shown, _) in zip(matrix, combination))
-        at = f"{where} [{label}]"
-        name = _substitute(template_name, combined, f"{at}: name")
-        if not isinstance(name, str):
-            raise UserError(f"{at}: name: must expand to a string")
-        out.append((name, _substitute(body, combined, at), label))
-    return out
-
-
-def _substitute(value: Any, variables: dict, where: str, key: str = "") -> Any:
-    """Expand {var} placeholders in a recipe value; ``key`` is the dotted key path for errors."""
-    if isinstance(value, dict):
-        return {k: _substitute(v, variables, where, f"{key}.{k}" if key else k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, variables, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-    at = f"{where}: {key}" if key else where
-    whole = WHOLE_VAR_RE.match(value)
-    if whole:
-        return _lookup(whole.group(1), variables, at)
-
-    def replace(match: re.Match) -> str:
-        if match.group(0) in ("{{", "}}"):
-            return match.group(0)[0]
-        return str(_lookup(match.group(1), variables, at))
-
-    return VAR_RE.sub(replace, value)
-
-
-def _lookup(var: str, variables: dict, where: str) -> Any:
-    if var not in variables:
-        raise UserError(f"{where}: unknown variable '{{{var}}}' (vars: {', '.join(sorted(variables)) or 'none'})")
-    return variables[var]
-
-
 def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str) -> Target:
-    _check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
+    check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
     pass_name = table.get("pass")
     if pass_name is None:
         raise UserError(f"{where}: pass: missing (every target names the pass that builds it)")
@@ -410,7 +275,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
         raise UserError(f"{where}: device: {device!r} is not cpu, cuda or cuda:N")
     if device.split(":")[0] not in pass_def.devices:
         raise UserError(f"{where}: device: pass '{pass_name}' runs on {', '.join(pass_def.devices)}, not {device}")
-    params = pass_def.resolve_params(_table(table, "params", rel, f"target '{name}'"), where)
+    params = pass_def.resolve_params(table_of(table, "params", rel, f"target '{name}'"), where)
     doc = table.get("doc", "")
     if not isinstance(doc, str):
         raise UserError(f"{where}: doc: expected a string")
@@ -422,7 +287,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
             raise UserError(f"{where}: gpu_memory_gb: only for cuda targets (device is cpu)")
         gpu_memory_gb = float(gpu_memory_gb)
 
-    given_inputs = _table(table, "inputs", rel, f"target '{name}'")
+    given_inputs = table_of(table, "inputs", rel, f"target '{name}'")
     inputs: dict[str, Ref] = {}
     for key in given_inputs:
         if key not in pass_def.inputs:

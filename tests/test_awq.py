@@ -10,7 +10,8 @@ import pytest
 from conftest import new_project
 
 from modelbuild import UserError
-from modelbuild.passes.awq import Params, awq_model, model_layout, qdq
+from modelbuild.ml.int4 import qdq
+from modelbuild.passes.awq import Params, awq_model, model_layout
 
 AWQ_TOML = """
 [target.tiny-awq]

@@ -142,3 +142,21 @@ def test_pass_code_in_the_key_covers_the_helpers_it_imports():
     assert {"passes/genai_build.py", "genai.py"} <= names("genai-build")
     assert "passdef.py" not in names("genai-build")  # the registry shapes no output
     assert "hf.py" not in names("smoke")
+
+
+def test_no_pass_imports_another_pass_so_keys_follow_only_shared_code():
+    """A pass's key follows the modelbuild modules it imports: editing the LoRA training loop must
+    not invalidate cached AWQ, GPTQ or evaluation outputs. What passes share lives in modelbuild/ml."""
+    from pathlib import Path
+
+    from modelbuild.passdef import _module_files
+
+    package = Path(registry()["awq"].run.__code__.co_filename).resolve().parent.parent
+    for name, pass_def in registry().items():
+        source = Path(pass_def.run.__code__.co_filename).resolve()
+        if not source.is_relative_to(package):
+            continue  # a plug-in
+        passes = [p.relative_to(package).as_posix() for p in _module_files(source) if p.parent.name == "passes"]
+        assert passes == [source.relative_to(package).as_posix()], (name, passes)
+    awq = {p.relative_to(package).as_posix() for p in _module_files(Path(registry()["awq"].run.__code__.co_filename))}
+    assert {"ml/records.py", "ml/int4.py"} <= awq and "passes/lora_finetune.py" not in awq

@@ -69,3 +69,19 @@ def render(record: dict, template: str, tokenizer, where: str) -> tuple[str, str
     except ValueError:
         raise UserError("params.template: must contain {response} (and usually {prompt})") from None
     return prefix, full
+
+
+def tokenize_record(record: dict, template: str, tokenizer, max_length: int, where: str) -> tuple[list[int], int]:
+    """(token ids of the rendered record, cut to ``max_length``; how many of them the prompt part
+    takes): the tokens that carry a loss or a perplexity are ``ids[prompt:]``."""
+    prefix, full = render(record, template, tokenizer, where)
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+    return ids, len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+
+
+def right_pad(rows: list[list[int]], value: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(rows padded on the right with ``value`` to the longest, attention masks: 1 real, 0 padding)."""
+    width = max(len(row) for row in rows)
+    return ([row + [value] * (width - len(row)) for row in rows],
+            [[1] * len(row) + [0] * (width - len(row)) for row in rows])
+

@@ -26,18 +26,7 @@ Algorithm (AutoAWQ style, computed in torch from calibration records):
   down_proj. o_proj is skipped (with GQA its input cannot be folded exactly into v), and the
   embeddings / lm_head are never touched (SmolLM2 ties them).
 
-``Q`` reproduces MLAS' blockwise quantizer (``MlasQuantizeBlockwise``, what MatMulNBitsQuantizer's
-default RTN calls), per output row, in blocks of ``block_size`` input columns (zero-padded):
-
-- symmetric: ``m`` = the block's value of largest magnitude (the minimum on a tie), ``scale = m / -8``
-  (signed: ``m`` lands on -8, the other side gets at most +7), ``r = 1/scale`` (0 if scale is 0),
-  ``q = clamp(roundf(w * r + 8), 0, 15)``, ``w' = (q - 8) * scale``;
-- asymmetric: ``lo = min(min, 0)``, ``hi = max(max, 0)``, ``scale = (hi - lo) / 15``,
-  ``zp = clamp(roundf(-lo / scale), 0, 15)`` (0 if scale is 0), ``q = clamp(roundf(w * r + zp), 0, 15)``,
-  ``w' = (q - zp) * scale``;
-
-all in float32, ``roundf`` rounding halves away from zero. Checked element for element against
-``onnxruntime``'s ``quantize_matmul_4bits`` (tests/test_awq.py).
+``Q`` is MLAS' blockwise RTN quantizer, reproduced element for element in ``modelbuild.ml.int4.qdq``.
 
 With ``fake_quantize``, every decoder-layer Linear (the scaled ones and o_proj) is written already
 quantize-dequantized onto that grid, so a LoRA finetune on the output trains on the int4 base
@@ -57,8 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
+from modelbuild.ml.int4 import qdq
+from modelbuild.ml.records import CHAT, load_records, right_pad, tokenize_record
 from modelbuild.passdef import Input, PassDef, param, require
-from modelbuild.ml.records import CHAT, load_records, render
 
 # model_type -> layout. Every one of these: pre-norm decoder layers whose RMSNorm output
 # (x * weight) feeds only q/k/v resp. only gate/up, and an MLP down(act(gate) * up).
@@ -83,44 +73,6 @@ class Params:
             require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         require(self.block_size >= 16 and not self.block_size & (self.block_size - 1), "block_size",
                 "a power of 2 >= 16 (MatMulNBits needs one)", self.block_size)
-
-
-# --- int4 block quantize-dequantize (MLAS RTN) ------------------------------------------------
-
-
-def _roundf(t):
-    """C ``roundf`` for t >= -0.5, in place (torch.round would round halves to even): floor(t)
-    plus 1 where the fraction is >= 0.5; exact, as t - floor(t) is exact in float32."""
-    import torch
-
-    f = torch.floor(t)
-    return f.add_(t.sub_(f).ge_(0.5))
-
-
-def qdq(weight, block_size: int = 32, symmetric: bool = True):
-    """Quantize-dequantize a Linear weight [out, in] to int4 in blocks along ``in``, as MLAS does."""
-    import torch
-
-    w = weight.detach().to(torch.float32)
-    rows, cols = w.shape
-    pad = -cols % block_size
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    blocks = w.reshape(rows, -1, block_size)
-    lo, hi = torch.aminmax(blocks, dim=-1, keepdim=True)
-    if symmetric:
-        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8.0
-        zp = 8.0
-    else:
-        lo = lo.clamp(max=0.0)
-        hi = hi.clamp(min=0.0)
-        scale = (hi - lo) / 15.0
-        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
-        zp = torch.where(scale != 0, _roundf((0.0 - lo / safe).clamp(0.0, 15.0)), torch.zeros_like(scale))
-    recip = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
-    q = _roundf((blocks * recip).add_(zp)).clamp_(0.0, 15.0)
-    out = q.sub_(zp).mul_(scale).reshape(rows, -1)
-    return out[:, :cols] if pad else out
 
 
 # --- model layout -------------------------------------------------------------------------------
@@ -365,8 +317,7 @@ def calibration_batches(params: Params, data_path: Path, shown: str, tokenizer, 
     chosen = sorted(random.Random(params.seed).sample(range(len(records)), min(params.samples, len(records))))
     encoded = []
     for number in chosen:
-        _, full = render(records[number], params.template, tokenizer, f"{shown}: record {number + 1}")
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
+        ids, _ = tokenize_record(records[number], params.template, tokenizer, params.max_length, f"{shown}: record {number + 1}")
         if ids:
             encoded.append(ids)
     if not encoded:
@@ -382,10 +333,8 @@ def calibration_batches(params: Params, data_path: Path, shown: str, tokenizer, 
     groups.append(group)
     batches = []
     for group in groups:
-        width = max(len(ids) for ids in group)
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in group], device=device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in group], device=device)
-        batches.append((input_ids, mask))
+        input_ids, mask = right_pad(group, pad)
+        batches.append((torch.tensor(input_ids, device=device), torch.tensor(mask, device=device)))
     return batches
 
 

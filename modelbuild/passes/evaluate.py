@@ -25,7 +25,7 @@ from pathlib import Path
 from modelbuild import UserError, speed
 from modelbuild.gates import METRICS_FILE
 from modelbuild.passdef import Input, PassDef, param, require
-from modelbuild.ml.records import CHAT, load_records, render
+from modelbuild.ml.records import CHAT, load_records, tokenize_record
 
 METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb")
 MODEL_FILE_SUFFIXES = (".onnx", ".onnx.data", ".data", ".safetensors", ".bin")
@@ -77,9 +77,7 @@ def _examples(params: Params, data: Path, tokenizer, shown: str) -> list[tuple[l
         records = records[: params.samples]
     examples = []
     for number, record in enumerate(records, 1):
-        prefix, full = render(record, params.template, tokenizer, f"{shown}: record {number}")
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
-        start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        ids, start = tokenize_record(record, params.template, tokenizer, params.max_length, f"{shown}: record {number}")
         if start < len(ids):
             examples.append((ids, max(start, 1)))
     if not examples:

@@ -18,9 +18,7 @@ with no adapter and with each adapter; a bundle that fails is never written.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -29,6 +27,7 @@ from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, verify_bundle
+from modelbuild.ml.console import quiet_stdout
 from modelbuild.passdef import Input, PassDef, param
 
 INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default")
@@ -199,7 +198,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             options += [f"adapter_path={first}", f"nodes_to_exclude={_lora_exclusions(base)}"]
         status.update(f"genai builder: {params.precision} model for {device}"
                       + (f" ({params.int4_algorithm})" if params.precision == "int4" else ""))
-        with _quiet_builder():
+        with quiet_stdout():
             _run_builder(base, out_dir, params.precision, device, options, scratch)
         if adapters:
             names = iter(adapters.items())
@@ -209,7 +208,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
             for name, path in names:
                 status.update(f"adapter '{name}': fp32 build for its LoRA layout")
-                with _quiet_builder():
+                with quiet_stdout():
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
@@ -220,16 +219,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "adapters": sorted(adapters),
         "verified_tokens": counts,
     }, indent=1, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def _quiet_builder():
-    """The builder prints per-layer chatter to stdout; keep it out of the build log unless asked."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
 
 
 def check(params: dict, inputs: dict) -> None:

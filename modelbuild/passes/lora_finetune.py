@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.ml.records import load_records, render
+from modelbuild.ml.records import load_records, right_pad, tokenize_record
 from modelbuild.passdef import Input, PassDef, param, require
 
 SEED_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
@@ -47,11 +47,9 @@ class Params:
 def tokenize(records, params: Params, tokenizer, shown: str) -> list[tuple[list[int], list[int]]]:
     examples = []
     for number, record in enumerate(records, 1):
-        prefix, full = render(record, params.template, tokenizer, f"{shown}: record {number}")
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: params.max_length]
+        ids, prompt_tokens = tokenize_record(record, params.template, tokenizer, params.max_length, f"{shown}: record {number}")
         labels = list(ids)
         if params.loss_on == "response":
-            prompt_tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
             if prompt_tokens >= len(ids):
                 raise UserError(
                     f"{shown}: record {number}: its prompt alone is {prompt_tokens} tokens, so no response token fits in "
@@ -123,10 +121,9 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                     order = list(range(len(examples)))
                     order_rng.shuffle(order)
                 batch.append(examples[order.pop()])
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            padded, mask = right_pad([ids for ids, _ in batch], pad_id)
+            labels, _ = right_pad([lab for _, lab in batch], -100)  # padding carries no loss
+            input_ids, labels, mask = torch.tensor(padded), torch.tensor(labels), torch.tensor(mask)
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             if not math.isfinite(loss.item()):
                 raise UserError(f"training diverged at step {step + 1} (loss {loss.item()}): lower params.learning_rate")

@@ -15,7 +15,7 @@ Algorithms (all those this onnxruntime offers that run on CPU without downloads)
 - ``gptq``: GPTQ, each weight row's rounding error compensated on the rows not yet quantized,
   from calibration activations: the project's own JSONL prompt/response records, rendered the
   way generation sees them (never a hub dataset). onnxruntime 1.31's own GPTQ returns plain RTN
-  (see ``_gptq``), so the GPTQ step is done here, on onnxruntime's activations and node maker.
+  (see ``modelbuild.ml.gptq``), so the GPTQ step is done there, on onnxruntime's activations and node maker.
 
 The default is hqq: no data, and on this project's SmolLM2 (an fp32 dequantization of a Q4_1
 GGUF, so its weights already sit on an asymmetric 4-bit grid with a float minimum per block of 32)
@@ -36,10 +36,8 @@ rtn, k_quant and hqq are deterministic: the same bundle and params give byte-ide
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -47,6 +45,10 @@ from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
+from modelbuild.ml.calibration import calibration_feeds
+from modelbuild.ml.console import quiet_stdout
+from modelbuild.ml.gptq import gptq_quantize
+from modelbuild.ml.weight_only import library_hooks
 from modelbuild.passdef import Input, PassDef, param, require
 
 ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
@@ -220,126 +222,7 @@ def _matching(patterns: list[str], weights: dict, key: str) -> set[str]:
     return matched
 
 
-# --- calibration (gptq) -------------------------------------------------------------------------
-
-class _TemplateTokenizer:
-    """What lora_finetune.render needs of a tokenizer, served by the bundle's own (onnxruntime-genai)
-    tokenizer: the same chat template generation applies."""
-
-    def __init__(self, tokenizer, has_template: bool):
-        self.tokenizer = tokenizer
-        self.chat_template = has_template
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
-        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=add_generation_prompt)
-
-
-def _has_chat_template(bundle: Path) -> bool:
-    if (bundle / "chat_template.jinja").is_file():
-        return True
-    try:
-        return bool(json.loads((bundle / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _calibration(bundle: Path, path: Path, shown: str, params: Params, feeds) -> tuple[list[dict], dict]:
-    """Calibration input dicts and a record of what they are."""
-    import onnxruntime_genai as og
-
-    from modelbuild.ml.records import load_records, render
-
-    records = load_records(path, shown)
-    count = min(params.calibration_samples, len(records))
-    picked = sorted({(i * len(records)) // count for i in range(count)})
-    tokenizer = og.Tokenizer(og.Config(str(bundle)))
-    shim = _TemplateTokenizer(tokenizer, _has_chat_template(bundle))
-    samples, tokens = [], 0
-    for index in picked:
-        _, text = render(records[index], params.template, shim, f"{shown}: record {index + 1}")
-        ids = [int(t) for t in tokenizer.encode(text)][: params.max_length]
-        if not ids:
-            raise UserError(f"{shown}: record {index + 1}: renders to no tokens")
-        samples.append(feeds(ids))
-        tokens += len(ids)
-    return samples, {"file": shown, "records": len(samples), "tokens": tokens,
-                     "template": params.template, "max_length": params.max_length}
-
-
 # --- quantizing ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _quiet():
-    """The quantizers print their own progress to stdout; keep it out of the build log unless asked."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
-
-
-@contextlib.contextmanager
-def _library_hooks(quantizer, on_step):
-    """Patch onnxruntime's weight-only quantizer for the duration of one run.
-
-    - progress: RTN and k-quant report through neural_compressor's ``simple_progress_bar``;
-      HQQ quantizes node by node through its node quantizer;
-    - zero points: neural_compressor packs the int4 zero points of all columns as one run of
-      nibbles, which breaks when a column has an odd number of blocks (e.g. K=576, block 64);
-      they are packed per column, as MatMulNBits reads them (identical bytes otherwise).
-    """
-    from onnxruntime.quantization.neural_compressor import weight_only
-
-    saved = {name: getattr(weight_only, name) for name in ("simple_progress_bar", "make_matmul_weight_only_node")}
-    weight_only.simple_progress_bar = lambda total, i: on_step(i, total)
-    weight_only.make_matmul_weight_only_node = _matmul_nbits_node(saved["make_matmul_weight_only_node"])
-    node_quantizer = quantizer.node_quantizer
-    if node_quantizer is not None:
-        original_quantize = node_quantizer.quantize
-        done = [0]
-
-        def quantize(node, graph_stack):
-            out = original_quantize(node, graph_stack)
-            done[0] += 1
-            on_step(done[0], None)
-            return out
-
-        node_quantizer.quantize = quantize
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(weight_only, name, value)
-        if node_quantizer is not None:
-            node_quantizer.quantize = original_quantize
-
-
-def _pack_zero_points(zero_points, columns: int):
-    """uint8 zero points, one per block with each column's blocks contiguous -> MatMulNBits'
-    int4 layout: per column, two blocks a byte (low nibble first), an odd last one padded with 8."""
-    import numpy as np
-
-    zp = np.asarray(zero_points).astype(np.uint8).reshape(columns, -1)
-    if zp.shape[1] % 2:
-        zp = np.concatenate([zp, np.full((columns, 1), 8, dtype=np.uint8)], axis=1)
-    return (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
-
-
-def _matmul_nbits_node(make):
-    """neural_compressor's MatMulNBits node maker, with zero points packed per column."""
-    from onnx import numpy_helper
-
-    def make_node(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, zero_point, accuracy_level=0):
-        new_node, initializers = make(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, None,
-                                      accuracy_level=accuracy_level)
-        if zero_point is not None:
-            packed = numpy_helper.from_array(_pack_zero_points(zero_point, weight_shape[1]), node.input[1] + "_zp")
-            new_node.input.append(packed.name)
-            initializers.append(packed)
-        return new_node, initializers
-
-    return make_node
-
 
 def _quantize_int8(model, params: Params, plan: Plan):
     """The int8_nodes, quantized after the int4 pass: symmetric RTN MatMulNBits with 8 bits."""
@@ -352,14 +235,15 @@ def _quantize_int8(model, params: Params, plan: Plan):
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=params.block_size, is_symmetric=True,
                                          accuracy_level=params.accuracy_level or None, nodes_to_exclude=others,
                                          algo_config=config)
-    with _quiet():
+    with quiet_stdout():
         quantizer.process()
     return quantizer.model.model
 
 
 def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_step):
     if params.algorithm == "gptq":
-        result = _gptq(model, params, plan, samples, on_step)
+        nodes = set(plan.weights) - set(plan.exclude) - set(plan.int8)
+        result = gptq_quantize(model, nodes, samples, params.block_size, params.symmetric, params.accuracy_level, on_step, BITS)
     else:
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -378,7 +262,7 @@ def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_
             nodes_to_exclude=plan.exclude + plan.int8,
             algo_config=config,
         )
-        with _library_hooks(quantizer, on_step), _quiet(), warnings.catch_warnings():
+        with library_hooks(quantizer, on_step), quiet_stdout(), warnings.catch_warnings():
             # HQQ hands torch a read-only numpy view of each weight; it only reads it.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             quantizer.process()
@@ -393,149 +277,6 @@ def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_
             if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", params.accuracy_level))
     return result
-
-
-# --- gptq ---------------------------------------------------------------------------------------
-# onnxruntime 1.31's GPTQ (neural_compressor.weight_only.gptq) propagates each row's rounding error
-# through the wrong triangle of the Cholesky factor (all zeros), so it returns plain RTN, and it
-# re-rounds the result onto a new grid. This is GPTQ (Frantar et al., 2022) done as in the paper's
-# reference code, on onnxruntime's activations and its MatMulNBits node maker.
-
-GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, as in the reference code
-
-
-def _hessians(model, names: list[str], samples: list[dict], on_step) -> dict:
-    """sum of X^T X over the calibration tokens, for each MatMul input X in ``names``."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    if model.ByteSize() >= 2**31:
-        raise UserError("params.algorithm: gptq runs the decoder from memory, which protobuf limits to 2 GB; use rtn, k_quant or hqq")
-    kept = len(model.graph.output)
-    for name in names:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    finally:
-        del model.graph.output[kept:]
-    hessians: dict = {}
-    for step, feeds in enumerate(samples, 1):
-        for name, value in zip(names, session.run(names, feeds), strict=True):
-            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            if name in hessians:
-                hessians[name] += x.T @ x
-            else:
-                hessians[name] = x.T @ x
-        on_step(step, None)
-    return hessians
-
-
-def _inverse_hessian_factor(h):
-    """(U, dead): U upper triangular with U^T U = (H + damping)^-1; dead inputs never fire."""
-    import numpy as np
-
-    h = h.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    damp = GPTQ_DAMP * float(np.mean(np.diag(h)))
-    for _ in range(6):
-        try:
-            return np.linalg.cholesky(np.linalg.inv(h + damp * np.eye(len(h)))).T, dead
-        except np.linalg.LinAlgError:
-            damp *= 10
-    raise UserError("gptq: the calibration Hessian stays singular; give more calibration_samples")
-
-
-def _block_params(rows, symmetric: bool):
-    """Scale and zero point per column of one block of weight rows, as RTN computes them."""
-    import numpy as np
-
-    if symmetric:
-        scale = np.maximum(np.abs(rows.min(axis=0)), np.abs(rows.max(axis=0))) * 2.0 / 15
-        zero = np.full(rows.shape[1], 8.0)
-    else:
-        low, high = rows.min(axis=0), rows.max(axis=0)
-        scale = (high - low) / 15
-        zero = None
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)  # stored as fp32
-    if zero is None:
-        zero = np.clip(np.round(-low / scale), 0, 15)
-    return scale, zero
-
-
-def _gptq_weight(weight, factor, dead, block_size: int, symmetric: bool):
-    """GPTQ of one (K, N) MatMul weight: int4 codes (K padded to whole blocks, N), scales and
-    zero points (blocks, N). Rows (input channels) are quantized in order; each row's rounding
-    error is spread over the rows not yet quantized, weighted by the inverse Hessian."""
-    import numpy as np
-
-    k, n = weight.shape
-    w = weight.astype(np.float64)
-    w[dead, :] = 0.0
-    blocks = -(-k // block_size)
-    codes = np.zeros((blocks * block_size, n), dtype=np.uint8)
-    scales = np.zeros((blocks, n))
-    zeros = np.zeros((blocks, n))
-    chunk = block_size * max(1, 128 // block_size)  # lazy-update batch: whole quantization blocks
-    for i1 in range(0, k, chunk):
-        i2 = min(i1 + chunk, k)
-        w1 = w[i1:i2].copy()
-        errors = np.zeros_like(w1)
-        u1 = factor[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            row = i1 + i
-            if row % block_size == 0:
-                block = row // block_size
-                scale, zero = _block_params(w1[i:i + block_size], symmetric)
-                scales[block], zeros[block] = scale, zero
-            code = np.clip(np.round(w1[i] / scale + zero), 0, 15)
-            codes[row] = code
-            error = (w1[i] - scale * (code - zero)) / u1[i, i]
-            w1[i:] -= np.outer(u1[i, i:], error)
-            errors[i] = error
-        w[i2:] -= factor[i1:i2, i2:].T @ errors
-    codes[k:] = zeros[-1].astype(np.uint8)  # padding rows dequantize to 0
-    return codes, scales, zeros
-
-
-def _gptq(model, params: Params, plan: Plan, samples: list[dict], on_step):
-    import numpy as np
-    from onnx import numpy_helper
-    from onnxruntime.quantization.neural_compressor import weight_only
-
-    graph = model.graph
-    excluded = set(plan.exclude) | set(plan.int8)
-    targets = [(i, n) for i, n in enumerate(graph.node) if n.name in plan.weights and n.name not in excluded]
-    names = sorted({n.input[0] for _, n in targets})
-    hessians = _hessians(model, names, samples, on_step)
-    make = _matmul_nbits_node(weight_only.make_matmul_weight_only_node)
-    initializers = {init.name: init for init in graph.initializer}
-    done = len(samples)
-    new_initializers = []
-    for name in names:
-        factor, dead = _inverse_hessian_factor(hessians.pop(name))
-        for index, node in [(i, n) for i, n in targets if n.input[0] == name]:
-            weight = numpy_helper.to_array(initializers[node.input[1]])
-            codes, scales, zeros = _gptq_weight(weight, factor, dead, params.block_size, params.symmetric)
-            columns = weight.shape[1]
-            new_node, added = make(
-                node, weight.shape, BITS, params.block_size, scales.shape[0],
-                np.ascontiguousarray(codes.T).reshape(-1, params.block_size),
-                scales.T.astype(weight.dtype),
-                None if params.symmetric else zeros.T.reshape(columns, -1),
-                accuracy_level=params.accuracy_level,
-            )
-            graph.node[index].CopyFrom(new_node)  # same place: the graph stays topologically sorted
-            new_initializers.extend(added)
-            done += 1
-            on_step(done, None)
-    graph.initializer.extend(new_initializers)
-    used = {name for node in graph.node for name in node.input}
-    for index in reversed(range(len(graph.initializer))):
-        if graph.initializer[index].name not in used:
-            del graph.initializer[index]
-    return model
 
 
 def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
@@ -627,7 +368,9 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             shown = (calibration.relative_to(ctx.project_root).as_posix()
                      if calibration.is_relative_to(ctx.project_root) else calibration.name)
             status.update(f"calibration data: {shown}")
-            samples, calibration_record = _calibration(bundle, calibration, shown, params, prefill_feeder(model, decoder, "inputs.bundle"))
+            samples, calibration_record = calibration_feeds(
+                bundle, calibration, shown, params.template, params.calibration_samples, params.max_length,
+                prefill_feeder(model, decoder, "inputs.bundle"))
 
     with step_progress() as progress:
         steps = len(set(plan.weights) - set(plan.exclude) - set(plan.int8)) + len(samples or ())  # gptq: forward passes, then weights

@@ -1,0 +1,72 @@
+"""onnxruntime's weight-only (MatMulNBits) quantizer, patched where it needs it, for one run at a time.
+
+The patches are process-wide (module attributes of onnxruntime.quantization.neural_compressor),
+so ``library_hooks`` installs them only for the duration of a ``with`` block and restores them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def library_hooks(quantizer, on_step):
+    """Patch onnxruntime's weight-only quantizer for the duration of one run.
+
+    - progress: RTN and k-quant report through neural_compressor's ``simple_progress_bar``;
+      HQQ quantizes node by node through its node quantizer;
+    - zero points: neural_compressor packs the int4 zero points of all columns as one run of
+      nibbles, which breaks when a column has an odd number of blocks (e.g. K=576, block 64);
+      they are packed per column, as MatMulNBits reads them (identical bytes otherwise).
+    """
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    saved = {name: getattr(weight_only, name) for name in ("simple_progress_bar", "make_matmul_weight_only_node")}
+    weight_only.simple_progress_bar = lambda total, i: on_step(i, total)
+    weight_only.make_matmul_weight_only_node = matmul_nbits_node(saved["make_matmul_weight_only_node"])
+    node_quantizer = quantizer.node_quantizer
+    if node_quantizer is not None:
+        original_quantize = node_quantizer.quantize
+        done = [0]
+
+        def quantize(node, graph_stack):
+            out = original_quantize(node, graph_stack)
+            done[0] += 1
+            on_step(done[0], None)
+            return out
+
+        node_quantizer.quantize = quantize
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(weight_only, name, value)
+        if node_quantizer is not None:
+            node_quantizer.quantize = original_quantize
+
+
+def pack_zero_points(zero_points, columns: int):
+    """uint8 zero points, one per block with each column's blocks contiguous -> MatMulNBits'
+    int4 layout: per column, two blocks a byte (low nibble first), an odd last one padded with 8."""
+    import numpy as np
+
+    zp = np.asarray(zero_points).astype(np.uint8).reshape(columns, -1)
+    if zp.shape[1] % 2:
+        zp = np.concatenate([zp, np.full((columns, 1), 8, dtype=np.uint8)], axis=1)
+    return (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+
+
+def matmul_nbits_node(make):
+    """neural_compressor's MatMulNBits node maker, with zero points packed per column."""
+    from onnx import numpy_helper
+
+    def make_node(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, zero_point, accuracy_level=0):
+        new_node, initializers = make(node, weight_shape, num_bits, group_size, k_blocks, q_weight, scale, None,
+                                      accuracy_level=accuracy_level)
+        if zero_point is not None:
+            packed = numpy_helper.from_array(pack_zero_points(zero_point, weight_shape[1]), node.input[1] + "_zp")
+            new_node.input.append(packed.name)
+            initializers.append(packed)
+        return new_node, initializers
+
+    return make_node
