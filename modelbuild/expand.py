@@ -88,10 +88,10 @@ def expand_matrix(template_name: str, table: dict, variables: dict | None, where
     if matrix is None and variables is None:
         return [(template_name, table, "")]
     if matrix is None:
-        name = _substitute(template_name, variables, f"{where}: name")
+        name = substitute(template_name, variables, f"{where}: name")
         if not isinstance(name, str):
             raise UserError(f"{where}: name: must expand to a string")
-        return [(name, _substitute(table, variables, where), "")]
+        return [(name, substitute(table, variables, where), "")]
     if not isinstance(matrix, dict) or not matrix:
         raise UserError(f"{where}: matrix: expected a table of var = [values]")
     axes: list[list[tuple[str, dict]]] = []
@@ -105,7 +105,7 @@ def expand_matrix(template_name: str, table: dict, variables: dict | None, where
             if isinstance(value, dict):
                 if not isinstance(value.get("name"), str):
                     raise UserError(f"{where}: matrix.{key}[{i}]: a table entry needs a string 'name'")
-                fields = {k: _substitute(v, variables or {}, f"{where}: matrix.{key}[{i}]", k) for k, v in value.items() if k != "name"}
+                fields = {k: substitute(v, variables or {}, f"{where}: matrix.{key}[{i}]", k) for k, v in value.items() if k != "name"}
                 axis.append((value["name"], {**fields, key: value["name"]}))
             elif isinstance(value, (str, int, float, bool)):
                 axis.append((str(value), {key: value}))
@@ -125,19 +125,19 @@ def expand_matrix(template_name: str, table: dict, variables: dict | None, where
             combined.update(assigned)
         label = ", ".join(f"{key}={shown}" for key, (shown, _) in zip(matrix, combination))
         at = f"{where} [{label}]"
-        name = _substitute(template_name, combined, f"{at}: name")
+        name = substitute(template_name, combined, f"{at}: name")
         if not isinstance(name, str):
             raise UserError(f"{at}: name: must expand to a string")
-        out.append((name, _substitute(body, combined, at), label))
+        out.append((name, substitute(body, combined, at), label))
     return out
 
 
-def _substitute(value: Any, variables: dict, where: str, key: str = "") -> Any:
+def substitute(value: Any, variables: dict, where: str, key: str = "") -> Any:
     """Expand {var} placeholders in a recipe value; ``key`` is the dotted key path for errors."""
     if isinstance(value, dict):
-        return {k: _substitute(v, variables, where, f"{key}.{k}" if key else k) for k, v in value.items()}
+        return {k: substitute(v, variables, where, f"{key}.{k}" if key else k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, variables, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [substitute(v, variables, where, f"{key}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
     at = f"{where}: {key}" if key else where

@@ -119,6 +119,14 @@ def new_project(root: Path, cache: Path | None = None) -> Project:
     return Project(root, cache)
 
 
+def copy_project(source: Project, root: Path) -> Project:
+    """A private copy of a built project and its cache: tests that edit it own it (no order dependence)."""
+    shutil.copytree(source.root, root, symlinks=True)
+    cache = root.parent / f"{root.name}-cache"
+    shutil.copytree(source.cache, cache, symlinks=True)
+    return Project(root, cache)
+
+
 @pytest.fixture
 def project(tmp_path) -> Project:
     return new_project(tmp_path / "project")
