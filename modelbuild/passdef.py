@@ -73,6 +73,10 @@ class PassDef:
     # named input), and raises UserError("inputs.x: ..."); the loader prefixes file and target.
     # Rules on params alone belong in the Params dataclass's __post_init__ (ValueError("params.x: ...")).
     check: Callable[[dict, dict], None] | None = None
+    # What the params only name and the action depends on, resolved when the key is computed
+    # (hf-import: the commit a hub branch points at): resolve(params, inputs) -> dict, cheap
+    # and offline (it runs on every no-op), part of the key as "resolved".
+    resolve: Callable[[dict, dict], dict] | None = None
 
     @property
     def module(self) -> types.ModuleType:

@@ -129,6 +129,7 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
     """Everything the action key hashes, kept readable so a stamp can explain itself."""
     inputs = {key: _ref_digest(project, ref, cache) for key, ref in target.inputs.items()}
     pass_def = target.pass_def
+    resolved = pass_def.resolve(target.params, target.inputs) if pass_def.resolve else None
     return {
         "key_format": KEY_FORMAT,
         "digest": ALGORITHM,
@@ -141,6 +142,7 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
         "device": target.device,
         "libraries": {name: library_version(name) for name in ("modelbuild", *pass_def.libraries)},
         "inputs": inputs,
+        **({"resolved": resolved} if resolved else {}),
     }
 
 
@@ -277,7 +279,7 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, ass
         "assigned_device": assignment.device,
         "threads": assignment.threads,
         "cache_dir": str(project.cache_dir),
-        "project_root": str(project.root),
+        "input_names": {key: str(ref) for key, ref in target.inputs.items()},
     }
     plan_file = work / "plan.json"
     plan_file.write_text(json.dumps(plan, indent=1))

@@ -27,8 +27,8 @@ class StageContext:
     device: str  # "cpu" or "cuda": with CUDA_VISIBLE_DEVICES set, the assigned GPU is cuda:0 in here
     assigned_device: str  # the slot the scheduler gave the stage: "cpu" or "cuda:N" (for records)
     threads: int  # CPU threads this stage may use (onnxruntime intra-op, torch via OMP_NUM_THREADS)
-    cache_dir: Path  # shared download / builder cache; passes never write outputs here
-    project_root: Path
+    cache_dir: Path  # downloads pinned by sha256 in the pass's params (embedded-import); never outputs
+    input_names: dict[str, str]  # each input as the target file names it ("targets/data/x.jsonl", ":base"), for messages
 
 
 def main(plan_file: str) -> int:
@@ -44,7 +44,7 @@ def main(plan_file: str) -> int:
         assigned_device=plan.get("assigned_device", plan["device"]),
         threads=int(plan.get("threads") or os.cpu_count() or 1),
         cache_dir=Path(plan["cache_dir"]),
-        project_root=Path(plan["project_root"]),
+        input_names=plan["input_names"],
     )
     try:
         pass_def.run(pass_def.params(**plan["params"]), inputs, Path(plan["output_dir"]), ctx)

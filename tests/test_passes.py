@@ -160,3 +160,29 @@ def test_no_pass_imports_another_pass_so_keys_follow_only_shared_code():
         assert passes == [source.relative_to(package).as_posix()], (name, passes)
     awq = {p.relative_to(package).as_posix() for p in _module_files(Path(registry()["awq"].run.__code__.co_filename))}
     assert {"ml/records.py", "ml/int4.py"} <= awq and "passes/lora_finetune.py" not in awq
+
+
+def test_hf_import_from_the_hub_keys_the_commit_its_branch_resolves_to(built_tiny, tmp_path):
+    """A hub model on a branch is keyed by the commit the branch points at (through the local
+    Hugging Face cache, offline here), not by the branch name: when the branch moves, it rebuilds."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--test--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        shutil.copytree(built_tiny.path("build/tiny-base"), repo / "snapshots" / commit, ignore=shutil.ignore_patterns(".modelbuild"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    built_tiny.path("targets/hub.toml").write_text('[target.hub-tiny]\npass = "hf-import"\nparams = { model = "test/tiny", revision = "main" }\n')
+    try:
+        assert built_tiny.doit("hub-tiny", env=env).executed == {"hub-tiny"}
+        assert json.loads(built_tiny.path("build/hub-tiny/hf_import.json").read_text())["commit"] == "a" * 40
+        assert built_tiny.doit("hub-tiny", env=env).executed == set()
+        (repo / "refs" / "main").write_text("b" * 40)  # the branch moved, and the new commit was fetched
+        why = built_tiny.modelbuild("why", "hub-tiny", env=env).out
+        assert f"hub-tiny: stale: resolved: {{'commit': '{'a' * 40}'}} -> {{'commit': '{'b' * 40}'}}" in why
+        assert built_tiny.doit("hub-tiny", env=env).executed == {"hub-tiny"}
+        assert json.loads(built_tiny.path("build/hub-tiny/hf_import.json").read_text())["commit"] == "b" * 40
+    finally:
+        built_tiny.path("targets/hub.toml").unlink()

@@ -346,7 +346,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.progress import step_progress
 
     data_path = inputs["data"]
-    shown = data_path.relative_to(ctx.project_root).as_posix() if data_path.is_relative_to(ctx.project_root) else str(data_path)
+    shown = ctx.input_names["data"]
     device = torch.device("cuda" if ctx.device.startswith("cuda") else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{ctx.device}': torch sees no CUDA device")

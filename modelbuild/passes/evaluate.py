@@ -169,7 +169,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         if params.adapter and adapter_dir is None:
             raise UserError("params.adapter: for an HF model it only labels inputs.adapter, which is missing")
     data: Path = inputs["data"]
-    shown = data.relative_to(ctx.project_root).as_posix() if data.is_relative_to(ctx.project_root) else str(data)
+    shown = ctx.input_names["data"]
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples = _examples(params, data, tokenizer, shown)
 

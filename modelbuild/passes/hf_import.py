@@ -2,14 +2,18 @@
 
 Files are taken as they are (config, safetensors weights, tokenizer, chat template, and the
 model's own code when trust_remote_code is set); downstream passes load them. A local folder is
-keyed by its content. A hub model is keyed by (id, revision): pin revision to a commit sha for
-hermetic builds; the resolved commit is recorded in hf_import.json either way.
+keyed by its content. A hub model is keyed by (id, the commit its revision resolves to): a sha
+is its own commit; a branch or tag is resolved through the local Hugging Face cache (no network
+on a no-op), so when the branch moves and the new commit is fetched, the stage rebuilds. A
+branch never fetched here keys as unresolved until the first download (one extra rebuild then).
+Pin revision to a commit sha for hermetic builds; hf_import.json records the commit either way.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -53,6 +57,21 @@ def _from_hub(params: Params, ctx) -> tuple[Path, str]:
             f"'{ctx.target}' in targets/"
         ) from None
     return folder, folder.name
+
+
+def resolve(params: dict, inputs: dict) -> dict:
+    """The commit a hub revision names, from the local Hugging Face cache's refs (key component)."""
+    if "local" in inputs or not params["model"]:
+        return {}
+    revision = params["revision"]
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return {"commit": revision}
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface") / "hub")
+    ref = hub / f"models--{params['model'].replace('/', '--')}" / "refs" / revision
+    try:
+        return {"commit": ref.read_text().strip()}
+    except OSError:
+        return {"commit": f"unresolved {revision}"}
 
 
 def check(params: dict, inputs: dict) -> None:
@@ -99,4 +118,5 @@ PASS = PassDef(
     run=run,
     libraries=("huggingface_hub",),
     check=check,
+    resolve=resolve,
 )

@@ -79,7 +79,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.progress import step_progress
 
     data_path = inputs["data"]
-    shown = data_path.relative_to(ctx.project_root).as_posix() if data_path.is_relative_to(ctx.project_root) else str(data_path)
+    shown = ctx.input_names["data"]
     torch.manual_seed(params.seed)
     tokenizer = AutoTokenizer.from_pretrained(inputs["base"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -365,8 +365,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         plan = _plan(model, params, adapters)
         samples, calibration_record = None, None
         if params.algorithm in NEEDS_CALIBRATION:
-            shown = (calibration.relative_to(ctx.project_root).as_posix()
-                     if calibration.is_relative_to(ctx.project_root) else calibration.name)
+            shown = ctx.input_names["calibration"]
             status.update(f"calibration data: {shown}")
             samples, calibration_record = calibration_feeds(
                 bundle, calibration, shown, params.template, params.calibration_samples, params.max_length,
