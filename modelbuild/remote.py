@@ -69,8 +69,9 @@ class RemoteUnavailable(RemoteError):
 class RemoteCorrupt(RemoteError):
     """Remote objects whose bytes do not match their digest (or are missing); nothing was served."""
 
-    def __init__(self, url: str, problems: list[str]):
+    def __init__(self, url: str, problems: list[str], digests: tuple[str, ...] = ()):
         self.problems = problems
+        self.digests = digests  # the bad objects: a push that repairs the remote uploads them again
         super().__init__(f"remote cache {url}: {len(problems)} bad object(s): {'; '.join(problems)}")
 
 
@@ -113,7 +114,7 @@ class RemoteStore:
     def __init__(self, url: str, store: S3Store, secrets: tuple[str, ...]):
         self.url = url
         self._store = store
-        self._secrets = tuple(s for s in secrets if s)
+        self._secrets = tuple(s for s in secrets if s)  # scrubbed from messages (keys, the endpoint)
 
     @classmethod
     def from_url(cls, url: str) -> "RemoteStore":
@@ -127,6 +128,10 @@ class RemoteStore:
                         client_options={**CLIENT_OPTIONS, "allow_http": allow_http}, retry_config=RETRY)
         secrets = [os.environ.get(f"AWS_{name.upper()}") or settings.get(name)
                    for name in ("secret_access_key", "session_token", "access_key_id")]
+        endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                    or os.environ.get("AWS_ENDPOINT") or settings.get("endpoint") or "").rstrip("/")
+        if endpoint:  # where the team's server is: no business of logs and error messages either
+            secrets += [endpoint, urlparse(endpoint).netloc]
         return cls(f"s3://{parsed.netloc}/{prefix or ''}".rstrip("/"), store, tuple(s for s in secrets if s))
 
     # -- helpers ---------------------------------------------------------------------------
@@ -137,10 +142,12 @@ class RemoteStore:
 
     def _error(self, error: BaseException) -> RemoteUnavailable:
         """A one-line, secret-free RemoteUnavailable from a client error."""
-        text = " ".join(str(error).split()) or type(error).__name__
-        for secret in self._secrets:
+        text = " ".join(str(error).split()).split(" Debug source:")[0] or type(error).__name__
+        for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
-        return RemoteUnavailable(f"remote cache {self.url} unavailable: {text[:300]}")
+        unavailable = RemoteUnavailable(f"remote cache {self.url} unavailable: {text[:300]}")
+        unavailable.reason = text[:300]
+        return unavailable
 
     @contextlib.contextmanager
     def _client(self):
@@ -248,16 +255,18 @@ class RemoteStore:
         except ValueError:
             return None
 
-    def push(self, entry: dict, files: dict[str, Path]) -> dict:
+    def push(self, entry: dict, files: dict[str, Path], replace=()) -> dict:
         """Upload the objects the remote lacks (multipart and parallel above PART), then the entry.
 
         ``files`` maps digest -> a local file with that content (the local store's objects or the
-        stage's output). Returns counts: objects uploaded and skipped, bytes uploaded.
+        stage's output); ``replace``: digests to upload even though the remote has them (objects
+        a fetch found corrupt: the push repairs them). Returns counts: objects uploaded and
+        skipped, bytes uploaded.
         """
         needed = {info["digest"] for info in entry["manifest"].values()}
         if lacking := needed - set(files):
             raise ValueError(f"push of {entry.get('action_key')}: no local file for digest(s) {sorted(lacking)}")
-        missing = sorted(needed - self._has(needed))
+        missing = sorted((needed - self._has(needed)) | (needed & set(replace)))
         self._parallel(PARALLEL_FILES, lambda d: self._upload(Path(files[d]), self.object_key(d)), missing)
         body = json.dumps(entry, indent=1, sort_keys=True).encode()  # as store.py writes it
         with self._client():
@@ -281,9 +290,10 @@ class RemoteStore:
                 by_digest.setdefault(info["digest"], (rel, info.get("size")))
             results = self._parallel(PARALLEL_FILES, lambda item: self._check(
                 self.object_key(item[0]), item[0], work / item[0], item[1][1]), by_digest.items())
-            problems = [f"{rel} (object {d}) {why}" for (d, (rel, _)), why in zip(by_digest.items(), results) if why]
-            if problems:
-                raise RemoteCorrupt(self.url, problems)
+            bad = [(d, rel, why) for (d, (rel, _)), why in zip(by_digest.items(), results) if why]
+            if bad:
+                raise RemoteCorrupt(self.url, [f"{rel} (object {d}) {why}" for d, rel, why in bad],
+                                    tuple(d for d, _, _ in bad))
             for rel, info in entry["manifest"].items():
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +306,20 @@ class RemoteStore:
                     "bytes": sum(size or 0 for _, size in by_digest.values())}
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def ping(self) -> None:
+        """One cheap request (the first page of a listing): RemoteUnavailable if the server, the
+        bucket or the credentials do not answer."""
+        with self._client():
+            next(iter(obstore.list(self._store, prefix="actions/", chunk_size=1)), None)
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Any file (a release archive, a lock) under ``key`` below the prefix."""
+        self._upload(Path(path), key)
+
+    def get_file(self, key: str, path: Path) -> bool:
+        """``key`` below the prefix -> ``path``; False when there is no such object."""
+        return self._download(key, Path(path), None)
 
     # -- maintenance -----------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ byte-identical output does not rerun anything downstream (early cutoff).
 
 Bringing a stage up to date, under a per-action lock shared through the cache: reuse an intact
 output already stamped with the key; else restore the action's outputs from the content-addressed
-cache (store.py); else run the pass in its own process (heavy imports, memory and device state die
+cache (store.py), then from the remote cache when one is configured (tiers.py, which also pushes
+what ran); else run the pass in its own process (heavy imports, memory and device state die
 with it) into a temporary folder beside ``build/``. Only a complete output is stamped (key +
 manifest) and renamed into place, so a failure or a kill leaves the previous output, which no
 longer matches the new key, or nothing.
@@ -37,6 +38,7 @@ from .gates import check_gates, gate_failures
 from .project import Project, Ref, Target
 from .status import STAMP_DIR, Fresh, Stale, read_stamp, status, write_stamp
 from .store import Store
+from .tiers import RemoteRequired, check_remote, remote_tier
 
 KEY_FORMAT = 2  # bump when the shape of the key itself changes
 PYTHON = ".".join(map(str, sys.version_info[:2]))
@@ -101,6 +103,7 @@ def check_state(project: Project) -> None:
         except sqlite3.DatabaseError as error:
             raise UserError(f"{path}: not a readable sqlite database ({error}); it is {what}: deleting it is safe "
                             "(outputs are re-checked by content)") from None
+    check_remote(project)  # a required remote that does not answer stops here; queued pushes go out
 
 
 _slot_pools: dict[Path, SlotPool] = {}
@@ -169,6 +172,7 @@ def build(project: Project, target: Target) -> dict:
         raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
     key = hash_json(components)
     store = Store(project.cache_dir)
+    remote = remote_tier(project)
     final = project.output_dir(target.name)
     project.build_dir.mkdir(parents=True, exist_ok=True)
     with store.lock(key, f"'{target.name}'"), store.lock(_target_lock_name(project, target), f"'{target.name}'"):
@@ -196,8 +200,15 @@ def build(project: Project, target: Target) -> dict:
                     say(f"'{target.name}': {problem}; rebuilding")
                     shutil.rmtree(out_tmp)
                     out_tmp.mkdir()
-                stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
-                store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
+                entry = None if force or remote is None else _remote_restore(remote, target, key, out_tmp)
+                if entry is not None:  # fetched and re-hashed: the next restore is local
+                    store.record(out_tmp, entry)
+                    stamp = {**entry, "origin": "restored from the remote cache", "restored_at": _now()}
+                else:
+                    stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
+                    store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
+                    if remote is not None:
+                        _remote_push(remote, target, stamp, out_tmp)
             if target.gates:
                 failed = gate_failures(target, out_tmp)
                 if failed:
@@ -208,6 +219,20 @@ def build(project: Project, target: Target) -> dict:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {"action_key": key}
+
+
+def _remote_restore(remote, target: Target, key: str, out_tmp: Path) -> dict | None:
+    try:
+        return remote.restore(target.name, key, out_tmp)
+    except RemoteRequired as error:
+        raise StageError(f"target '{target.name}': {error}") from None
+
+
+def _remote_push(remote, target: Target, stamp: dict, out_tmp: Path) -> None:
+    try:
+        remote.push(target.name, stamp, out_tmp)
+    except RemoteRequired as error:
+        raise StageError(f"target '{target.name}': built and in the local cache, but {error}") from None
 
 
 def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
