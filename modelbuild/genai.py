@@ -142,3 +142,37 @@ def prefill_feeder(model, decoder: dict, where: str):
         return out
 
     return feeds
+
+
+def bundle_logits(bundle: Path, ids: list[int]):
+    """Logits [tokens, vocab] (numpy, float64) of a bundle's decoder for one sequence, empty KV
+    cache, through plain onnxruntime on the CPU; switchable adapters stay off (their defaults)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    decoder = json.loads((Path(bundle) / "genai_config.json").read_text())["model"]["decoder"]
+    path = Path(bundle) / decoder["filename"]
+    feeds = prefill_feeder(onnx.load(str(path), load_external_data=False), decoder, "bundle")(ids)
+    ort.set_default_logger_severity(3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits_name = decoder.get("outputs", {}).get("logits", "logits")
+    return np.asarray(session.run([logits_name], feeds)[0], dtype=np.float64)[0]
+
+
+def logit_agreement(expected, got) -> dict:
+    """How closely ``got`` follows ``expected`` (both [tokens, vocab]): the largest absolute
+    difference, the Pearson correlation over all logits, and the share of positions whose top token
+    agrees. A builder that takes the wrong layer for the LM head correlates at ~0.6."""
+    import numpy as np
+
+    expected, got = np.asarray(expected, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if expected.shape != got.shape:
+        return {"shape": [list(expected.shape), list(got.shape)], "max_abs": float("inf"), "correlation": 0.0,
+                "top1_agreement": 0.0}
+    return {
+        "max_abs": round(float(np.abs(expected - got).max()), 6),
+        "correlation": round(float(np.corrcoef(expected.ravel(), got.ravel())[0, 1]), 6),
+        "top1_agreement": round(float((expected.argmax(-1) == got.argmax(-1)).mean()), 4),
+    }
+

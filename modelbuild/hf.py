@@ -30,3 +30,30 @@ def linear_out_features(model) -> dict[str, int]:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
     }
+
+
+def probe_ids(model_dir: Path, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as generation sees it: through the model's chat template if it has one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    else:
+        text = prompt
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def torch_logits(model_dir: Path, ids: list[int]):
+    """fp32 logits [tokens, vocab] of an HF causal LM for one sequence (numpy, float64). The model
+    is freed on return: callers that build another copy of it (the genai builder) never hold both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    del model
+    return logits
+

@@ -162,3 +162,41 @@ params = { precision = "fp32" }
     result = built_tiny.doit("-n", "2", "tiny-int8", "tiny-fp32-plain")
     assert result.executed == {"tiny-int8", "tiny-fp32-plain"}
     assert "tiny-base" in result.up_to_date
+
+
+def test_genai_build_refuses_a_bundle_that_does_not_match_torch(built_tiny, tmp_path):
+    """The LM-head trap through hf-import (random-init refuses such configs): with vocab 512 and
+    intermediate 256, Phi3's fused gate_up has 512 outputs and the builder takes it for the LM
+    head. The bundle loads and generates, but is not the model: genai-build must fail, not ship."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    tiny = json.loads(built_tiny.path("build/tiny-base/config.json").read_text())
+    config = Phi3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                        original_max_position_embeddings=512, tie_word_embeddings=False,
+                        bos_token_id=tiny["bos_token_id"], eos_token_id=tiny["eos_token_id"], pad_token_id=tiny["pad_token_id"])
+    torch.manual_seed(0)
+    trap = tmp_path / "trap-model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(trap)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(built_tiny.path(f"build/tiny-base/{name}"), trap / name)
+    result = built_tiny.doit_with("targets/trap.toml", f"""
+[target.trap-base]
+pass = "hf-import"
+inputs = {{ local = "{trap}" }}
+
+[target."trap-{{precision}}"]
+pass = "genai-build"
+inputs = {{ base = ":trap-base" }}
+params = {{ precision = "{{precision}}" }}
+matrix = {{ precision = ["fp32", "int4"] }}
+""", "-c", "trap-fp32", "trap-int4")
+    assert result.returncode != 0 and "Traceback" not in result.out, result.out
+    assert "target 'trap-fp32': built fp32 model differs from torch fp32: max |dlogit|" in result.out
+    assert "target 'trap-int4': built int4 model does not follow torch fp32 on the check prompt: logit correlation" in result.out
+    assert not built_tiny.path("build/trap-fp32").exists() and not built_tiny.path("build/trap-int4").exists()
+    checked = json.loads(built_tiny.path("build/tiny-travel-cpu-int4/modelbuild.json").read_text())["vs_torch_fp32"]
+    assert checked["correlation"] >= 0.9  # the real tiny int4 bundle passes the same check

@@ -26,10 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, verify_bundle
+from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle
+from modelbuild.hf import probe_ids, torch_logits
 from modelbuild.ml.console import quiet_stdout
-from modelbuild.passdef import Input, PassDef, param
+from modelbuild.passdef import Input, PassDef, param, require
 
+# What the built model must agree with torch fp32 on the check prompt (no adapter). Measured
+# (README, "genai-build checks what it built"): fp32 differs by 1e-4 on SmolLM2-135M; the lowest
+# quantized agreement is SmolLM2's int4 RTN (correlation 0.85, top-1 56 %); the LM-head trap (a
+# layer with vocab_size outputs taken for the head) on a tiny 2-layer Phi3 gives 0.68 in fp32
+# (refused by the fp32 bound) and correlation 0.71 / top-1 31 % in int4 (refused here).
+FP32_MAX_LOGIT_DIFF = 0.05
+QUANT_MIN_CORRELATION = 0.75
+QUANT_MIN_TOP1 = 0.25
 INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default")
 # Module paths the builder gives decoder Linears (per architecture family); the LoRA MatMuls
 # under them are excluded from quantization. Names that do not exist are ignored by the
@@ -52,10 +61,19 @@ class Params:
     symmetric: bool = param(True, "symmetric int4 (asymmetric breaks tied-embedding models such as SmolLM2)")
     extra_options: dict = param({}, "further model-builder extra_options, passed through as key=value strings")
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
+    max_logit_diff: float = param(
+        FP32_MAX_LOGIT_DIFF, "fp32/fp16: largest |logit| difference allowed vs torch fp32 on the check prompt (base model)")
+    min_correlation: float = param(
+        QUANT_MIN_CORRELATION, "int8/int4: smallest Pearson correlation of the logits with torch fp32 on the check prompt")
+    min_top1: float = param(
+        QUANT_MIN_TOP1, "int8/int4: smallest share of check-prompt positions whose top token agrees with torch fp32")
 
     def __post_init__(self):
         for key, value in self.extra_options.items():
             _check_extra_option(key, value)
+        require(self.max_logit_diff > 0, "max_logit_diff", "positive", self.max_logit_diff)
+        require(0 <= self.min_correlation <= 1, "min_correlation", "in [0, 1]", self.min_correlation)
+        require(0 <= self.min_top1 <= 1, "min_top1", "in [0, 1]", self.min_top1)
 
 
 # Builder options this pass sets from its own params: one source of truth each.
@@ -192,6 +210,9 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp, Console(stderr=True).status("") as status:
         scratch = Path(tmp)
+        status.update("torch fp32 logits of the base, to check the build against")
+        ids = probe_ids(base, params.check_prompt)
+        expected = torch_logits(base, ids)  # before the build: never the torch model and the builder's at once
         options = _builder_options(params, params.precision)
         if adapters:
             first = next(iter(adapters.values()))
@@ -211,6 +232,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 with quiet_stdout():
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights)
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
+        status.update("checking the built logits against torch fp32")
+        agreement = _check_against_torch(out_dir, ids, expected, params)
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
         counts = verify_bundle(out_dir, params.check_prompt, "built bundle")
     (out_dir / "modelbuild.json").write_text(json.dumps({
@@ -218,7 +241,25 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "device": device,
         "adapters": sorted(adapters),
         "verified_tokens": counts,
+        "vs_torch_fp32": agreement,
     }, indent=1, sort_keys=True) + "\n")
+
+
+def _check_against_torch(bundle: Path, ids: list[int], expected, params: Params) -> dict:
+    """The built decoder's logits on the check prompt vs torch fp32: a bundle that loads and
+    generates can still be the wrong model, and must not count as built."""
+    got = bundle_logits(bundle, ids)
+    agreement = logit_agreement(expected, got)
+    if params.precision in ("fp32", "fp16"):
+        if not agreement["max_abs"] <= params.max_logit_diff:
+            raise UserError(f"built {params.precision} model differs from torch fp32: max |dlogit| {agreement['max_abs']:.3g} > "
+                            f"params.max_logit_diff {params.max_logit_diff:g} on the check prompt ({agreement})")
+    elif not (agreement["correlation"] >= params.min_correlation and agreement["top1_agreement"] >= params.min_top1):
+        raise UserError(f"built {params.precision} model does not follow torch fp32 on the check prompt: logit correlation "
+                        f"{agreement['correlation']:.3f} (min {params.min_correlation:g}), top-1 agreement "
+                        f"{agreement['top1_agreement']:.0%} (min {params.min_top1:.0%}); a builder mistake (e.g. a layer "
+                        "with vocab_size outputs taken for the LM head) or a quantizer that breaks this model")
+    return agreement
 
 
 def check(params: dict, inputs: dict) -> None:
