@@ -219,26 +219,44 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-_registry: dict[str, PassDef] | None = None
+_entries: dict[str, importlib.metadata.EntryPoint] | None = None
+_loaded: dict[str, PassDef] = {}
 
 
-def registry() -> dict[str, PassDef]:
-    """All passes by name, loaded once per process from the entry-point group."""
-    global _registry
-    if _registry is None:
-        found: dict[str, PassDef] = {}
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    """Every registered pass's entry point by name, found once per process (nothing imported yet)."""
+    global _entries
+    if _entries is None:
+        found: dict[str, importlib.metadata.EntryPoint] = {}
         for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            pass_def = entry.load()
-            if not isinstance(pass_def, PassDef):
-                raise UserError(f"entry point {entry.name} = {entry.value}: not a modelbuild PassDef")
-            if pass_def.name != entry.name:
-                raise UserError(f"entry point {entry.name} = {entry.value}: the pass calls itself '{pass_def.name}'")
-            if entry.name in found and found[entry.name] is not pass_def:
-                raise UserError(f"pass '{entry.name}' is registered twice ({entry.value})")
-            found[entry.name] = pass_def
-        _registry = found
-    return _registry
+            if entry.name in found and found[entry.name].value != entry.value:
+                raise UserError(f"pass '{entry.name}' is registered twice ({found[entry.name].value} and {entry.value})")
+            found[entry.name] = entry
+        _entries = found
+    return _entries
 
 
 def get_pass(name: str) -> PassDef | None:
-    return registry().get(name)
+    """The pass called ``name``, its module imported on first use: a no-op build imports only
+    the passes its target files name."""
+    if name not in _loaded:
+        entry = _entry_points().get(name)
+        if entry is None:
+            return None
+        pass_def = entry.load()
+        if not isinstance(pass_def, PassDef):
+            raise UserError(f"entry point {entry.name} = {entry.value}: not a modelbuild PassDef")
+        if pass_def.name != entry.name:
+            raise UserError(f"entry point {entry.name} = {entry.value}: the pass calls itself '{pass_def.name}'")
+        _loaded[name] = pass_def
+    return _loaded[name]
+
+
+def pass_names() -> list[str]:
+    """The registered passes' names, without importing any of them."""
+    return sorted(_entry_points())
+
+
+def registry() -> dict[str, PassDef]:
+    """All passes by name (every pass module imported: for listing them)."""
+    return {name: get_pass(name) for name in pass_names()}

@@ -59,7 +59,7 @@ from . import UserError
 from .devices import check_config
 from .expand import check_keys, expand_matrix, expand_use, table_of
 from .gates import parse_gates
-from .passdef import PassDef, get_pass
+from .passdef import PassDef, get_pass, pass_names
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Output folders, their temporary siblings (".<name>~xxxxxxxx.tmp") and lock files carry the
@@ -315,9 +315,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
         raise UserError(f"{where}: pass: must be a string (a pass name), got {type(pass_name).__name__} {pass_name!r}")
     pass_def = get_pass(pass_name)
     if pass_def is None:
-        from .passdef import registry
-
-        raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(sorted(registry()))})")
+        raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(pass_names())})")
     device = table.get("device", "cpu")
     if not isinstance(device, str) or not DEVICE_RE.match(device):
         raise UserError(f"{where}: device: {device!r} is not cpu, cuda or cuda:N")
