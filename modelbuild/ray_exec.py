@@ -141,6 +141,7 @@ class RayExecutor:
         import ray
 
         options = resources(device, threads, gpu_memory_gb, self.gpu_memory_gb)
+        _check_feasible(plan.get("target", "stage"), options)
         expected = expected_versions or versions(libraries)
         inputs_key = push_inputs(inputs, remote)
         task = ray.remote(_stage_task).options(**options, max_retries=0, retry_exceptions=False,
@@ -154,6 +155,20 @@ class RayExecutor:
         """Run one stage on the cluster; returns {"manifest", "ran_on", "versions", "action_key"}
         with the outputs left in the remote cache. Ctrl-C cancels the task (force)."""
         return self.submit(plan, inputs, remote, device, threads, gpu_memory_gb, expected_versions, libraries).result()
+
+
+def _check_feasible(target: str, options: dict) -> None:
+    """Ray keeps a task no node can ever run pending forever, with a warning in a log nobody
+    reads: refuse it here in one line instead (e.g. 8 threads on 4-CPU nodes, cuda without GPUs)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = options["num_cpus"], options["num_gpus"]
+    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= min(gpus, 1) for r in nodes):
+        most = max((r.get("CPU", 0) for r in nodes), default=0)
+        want = f"{cpus} CPU(s)" + (f" and {gpus:g} GPU" if gpus else "")
+        have = f"at most {most:g} CPU(s) a node" + ("" if not gpus or any(r.get("GPU") for r in nodes) else ", no GPU")
+        raise RayStageError(f"target '{target}': no node of the Ray cluster has {want} ({len(nodes)} node(s), {have})")
 
 
 class StageRun:

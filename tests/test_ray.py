@@ -163,6 +163,12 @@ def test_cuda_index_is_refused_in_one_line_before_anything_is_pushed(executor, r
     assert "\n" not in str(caught.value) and remote.info()["actions"] == 0
 
 
+def test_a_stage_no_node_can_run_is_refused_in_one_line(executor, remote):
+    with pytest.raises(RayStageError) as caught:  # 4 threads, and each node declares 1 CPU
+        executor.run_stage(probe_plan("probe-wide"), {}, remote, "cpu", 4)
+    assert "4 CPU(s)" in str(caught.value) and "\n" not in str(caught.value) and remote.info()["actions"] == 0
+
+
 @pytest.mark.parametrize("victim", ["pass process", "ray worker"])
 def test_a_stage_killed_mid_run_is_a_one_line_error_and_pushes_nothing(executor, remote, victim):
     target = f"probe-killed-{uuid.uuid4().hex[:6]}"
