@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = "tiny-travel-cpu-int4-smoke"
 
 
+def pytest_configure(config):
+    """Every test runs in a network of its own with only loopback (tests/netns.py), so nothing a
+    test starts (Ray, SeaweedFS, a library's cloud probe) can send traffic past 127.0.0.1."""
+    from netns import private_network
+
+    private_network()
+
+
 @dataclass
 class DoitResult:
     returncode: int
