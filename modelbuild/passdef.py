@@ -15,6 +15,7 @@ libraries (torch, transformers, onnx...) are imported inside ``run``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -103,7 +104,7 @@ class PassDef:
 
     def param_types(self) -> dict[str, Any]:
         """Resolved annotations (pass modules may use ``from __future__ import annotations``)."""
-        return typing.get_type_hints(self.params)
+        return _type_hints(self.params)
 
     def resolve_params(self, given: dict, where: str) -> dict:
         """Validate user params against the typed config and fill in defaults.
@@ -137,6 +138,12 @@ class PassDef:
             message = str(error)
             raise UserError(f"{where}: {message if message.startswith('params.') else 'params: ' + message}") from None
         return resolved
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(params: type) -> dict[str, Any]:
+    """Resolved once per Params class: every target of a pass checks its params against them."""
+    return typing.get_type_hints(params)
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
