@@ -45,6 +45,7 @@ names a target; anything else is a file path relative to the TOML file.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 try:
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UserError
-from .devices import check_config
+from .devices import check_config, machine_from
 from .expand import check_keys, expand_matrix, expand_use, table_of
 from .gates import parse_gates
 from .passdef import PassDef, get_pass, pass_names
@@ -221,6 +222,7 @@ def load_project(root: Path | str) -> Project:
     for rel, index, use in uses:
         raw_targets.extend(expand_use(rel, index, use, recipes))
 
+    machine = functools.cache(lambda: machine_from(project.devices))  # discovered only if a target asks
     seen_in: dict[str, str] = {}
     for rel, name, table, origin in raw_targets:
         where = f"{rel}: target '{name}'" + (f" ({origin})" if origin else "")
@@ -228,7 +230,7 @@ def load_project(root: Path | str) -> Project:
         if name in seen_in:
             raise UserError(f"{where}: duplicate target name (also defined in {seen_in[name]})")
         seen_in[name] = rel
-        project.targets[name] = _make_target(root, rel, name, table, origin, where)
+        project.targets[name] = _make_target(root, rel, name, table, origin, where, machine)
 
     for target in project.targets.values():
         where = f"{target.file}: target '{target.name}'"
@@ -306,7 +308,25 @@ def _check_name(name: str, where: str, what: str) -> None:
                         "choose another name")
 
 
-def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str) -> Target:
+def _device(value: Any, pass_def: PassDef, where: str, machine) -> str:
+    """The device a target runs on: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or a preference list
+    (``["cuda", "cpu"]``: the first this machine has), resolved here, before anything runs, so the
+    action key records the device actually used."""
+    choices = value if isinstance(value, list) else [value]
+    if not choices or not all(isinstance(c, str) and DEVICE_RE.match(c) for c in choices):
+        raise UserError(f"{where}: device: {value!r} is not cpu, cuda, cuda:N or a list of them in order of preference")
+    for choice in choices:
+        if choice.split(":")[0] not in pass_def.devices:
+            raise UserError(f"{where}: device: pass '{pass_def.name}' runs on {', '.join(pass_def.devices)}, not {choice}")
+    if not isinstance(value, list):
+        return value
+    for choice in choices:
+        if machine().lacks(choice) is None:
+            return choice
+    raise UserError(f"{where}: device: none of {', '.join(choices)} is on this machine ({machine().lacks(choices[-1])})")
+
+
+def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str, machine) -> Target:
     check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
     pass_name = table.get("pass")
     if pass_name is None:
@@ -316,11 +336,8 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
     pass_def = get_pass(pass_name)
     if pass_def is None:
         raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(pass_names())})")
-    device = table.get("device", "cpu")
-    if not isinstance(device, str) or not DEVICE_RE.match(device):
-        raise UserError(f"{where}: device: {device!r} is not cpu, cuda or cuda:N")
-    if device.split(":")[0] not in pass_def.devices:
-        raise UserError(f"{where}: device: pass '{pass_name}' runs on {', '.join(pass_def.devices)}, not {device}")
+    wanted = table.get("device", "cpu")
+    device = _device(wanted, pass_def, where, machine)
     params = pass_def.resolve_params(table_of(table, "params", rel, f"target '{name}'"), where)
     doc = table.get("doc", "")
     if not isinstance(doc, str):
@@ -329,9 +346,9 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
     if gpu_memory_gb is not None:
         if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or gpu_memory_gb <= 0:
             raise UserError(f"{where}: gpu_memory_gb: expected a positive number of GB, got {gpu_memory_gb!r}")
-        if device == "cpu":
+        if wanted == "cpu":
             raise UserError(f"{where}: gpu_memory_gb: only for cuda targets (device is cpu)")
-        gpu_memory_gb = float(gpu_memory_gb)
+        gpu_memory_gb = float(gpu_memory_gb) if device != "cpu" else None  # a preference list that fell back to cpu
 
     given_inputs = table_of(table, "inputs", rel, f"target '{name}'")
     inputs: dict[str, Ref] = {}

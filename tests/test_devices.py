@@ -187,3 +187,24 @@ def test_bad_device_configuration_is_one_line_naming_file_and_key(tmp_path):
     project.path("targets/probe.toml").write_text('[target.p]\npass = "device-probe"\ngpu_memory_gb = 4\n')
     result = project.doit(check=False)
     assert "targets/probe.toml: target 'p': gpu_memory_gb: only for cuda targets (device is cpu)" in result.out
+
+
+def test_device_preference_takes_the_first_device_the_machine_has_and_keys_it(tmp_path):
+    """device = ["cuda", "cpu"]: resolved when the targets load, recorded in the key as the device
+    actually used, so a GPU build and a CPU build of the same stage are different cached actions."""
+    project = probe_project(tmp_path, "", '[target.pref]\npass = "device-probe"\ndevice = ["cuda", "cpu"]\n'
+                                          'params = { seconds = 0 }\n')
+    project.doit("pref", env=NO_GPU)
+    on_cpu = read_stamp(project.path("build/pref"))
+    assert on_cpu["components"]["device"] == "cpu" and on_cpu["ran_on"]["device"] == "cpu"
+    gpu = {"MODELBUILD_GPUS": "0", "MODELBUILD_SIMULATED_GPUS": "1"}
+    assert project.doit("pref", env=gpu).executed == {"pref"}  # another device, another action
+    on_gpu = read_stamp(project.path("build/pref"))
+    assert on_gpu["components"]["device"] == "cuda" and on_gpu["ran_on"]["device"] == "cuda:0"
+    assert on_gpu["action_key"] != on_cpu["action_key"]
+    for device, message in [('[]', "device: [] is not cpu, cuda, cuda:N or a list of them"),
+                            ('["cuda"]', "device: none of cuda is on this machine (this machine has no CUDA GPU"),
+                            ('["tpu", "cpu"]', "device: ['tpu', 'cpu'] is not cpu, cuda, cuda:N")]:
+        project.path("targets/probe.toml").write_text(f'[target.pref]\npass = "device-probe"\ndevice = {device}\n')
+        result = project.doit("list", env=NO_GPU, check=False)
+        assert result.returncode == 2 and f"targets/probe.toml: target 'pref': {message}" in result.out, result.out

@@ -3,12 +3,21 @@
 Deterministic by construction: seeded LoRA init, dropout and data order, a plain training loop
 (no Trainer state), sorted target_modules and no machine paths in adapter_config.json, so the
 same inputs give byte-identical adapter files.
+
+On a GPU (``device = "cuda"``, or a preference list such as ``["cuda", "cpu"]``) it trains the way
+people train there: the base in fp32 on the GPU, forward and backward under bf16 autocast where
+the GPU supports bf16 (fp32 otherwise), LoRA weights and optimizer state in fp32; deterministic
+algorithms (``torch.use_deterministic_algorithms``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``), so the
+same GPU model, driver and inputs give the same adapter. GPU and CPU adapters differ in their last
+bits; the device is part of the action key, so each is cached as what it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +89,15 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     data_path = inputs["data"]
     shown = ctx.input_names["data"]
+    on_gpu = ctx.device == "cuda"
+    if on_gpu:
+        if not torch.cuda.is_available():
+            raise UserError("device cuda: torch sees no CUDA device in this stage's process")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = torch.device("cuda" if on_gpu else "cpu")
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(params.seed)
     tokenizer = AutoTokenizer.from_pretrained(inputs["base"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -96,7 +114,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
         target_modules=modules, bias="none", task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora).to(device)
     model.train()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -123,8 +141,9 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 batch.append(examples[order.pop()])
             padded, mask = right_pad([ids for ids, _ in batch], pad_id)
             labels, _ = right_pad([lab for _, lab in batch], -100)  # padding carries no loss
-            input_ids, labels, mask = torch.tensor(padded), torch.tensor(labels), torch.tensor(mask)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            input_ids, labels, mask = (torch.tensor(rows, device=device) for rows in (padded, labels, mask))
+            with autocast:
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             if not math.isfinite(loss.item()):
                 raise UserError(f"training diverged at step {step + 1} (loss {loss.item()}): lower params.learning_rate")
             loss.backward()
@@ -135,7 +154,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             losses.append(round(loss.item(), 6))
             progress.update(bar, advance=1, loss=f"{losses[-1]:.3f}")
 
-    model.save_pretrained(out_dir)
+    model.to("cpu").save_pretrained(out_dir)
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's model card records machine paths
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -146,6 +165,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "records": len(examples),
         "tokens_with_loss": sum(sum(1 for v in lab if v != -100) for _, lab in examples),
         "target_modules": modules,
+        "device": ctx.device,
+        "autocast": "bf16" if bf16 else None,
         "losses": losses,
     }, indent=1) + "\n")
     for path in out_dir.iterdir():
@@ -163,4 +184,5 @@ PASS = PassDef(
     },
     run=run,
     libraries=("torch", "transformers", "peft", "tokenizers", "safetensors"),
+    devices=("cpu", "cuda"),
 )
