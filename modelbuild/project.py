@@ -48,10 +48,7 @@ import fnmatch
 import functools
 import os
 import re
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
