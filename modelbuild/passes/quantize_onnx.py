@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
+from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.calibration import calibration_feeds
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.gptq import gptq_quantize
@@ -55,9 +55,7 @@ ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
 NEEDS_CALIBRATION = ("gptq",)
 ALWAYS_ASYMMETRIC = ("k_quant", "hqq")  # these fit a zero point per block by construction
 LORA_MARKERS = ("/lora_A/", "/lora_B/")
-GENAI_CONFIG = "genai_config.json"
 RECORD = "quantization.json"
-SKIPPED = (".modelbuild", "modelbuild.json")  # the upstream stamp and genai-build's own record
 CHAT = "chat"
 BITS = 4
 
@@ -94,33 +92,6 @@ class Params:
 
 
 # --- reading the bundle -------------------------------------------------------------------------
-
-def _decoder(bundle: Path) -> tuple[dict, str]:
-    """(decoder section of genai_config.json, decoder model file name)."""
-    config_file = bundle / GENAI_CONFIG
-    if not config_file.is_file():
-        raise UserError(f"inputs.bundle: no {GENAI_CONFIG}: not an onnxruntime-genai bundle (use a genai-build target)")
-    try:
-        decoder = json.loads(config_file.read_text())["model"]["decoder"]
-        filename = decoder["filename"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names no model.decoder.filename") from None
-    if not (bundle / filename).is_file():
-        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names {filename}, which the bundle does not have")
-    return decoder, filename
-
-
-def _data_files(model_file: Path) -> list[str]:
-    """External-data files of an ONNX model, by name relative to its folder."""
-    import onnx
-
-    model = onnx.load(str(model_file), load_external_data=False)
-    return sorted({
-        entry.value
-        for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data if entry.key == "location"
-    })
-
 
 def _adapter_parameters(bundle: Path) -> dict[str, dict[str, tuple]]:
     """adapter name -> {parameter name: (shape, numpy dtype name)} of each .onnx_adapter."""
@@ -310,31 +281,6 @@ def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
     return quantized
 
 
-def _save(model, out_dir: Path, filename: str, data_name: str) -> None:
-    import onnx
-
-    path = out_dir / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024, convert_attribute=False)
-
-
-def _copy_rest(bundle: Path, out_dir: Path, model_files: set[str]) -> None:
-    """Everything else of the bundle, unchanged: genai_config.json, tokenizer files, adapters/."""
-    for entry in sorted(bundle.iterdir()):
-        if entry.name in SKIPPED or entry.name in model_files:
-            continue
-        target = out_dir / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, copy_function=shutil.copyfile)
-        else:
-            shutil.copyfile(entry, target)
-
-
-def _size(folder: Path, names) -> int:
-    return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
-
-
 def check(params: dict, inputs: dict) -> None:
     """At load: gptq without calibration data would fail only after the upstream stages ran."""
     if params["algorithm"] in NEEDS_CALIBRATION and "calibration" not in inputs:
@@ -347,7 +293,7 @@ def check(params: dict, inputs: dict) -> None:
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     bundle: Path = inputs["bundle"]
     calibration: Path | None = inputs.get("calibration")
-    decoder, filename = _decoder(bundle)
+    decoder, filename = decoder_of(bundle, "a genai-build target")
 
     import onnx
     import onnxruntime
@@ -359,7 +305,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     onnxruntime.set_default_logger_severity(3)  # one warning per overridable (LoRA) initializer
     console = Console(stderr=True)
     with console.status("reading the bundle") as status:
-        data_files = _data_files(bundle / filename)
+        data_files = external_data_files(onnx.load(str(bundle / filename), load_external_data=False))
         adapters = _adapter_parameters(bundle)
         model = onnx.load(str(bundle / filename))
         plan = _plan(model, params, adapters)
@@ -384,14 +330,14 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     data_name = data_files[0] if len(data_files) == 1 else f"{Path(filename).name}.data"
     model_files = {filename, *data_files}
     with console.status("writing the quantized bundle") as status:
-        _save(model, out_dir, filename, data_name)
+        save_decoder(model, out_dir / filename, data_name)
         del model
-        _copy_rest(bundle, out_dir, model_files)
+        copy_rest(bundle, out_dir, model_files)
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
         counts = verify_bundle(out_dir, params.check_prompt, "quantized bundle")
 
-    before = _size(bundle, sorted(model_files))
-    after = _size(out_dir, sorted({filename, data_name}))
+    before = files_size(bundle, sorted(model_files))
+    after = files_size(out_dir, sorted({filename, data_name}))
     kept = [name for name in plan.matmuls if name not in set(quantized)]
     record = {
         "algorithm": params.algorithm,
