@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,12 @@ def venv(tmp_path_factory) -> Path:
     """A fresh venv with the modelbuild wheel installed and the checkout's dependencies linked."""
     tmp = tmp_path_factory.mktemp("wheel")
     wheels = tmp / "dist"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+    source = tmp / "source"  # setuptools writes build/ and *.egg-info beside the sources: not into the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "modelbuild", source / "modelbuild", ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     wheel = next(wheels.glob("modelbuild-*.whl"))
