@@ -38,6 +38,9 @@ File format (see README for a full example)::
     push = true                       # false: a read-only consumer
     required = false                  # true: stop before any stage when it is unreachable
 
+    [executor]                        # optional, at most one file: where stages run (executor.py)
+    kind = "ray"                      # MODELBUILD_EXECUTOR overrides it; "local" is the default
+
 Recipes and matrices are expanded by expand.py. An input reference that starts with ":"
 names a target; anything else is a file path relative to the TOML file.
 """
@@ -55,6 +58,7 @@ from typing import Any
 
 from . import UserError
 from .devices import check_config, machine_from
+from .executor import check_executor_table
 from .expand import check_keys, expand_matrix, expand_use, table_of
 from .gates import parse_gates
 from .passdef import PassDef, get_pass, pass_names
@@ -68,7 +72,7 @@ DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info"
                            "run", "strace", "tabcompletion"})
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
-TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group", "cache"}
+TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group", "cache", "executor"}
 CACHE_KEYS = {"remote", "push", "required"}
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 TARGET_KEYS = {"pass", "doc", "inputs", "params", "device", "gpu_memory_gb", "matrix", "gates"}
@@ -116,6 +120,8 @@ class Project:
     groups: dict[str, list[str]] = field(default_factory=dict)  # [group] name -> target names
     cache: dict[str, Any] = field(default_factory=dict)  # the [cache] table (remote, push, required)
     cache_from: str = ""  # the file that sets it
+    executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (executor.py)
+    executor_from: str = ""
 
     @property
     def build_dir(self) -> Path:
@@ -196,6 +202,10 @@ def load_project(root: Path | str) -> Project:
             if project.cache_from:
                 raise UserError(f"{rel}: cache: already set in {project.cache_from}")
             project.cache, project.cache_from = check_cache_table(doc["cache"], f"{rel}: cache"), rel
+        if "executor" in doc:
+            if project.executor_from:
+                raise UserError(f"{rel}: executor: already set in {project.executor_from}")
+            project.executor, project.executor_from = check_executor_table(doc["executor"], f"{rel}: executor"), rel
         for name, table in table_of(doc, "target", rel, "target").items():
             table = table_of({"t": table}, "t", rel, f"target '{name}'")
             for expanded_name, expanded, label in expand_matrix(name, table, None, f"{rel}: target '{name}'"):

@@ -104,6 +104,19 @@ def _one_line(error: BaseException) -> str:
     return text[:400] or type(error).__name__
 
 
+def check_reachable(address: str) -> None:
+    """The cluster's GCS answers on its address within seconds, or a one-line RayStageError
+    (without this, ray.init retries for a minute and prints pages)."""
+    if not address:
+        raise RayStageError("Ray executor: no cluster address (set RAY_ADDRESS=host:port)")
+    host, _, port = address.rpartition(":")
+    if not address.startswith(("ray://", "auto")) and host:
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as error:
+            raise RayStageError(f"Ray cluster {address} unreachable: {_one_line(error)}") from None
+
+
 class RayExecutor:
     """A connection to a Ray cluster that runs stages (see the module docstring)."""
 
@@ -117,14 +130,7 @@ class RayExecutor:
         import ray
 
         address = address or os.environ.get("RAY_ADDRESS") or ""
-        if not address:
-            raise RayStageError("Ray executor: no cluster address (set RAY_ADDRESS=host:port)")
-        host, _, port = address.rpartition(":")
-        if not address.startswith(("ray://", "auto")) and host:
-            try:
-                socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-            except (OSError, ValueError) as error:
-                raise RayStageError(f"Ray cluster {address} unreachable: {_one_line(error)}") from None
+        check_reachable(address)
         if not ray.is_initialized():
             try:
                 ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False,

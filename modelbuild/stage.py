@@ -34,6 +34,7 @@ from pathlib import Path
 from . import UserError, say
 from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
+from .executor import check_executor, executor_kind, run_on_ray
 from .gates import check_gates, gate_failures
 from .project import Project, Ref, Target
 from .status import STAMP_DIR, Fresh, Stale, read_stamp, status, write_stamp
@@ -104,6 +105,7 @@ def check_state(project: Project) -> None:
             raise UserError(f"{path}: not a readable sqlite database ({error}); it is {what}: deleting it is safe "
                             "(outputs are re-checked by content)") from None
     check_remote(project)  # a required remote that does not answer stops here; queued pushes go out
+    check_executor(project)  # Ray: the remote cache is set and the cluster answers
 
 
 _slot_pools: dict[Path, SlotPool] = {}
@@ -242,14 +244,19 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
         say(f"'{target.name}': waiting for a {target.device} slot")
 
     try:
-        with pool.slot(target.name, target.device, target.gpu_memory_gb, on_wait=waiting) as assignment:
-            say(f"'{target.name}' running on {assignment.device} ({assignment.threads} "
-                f"thread{'s' if assignment.threads > 1 else ''})")
-            started_at = time.time()
-            started = time.perf_counter()
-            _run_worker(project, target, out_tmp, work, assignment, pool)
-            seconds = time.perf_counter() - started
-            ended_at = time.time()
+        if executor_kind(project) == "ray":  # the cluster places it: no local slot
+            threads = max(1, pool.machine.cpu_threads // pool.machine.cpu_slots)
+            seconds, ran_on = run_on_ray(project, target, components, out_tmp, threads)
+        else:
+            with pool.slot(target.name, target.device, target.gpu_memory_gb, on_wait=waiting) as assignment:
+                say(f"'{target.name}' running on {assignment.device} ({assignment.threads} "
+                    f"thread{'s' if assignment.threads > 1 else ''})")
+                started_at = time.time()
+                started = time.perf_counter()
+                _run_worker(project, target, out_tmp, work, assignment, pool)
+                seconds = time.perf_counter() - started
+            ran_on = {"executor": "local", "device": assignment.device, "threads": assignment.threads,
+                      "waited_s": assignment.waited_s, "started": round(started_at, 3), "ended": round(time.time(), 3)}
     except UserError as error:
         raise StageError(str(error)) from None
     after = key_components(project, target, cache)
@@ -267,8 +274,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
         "manifest": manifest,
         "manifest_digest": hash_json(manifest),
         "seconds": round(seconds, 3),
-        "ran_on": {"device": assignment.device, "threads": assignment.threads, "waited_s": assignment.waited_s,
-                   "started": round(started_at, 3), "ended": round(ended_at, 3)},
+        "ran_on": ran_on,
         "origin": "built",
         "built_at": _now(),
     }

@@ -105,7 +105,18 @@ class RemoteTier:
                     self._remote = remote
                 except RemoteError as error:
                     self._went_down(error)
+            if self._down and self.config.required:  # every stage that needs it fails, not only the first
+                raise self._required()
             return None if self._down else self._remote
+
+    def client(self):
+        """The RemoteStore for code that moves files through the remote itself (the Ray executor),
+        or None when it is down for this run (RemoteRequired when it is required)."""
+        return self._client()
+
+    def _required(self) -> RemoteRequired:
+        return RemoteRequired(f"remote cache {self.url} unreachable: {self._down}; it is required "
+                              f"({self.config.required_from})")
 
     def _went_down(self, error: Exception, warn: bool = True) -> None:
         """Local-only from now on; one warning line per run (or RemoteRequired)."""
@@ -113,8 +124,7 @@ class RemoteTier:
         first = self._down is None
         self._down = reason
         if self.config.required:
-            raise RemoteRequired(f"remote cache {self.url} unreachable: {reason}; it is required "
-                                 f"({self.config.required_from})")
+            raise self._required()
         if first and warn:
             say(f"remote cache {self.url} unreachable: {reason}; building with the local cache only")
 

@@ -1,0 +1,99 @@
+"""Where a stage that must run runs: here (a device slot of this machine, stage.py) or on a Ray cluster.
+
+    MODELBUILD_EXECUTOR=ray  RAY_ADDRESS=host:port  MODELBUILD_REMOTE_CACHE=s3://bucket/prefix  doit T
+    [executor]
+    kind = "ray"          # or "local" (the default); MODELBUILD_EXECUTOR overrides it
+
+doit stays the driver on this machine and keeps deciding what is stale (status.py); restoring
+from either cache tier never involves Ray. Only a stage that must run becomes a Ray task
+(ray_exec.py): its inputs travel through the remote cache by digest, it runs the pass in a
+process of its own on whichever node has its resources, pushes its outputs, and the driver
+fetches them (re-hashed) into the stage's temporary folder, where they are stamped exactly as a
+local build's. The remote cache is therefore required with Ray, and checked at load together
+with the cluster's address: a build that cannot run there is one line before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from . import UserError, say
+
+ENV = "MODELBUILD_EXECUTOR"
+KINDS = ("local", "ray")
+EXECUTOR_KEYS = {"kind"}
+
+
+def check_executor_table(table: object, where: str) -> dict:
+    """The [executor] table, validated at load."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table ([executor])")
+    for key in table:
+        if key not in EXECUTOR_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(EXECUTOR_KEYS))})")
+    if "kind" in table and table["kind"] not in KINDS:
+        raise UserError(f"{where}.kind: {table['kind']!r} is not one of {', '.join(map(repr, KINDS))}")
+    return dict(table)
+
+
+def executor_kind(project) -> str:
+    kind = os.environ.get(ENV) or project.executor.get("kind", "local")
+    if kind not in KINDS:
+        raise UserError(f"{ENV}: {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
+def check_executor(project) -> None:
+    """At load: with Ray, the remote cache must be set and the cluster's address must answer."""
+    if executor_kind(project) != "ray":
+        return
+    from .ray_exec import RayStageError, check_reachable
+    from .tiers import remote_tier
+
+    if remote_tier(project) is None:
+        raise UserError("Ray executor: stages exchange inputs and outputs through the remote cache; set "
+                        "MODELBUILD_REMOTE_CACHE=s3://bucket/prefix (or [cache] remote) as on every node")
+    try:
+        check_reachable(os.environ.get("RAY_ADDRESS") or "")
+    except RayStageError as error:
+        raise UserError(str(error)) from None
+
+
+_connected: dict[str, object] = {}
+_connect_lock = threading.Lock()
+
+
+def run_on_ray(project, target, components: dict, out_dir: Path, threads: int) -> tuple[float, dict]:
+    """Run ``target``'s pass as a Ray task and fetch its outputs into ``out_dir``; (seconds, ran_on).
+    Every failure is one line (``UserError``): the stage fails and nothing is recorded."""
+    from .ray_exec import RayExecutor, RayStageError, fetch_outputs
+    from .remote import RemoteError
+    from .stage import input_path
+    from .tiers import remote_tier
+
+    remote = remote_tier(project).client()
+    if remote is None:
+        raise UserError(f"target '{target.name}': the Ray executor needs the remote cache, which is unreachable")
+    with _connect_lock:
+        address = os.environ.get("RAY_ADDRESS") or ""
+        if address not in _connected:
+            try:
+                _connected[address] = RayExecutor.connect(address)
+            except RayStageError as error:
+                raise UserError(str(error)) from None
+    plan = {"target": target.name, "file": target.file, "pass": target.pass_def.name, "params": target.params,
+            "input_names": {key: str(ref) for key, ref in target.inputs.items()}}
+    inputs = {key: input_path(project, ref) for key, ref in target.inputs.items()}
+    expected = {field: components[field] for field in ("python", "platform", "libraries")}
+    say(f"'{target.name}' running on the Ray cluster ({target.device})")
+    started = time.perf_counter()
+    try:
+        result = _connected[address].run_stage(plan, inputs, remote, target.device, threads, target.gpu_memory_gb,
+                                               expected_versions=expected)
+        fetch_outputs(result, out_dir, remote)
+    except (RayStageError, RemoteError) as error:
+        raise UserError(str(error) if str(error).startswith("target '") else f"target '{target.name}': {error}") from None
+    return time.perf_counter() - started, result["ran_on"]

@@ -1,0 +1,71 @@
+"""doit with MODELBUILD_EXECUTOR=ray: the tiny recipe's stages run as tasks on a real local Ray
+cluster (tests/ray_cluster.py, two nodes on 127.0.0.1) through a real S3 cache (SeaweedFS), and
+come out byte-identical to a local build, every stamp naming the Ray executor. No mocks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+pytest.importorskip("ray")
+
+from conftest import TINY, new_project  # noqa: E402
+from ray_cluster import start_cluster  # noqa: E402
+from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)
+from test_remote_cache import aws_env  # noqa: E402
+
+ALL = {"tiny-base", "tiny-travel-adapter", "tiny-travel-cpu-int4", TINY}
+ONE_THREAD = {"MODELBUILD_CPU_THREADS": "1"}  # the test nodes declare one CPU each
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    started = start_cluster(env={**s3_server.env(), "HF_HUB_OFFLINE": "1"})
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def stamp(project, target) -> dict:
+    return json.loads(project.path(f"build/{target}/.modelbuild/stamp.json").read_text())
+
+
+def ray_env(server, address: str) -> dict:
+    bucket = f"ray-exec-{uuid.uuid4().hex[:8]}"
+    make_bucket(server, bucket)
+    return {**aws_env(server), **ONE_THREAD, "MODELBUILD_REMOTE_CACHE": f"s3://{bucket}/modelbuild",
+            "MODELBUILD_EXECUTOR": "ray", "RAY_ADDRESS": address}
+
+
+def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cluster, tmp_path):
+    local = new_project(tmp_path / "local")
+    local.doit(TINY, env=ONE_THREAD)
+    on_ray = new_project(tmp_path / "on-ray")
+    result = on_ray.doit(TINY, env=ray_env(s3_server, cluster.address))
+    assert result.executed == ALL, result.out[-3000:]
+    for target in ALL:
+        assert f"modelbuild: '{target}' running on the Ray cluster (cpu)" in result.out
+        ran_on = stamp(on_ray, target)["ran_on"]
+        assert ran_on["executor"] == "ray" and ran_on["node"], ran_on
+        assert stamp(on_ray, target)["manifest"] == stamp(local, target)["manifest"], target
+        assert stamp(on_ray, target)["action_key"] == stamp(local, target)["action_key"]  # where it ran is no input
+        assert stamp(local, target)["ran_on"]["executor"] == "local"
+    assert on_ray.doit(TINY, env=ray_env(s3_server, cluster.address)).executed == set()
+
+
+def test_ray_without_a_remote_cache_or_cluster_is_one_line_before_anything_runs(s3_server, cluster, tmp_path):
+    project = new_project(tmp_path / "project")
+    env = ray_env(s3_server, cluster.address)
+    no_remote = project.doit(TINY, env={**env, "MODELBUILD_REMOTE_CACHE": "off"}, check=False)
+    assert no_remote.returncode == 2, no_remote.out
+    assert no_remote.out.strip() == ("modelbuild: Ray executor: stages exchange inputs and outputs through the remote "
+                                     "cache; set MODELBUILD_REMOTE_CACHE=s3://bucket/prefix (or [cache] remote) as on every node")
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    unreachable = project.doit(TINY, env={**env, "RAY_ADDRESS": dead}, check=False)
+    assert unreachable.returncode == 2, unreachable.out
+    assert unreachable.out.startswith(f"modelbuild: Ray cluster {dead} unreachable: ")
+    assert len(unreachable.out.strip().splitlines()) == 1
+    assert not project.path("build/tiny-base").exists()
