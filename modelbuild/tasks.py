@@ -21,6 +21,7 @@ from doit.exceptions import TaskFailed
 
 from . import UserError
 from .devices import Machine, doit_jobs
+from .executor import executor_kind
 from .project import Project, Target, load_project
 from .stage import StageError, build, check_state, input_path, is_up_to_date, slot_pool
 
@@ -58,7 +59,10 @@ def machine_for(project: Project) -> Machine | None:
 
 
 def unavailable_device(project: Project, target: Target) -> str | None:
-    """Why the target's device is not on this machine, or None."""
+    """Why the target's device is not on this machine, or None. With the Ray executor the
+    cluster places stages, so only a device no cluster can honour (``cuda:N``) is refused here."""
+    if executor_kind(project) == "ray":
+        return "names a GPU of one machine; on a Ray cluster declare device = \"cuda\"" if ":" in target.device else None
     machine = machine_for(project)
     return machine.lacks(target.device) if machine else None
 

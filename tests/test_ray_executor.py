@@ -69,3 +69,24 @@ def test_ray_without_a_remote_cache_or_cluster_is_one_line_before_anything_runs(
     assert unreachable.out.startswith(f"modelbuild: Ray cluster {dead} unreachable: ")
     assert len(unreachable.out.strip().splitlines()) == 1
     assert not project.path("build/tiny-base").exists()
+
+
+def test_a_cuda_stage_goes_to_the_gpu_node_though_the_driver_has_no_gpu(s3_server, cluster, tmp_path):
+    """With Ray the cluster places stages: a driver without a GPU still builds cuda targets (on
+    the node that declares GPUs), and cuda:N, a GPU of one machine, is refused at load."""
+    project = new_project(tmp_path / "project")
+    for path in project.path("targets").glob("*.toml"):
+        path.unlink()
+    project.path("targets/probe.toml").write_text('[target.on-gpu]\npass = "device-probe"\ndevice = "cuda"\n'
+                                                  'params = { seconds = 0 }\n')
+    env = {**ray_env(s3_server, cluster.address), "MODELBUILD_GPUS": "none"}
+    result = project.doit("on-gpu", env=env)
+    assert result.executed == {"on-gpu"}, result.out[-2000:]
+    ran_on = stamp(project, "on-gpu")["ran_on"]
+    seen = json.loads(project.path("build/on-gpu/device.json").read_text())
+    assert ran_on["executor"] == "ray" and ran_on["device"].startswith("cuda:") and ran_on["gpu_ids"]
+    assert seen["environment"]["CUDA_VISIBLE_DEVICES"] == ",".join(ran_on["gpu_ids"])
+    project.path("targets/probe.toml").write_text('[target.pinned]\npass = "device-probe"\ndevice = "cuda:1"\n')
+    refused = project.doit("pinned", env=env, check=False)
+    assert refused.returncode != 0
+    assert "target 'pinned': device cuda:1: names a GPU of one machine; on a Ray cluster declare device = \"cuda\"" in refused.out
