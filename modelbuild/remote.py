@@ -37,6 +37,7 @@ import configparser
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +109,21 @@ def _aws_settings() -> dict:
     return settings
 
 
+def _short_reason(text: str) -> str:
+    """The part of an object_store error a user acts on: the S3 status and error code, or the
+    connection failure; the request line (method, path, timings) is left out."""
+    if status := re.search(r"status code: (\d{3})", text):
+        code = re.search(r"<Code>([^<]{1,64})</Code>", text)
+        return f"HTTP {status.group(1)}" + (f" {code.group(1)}" if code else "")
+    retries = re.search(r"after (\d+) retries", text)
+    for needle, what in (("error sending request", "no connection to the S3 endpoint"),
+                         ("timed out", "the S3 endpoint timed out"), ("connection reset", "the connection was reset"),
+                         ("connection closed", "the connection was closed")):
+        if needle in text.lower():
+            return what + (f" (after {retries.group(1)} retries)" if retries else "")
+    return text
+
+
 class RemoteStore:
     """One ``s3://bucket/prefix`` cache. Blocking methods, safe to call from several threads."""
 
@@ -145,8 +161,9 @@ class RemoteStore:
         text = " ".join(str(error).split()).split(" Debug source:")[0] or type(error).__name__
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
-        unavailable = RemoteUnavailable(f"remote cache {self.url} unavailable: {text[:300]}")
-        unavailable.reason = text[:300]
+        reason = _short_reason(text)[:300]
+        unavailable = RemoteUnavailable(f"remote cache {self.url} unavailable: {reason}")
+        unavailable.reason = reason
         return unavailable
 
     @contextlib.contextmanager
