@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from scratch import scratch_project  # noqa: E402
 
 BARE = """
 import sys
@@ -58,15 +59,7 @@ def main() -> int:
     target = f"{args.model}-travel-cpu-int4"
     with tempfile.TemporaryDirectory(prefix="genai-memory-") as scratch:
         scratch = Path(scratch)
-        project = scratch / "project"
-        project.mkdir()
-        shutil.copy(REPO / "dodo.py", project / "dodo.py")
-        shutil.copytree(REPO / "targets", project / "targets")
-        cache = Path(args.cache) if args.cache else scratch / "cache"
-        cache.mkdir(exist_ok=True)
-        if (REPO / "cache" / "downloads").is_dir() and not (cache / "downloads").exists():
-            (cache / "downloads").symlink_to(REPO / "cache" / "downloads")
-        env = {**os.environ, "MODELBUILD_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "GIT_DIR": os.devnull}
+        project, env = scratch_project(scratch, args.cache)
         print(f"upstream of {target} ...", flush=True)
         subprocess.run([sys.executable, "-m", "doit", f"{args.model}-travel-adapter"], cwd=project, env=env, check=True)
         base = project / "build" / f"{args.model}-base"

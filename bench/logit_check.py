@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from scratch import scratch_project  # noqa: E402
 
 BUILDS = {
     "fp32": ("fp32", []),
@@ -43,16 +46,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="logit-check-") as scratch:
         scratch = Path(scratch)
-        project = scratch / "project"
-        project.mkdir()
-        shutil.copy(REPO / "dodo.py", project / "dodo.py")
-        shutil.copytree(REPO / "targets", project / "targets")
-        env = dict(os.environ)
-        if "MODELBUILD_CACHE" not in env:
-            env["MODELBUILD_CACHE"] = str(scratch / "cache")
-            (scratch / "cache").mkdir()
-            if (REPO / "cache" / "downloads").is_dir():
-                (scratch / "cache" / "downloads").symlink_to(REPO / "cache" / "downloads")
+        project, env = scratch_project(scratch, os.environ.get("MODELBUILD_CACHE"))
         subprocess.run([sys.executable, "-m", "doit", f"{args.model}-base"], cwd=project, env=env, check=True)
         base = project / "build" / f"{args.model}-base"
         ids = probe_ids(base, args.prompt)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from scratch import scratch_project  # noqa: E402
 
 BARE_DODO = '''
 from pathlib import Path
@@ -65,14 +66,8 @@ def main() -> int:
     targets = len(load_project(REPO).targets)
     with tempfile.TemporaryDirectory(prefix="noop-floor-") as scratch:
         scratch = Path(scratch)
-        project, bare, cache = scratch / "project", scratch / "bare", scratch / "cache"
-        project.mkdir()
-        shutil.copy(REPO / "dodo.py", project / "dodo.py")
-        shutil.copytree(REPO / "targets", project / "targets")
-        cache.mkdir()
-        if (REPO / "cache" / "downloads").is_dir():
-            (cache / "downloads").symlink_to(REPO / "cache" / "downloads")
-        env = {**os.environ, "MODELBUILD_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+        project, env = scratch_project(scratch)
+        bare = scratch / "bare"
         doit = [sys.executable, "-m", "doit"]
         print(f"building {args.target} once ...", flush=True)
         subprocess.run(doit + [args.target], cwd=project, env=env, check=True, capture_output=True)
