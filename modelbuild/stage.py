@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -53,12 +54,30 @@ class StageError(Exception):
 
 
 def library_version(name: str) -> str:
-    if name not in _library_versions:
+    """The installed version of a distribution, for action keys. Read from the names of the
+    ``*.dist-info`` folders on sys.path (one listing per folder) rather than by parsing each
+    METADATA file: a no-op asks for a dozen of them on every run."""
+    if not _library_versions:
+        for folder in sys.path:
+            try:
+                names = os.listdir(folder or ".")
+            except OSError:
+                continue
+            for entry in names:
+                if entry.endswith(".dist-info") and "-" in entry:
+                    dist, version = entry[: -len(".dist-info")].rsplit("-", 1)
+                    _library_versions.setdefault(_normalized(dist), version)
+    key = _normalized(name)
+    if key not in _library_versions:
         try:
-            _library_versions[name] = importlib.metadata.version(name)
+            _library_versions[key] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            _library_versions[name] = "not installed"
-    return _library_versions[name]
+            _library_versions[key] = "not installed"
+    return _library_versions[key]
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 _stat_caches: dict[Path, StatCache] = {}
