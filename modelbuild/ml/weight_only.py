@@ -70,3 +70,25 @@ def matmul_nbits_node(make):
         return new_node, initializers
 
     return make_node
+
+
+def dequantize_matmul_nbits(weight, scales, zero_points, bits: int, block_size: int, k: int):
+    """A MatMulNBits weight ([N, blocks, blob] uint8 codes, [N, blocks] scales, packed zero points
+    or None) as MatMulNBits and GatherBlockQuantized read it: [N, K] float, computed as their
+    kernels do ((q - zero point) * scale, in the scales' dtype, one rounding). The inverse of the
+    packing above."""
+    import numpy as np
+
+    n, blocks, _ = weight.shape
+    if bits == 4:
+        codes = np.stack([weight & 0x0F, weight >> 4], axis=-1).reshape(n, blocks, block_size)
+    else:
+        codes = weight.reshape(n, blocks, block_size)
+    if zero_points is None:
+        zeros = np.full((n, blocks), 1 << (bits - 1), dtype=np.int32)
+    elif bits == 4:
+        zeros = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int32)
+    else:
+        zeros = zero_points.astype(np.int32)
+    values = (codes.astype(np.int32) - zeros[:, :, None]).astype(np.float32) * scales.astype(np.float32)[:, :, None]
+    return values.astype(scales.dtype).reshape(n, blocks * block_size)[:, :k]

@@ -1,5 +1,8 @@
 """tie-embeddings: share a tied model's int4 LM head with its embedding lookup (Olive's
 ``GraphSurgeries`` surgeon ``TieWordEmbeddings``, for a bundle whose embedding is still float).
+Longer than most passes: finding and rewiring the nodes is half of it, and the three proofs the
+output must pass before it counts (every embedding row exact, the head's rows, logits with and
+without each adapter) stay next to the surgery they check.
 
 A model with tied word embeddings (config ``tie_word_embeddings``, e.g. SmolLM2) uses one
 matrix twice: as the embedding table (``Gather``) and, transposed, as the LM head. Quantizing
@@ -52,18 +55,17 @@ was done, the sizes and the measured differences.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.genai import bundle_adapters, prefill_feeder, verify_bundle
+from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
+from modelbuild.ml.weight_only import dequantize_matmul_nbits
 from modelbuild.passdef import Input, PassDef, param
 
-GENAI_CONFIG = "genai_config.json"
 RECORD = "tie.json"
-SKIPPED = (".modelbuild", "modelbuild.json")  # the upstream stamp and genai-build's own record
 SUPPORTED_BITS = (4, 8)
 PROBE_LENGTH = 32
 
@@ -82,31 +84,6 @@ class Params:
 
 
 # --- reading the bundle -------------------------------------------------------------------------
-
-def _decoder(bundle: Path) -> tuple[dict, str]:
-    """(decoder section of genai_config.json, decoder model file name)."""
-    config_file = bundle / GENAI_CONFIG
-    if not config_file.is_file():
-        raise UserError(f"inputs.bundle: no {GENAI_CONFIG}: not an onnxruntime-genai bundle (use a genai-build or quantize-onnx target)")
-    try:
-        decoder = json.loads(config_file.read_text())["model"]["decoder"]
-        filename = decoder["filename"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names no model.decoder.filename") from None
-    if not (bundle / filename).is_file():
-        raise UserError(f"inputs.bundle: {GENAI_CONFIG} names {filename}, which the bundle does not have")
-    return decoder, filename
-
-
-def _data_files(model) -> list[str]:
-    import onnx
-
-    return sorted({
-        entry.value
-        for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-        for entry in init.external_data if entry.key == "location"
-    })
-
 
 @dataclass
 class Surgery:
@@ -210,26 +187,6 @@ def _head_arrays(model, s: Surgery) -> tuple:
         per_byte = 8 // s.bits
         zero_points = numpy_helper.to_array(initializers[s.head.input[3]]).reshape(s.n, -(-blocks // per_byte))
     return weight, scales, zero_points
-
-
-def _dequantize(weight, scales, zero_points, bits: int, block_size: int, k: int):
-    """The head's weight as MatMulNBits and GatherBlockQuantized read it: [N, K] float, computed as
-    their kernels do ((q - zero point) * scale, in the scales' dtype, one rounding)."""
-    import numpy as np
-
-    n, blocks, _ = weight.shape
-    if bits == 4:
-        codes = np.stack([weight & 0x0F, weight >> 4], axis=-1).reshape(n, blocks, block_size)
-    else:
-        codes = weight.reshape(n, blocks, block_size)
-    if zero_points is None:
-        zeros = np.full((n, blocks), 1 << (bits - 1), dtype=np.int32)
-    elif bits == 4:
-        zeros = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int32)
-    else:
-        zeros = zero_points.astype(np.int32)
-    values = (codes.astype(np.int32) - zeros[:, :, None]).astype(np.float32) * scales.astype(np.float32)[:, :, None]
-    return values.astype(scales.dtype).reshape(n, blocks * block_size)[:, :k]
 
 
 # --- the surgery --------------------------------------------------------------------------------
@@ -417,37 +374,13 @@ def _compare_logits(tied, reference, original, feeder, probes, adapters: dict, l
 
 # --- writing ------------------------------------------------------------------------------------
 
-def _save(model, path: Path, data_name: str) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024, convert_attribute=False)
-
-
-def _copy_rest(bundle: Path, out_dir: Path, model_files: set[str]) -> None:
-    """Everything else of the bundle, unchanged: genai_config.json, tokenizer files, adapters/, records."""
-    for entry in sorted(bundle.iterdir()):
-        if entry.name in SKIPPED or entry.name in model_files:
-            continue
-        target = out_dir / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, copy_function=shutil.copyfile)
-        else:
-            shutil.copyfile(entry, target)
-
-
-def _size(folder: Path, names) -> int:
-    return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
-
-
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import os
 
     bundle: Path = inputs["bundle"]
     if params.max_tie_error <= 0 or params.logits_tolerance < 0:
         raise UserError("params.max_tie_error must be > 0 and params.logits_tolerance >= 0")
-    decoder, filename = _decoder(bundle)
+    decoder, filename = decoder_of(bundle, "a genai-build or quantize-onnx target")
 
     import numpy as np
     import onnx
@@ -460,10 +393,10 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     console = Console(stderr=True)
     with console.status("reading the bundle") as status:
         model = onnx.load(str(bundle / filename))
-        data_files = _data_files(onnx.load(str(bundle / filename), load_external_data=False))
+        data_files = external_data_files(onnx.load(str(bundle / filename), load_external_data=False))
         s = _find(model, decoder)
         weight, scales, zero_points = _head_arrays(model, s)
-        rows = _dequantize(weight, scales, zero_points, s.bits, s.block_size, s.k)
+        rows = dequantize_matmul_nbits(weight, scales, zero_points, s.bits, s.block_size, s.k)
         table_init = next(i for i in model.graph.initializer if i.name == s.table)
         table = numpy_helper.to_array(table_init)
         table = table.T if s.transposed else table
@@ -491,14 +424,14 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         data_name = data_files[0] if len(data_files) == 1 else f"{Path(filename).name}.data"
         model_files = {filename, *data_files}
         status.update("writing the tied bundle")
-        _save(model, out_dir / filename, data_name)
+        save_decoder(model, out_dir / filename, data_name)
         del model
-        _copy_rest(bundle, out_dir, model_files)
+        copy_rest(bundle, out_dir, model_files)
 
         status.update("comparing logits on probe ids, with and without each adapter")
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
             ref_path = Path(tmp) / "reference.onnx"
-            _save(reference, ref_path, "reference.onnx.data")
+            save_decoder(reference, ref_path, "reference.onnx.data")
             del reference
             feeder = prefill_feeder(onnx.load(str(out_dir / filename), load_external_data=False), decoder, "inputs.bundle")
             probes = _probe_ids(bundle, params.check_prompt, s.n)
@@ -514,8 +447,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
         counts = verify_bundle(out_dir, params.check_prompt, "tied bundle")
 
-    before = _size(bundle, sorted(model_files))
-    after = _size(out_dir, sorted({filename, data_name}))
+    before = files_size(bundle, sorted(model_files))
+    after = files_size(out_dir, sorted({filename, data_name}))
     record = {
         "lm_head": s.head.name,
         "head_initializers": [name for name in list(s.head.input)[1:] if name],
