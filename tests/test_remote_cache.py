@@ -126,6 +126,7 @@ def test_server_down_warns_once_and_builds_locally_or_stops_when_required(team, 
     assert warnings == [line for line in warnings if line.startswith(f"modelbuild: remote cache {team.url} unreachable: ")
                         and line.endswith("; building with the local cache only")], down.out[-3000:]
     assert len(warnings) == 1 and endpoint.split("//")[1] not in down.out  # one line; the endpoint is not echoed
+    assert "unreachable: no connection to the S3 endpoint" in warnings[0]
     assert ran(down) == {TINY} and stamp(c, TINY)["origin"] == "built"
     assert (c.cache / "remote-pending" / stamp(c, TINY)["action_key"]).exists()  # the next run pushes it
 
