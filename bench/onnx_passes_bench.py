@@ -128,7 +128,7 @@ def eval_sequences(model_dir: Path, tokens: int, records: int):
 def perplexity(sess, names, scored) -> float:
     import numpy as np
 
-    from modelbuild.onnx_models import feeds
+    from modelbuild.ml.onnx_models import feeds
 
     total, count = 0.0, 0
     for ids, start in scored:
@@ -155,7 +155,7 @@ def main() -> None:
 
     import numpy as np
 
-    from modelbuild.onnx_models import compare, feeds, load_graph, model_size, op_counts, session
+    from modelbuild.ml.onnx_models import compare, feeds, load_graph, model_size, op_counts, session
 
     work = Path(tempfile.mkdtemp(prefix="onnx-passes-bench-"))
     project = work / "project"

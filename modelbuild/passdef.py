@@ -147,7 +147,9 @@ def _type_hints(params: type) -> dict[str, Any]:
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_IMPORT_RE = re.compile(r"^\s*(?:from\s+modelbuild((?:\.\w+)*)\s+import\s+([\w, ]+)|import\s+modelbuild((?:\.\w+)+))", re.M)
+# "from modelbuild.x import a, b", "from modelbuild.x import (a,\n b)" or "import modelbuild.x"
+_IMPORT_RE = re.compile(
+    r"^\s*(?:from\s+modelbuild((?:\.\w+)*)\s+import\s+(?:\(([^)]*)\)|([\w, ]+))|import\s+modelbuild((?:\.\w+)+))", re.M)
 _code_digests: dict[Path, str] = {}
 
 
@@ -161,11 +163,12 @@ def _module_files(source_file: Path) -> list[Path]:
             continue  # passdef.py is this registry: it shapes no output
         seen.add(path)
         for match in _IMPORT_RE.finditer(path.read_text(encoding="utf-8")):
-            dotted = (match.group(1) or match.group(3) or "").strip(".")
+            dotted = (match.group(1) or match.group(4) or "").strip(".")
             base = _PACKAGE_DIR.joinpath(*dotted.split(".")) if dotted else _PACKAGE_DIR
             candidates = [base.with_suffix(".py"), base / "__init__.py"]
-            if match.group(2):  # "from modelbuild.x import a, b": a and b may be modules too
-                candidates += [base / f"{name.strip()}.py" for name in match.group(2).split(",")]
+            names = match.group(2) or match.group(3)
+            if names:  # "from modelbuild.x import a, b": a and b may be modules too
+                candidates += [base / f"{name.strip()}.py" for name in names.split(",")]
             todo.extend(c for c in candidates if c.is_file())
     return sorted(seen)
 

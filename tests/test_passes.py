@@ -141,6 +141,7 @@ def test_pass_code_in_the_key_covers_the_helpers_it_imports():
     assert {"passes/smoke.py", "genai.py", "progress.py"} <= names("smoke")
     assert {"passes/genai_build.py", "genai.py"} <= names("genai-build")
     assert "passdef.py" not in names("genai-build")  # the registry shapes no output
+    assert "ml/onnx_models.py" in names("graph-optimize")  # a parenthesized, multi-line import is followed too
     assert "hf.py" not in names("smoke")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 
@@ -15,3 +16,22 @@ def quiet_stdout():
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """onnxruntime's Python tools (transformer optimizer, quantizers) log a warning per unmatched
+    pattern and advice per node, and print to stdout: silent unless MODELBUILD_VERBOSE is set."""
+    if os.environ.get("MODELBUILD_VERBOSE"):
+        yield
+        return
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    logging.disable(logging.WARNING)
+    try:
+        with quiet_stdout():
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+

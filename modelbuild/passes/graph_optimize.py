@@ -30,14 +30,12 @@ The same input and params give byte-identical output.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.onnx_models import (compare, copy_source_files, load_graph, logits, model_path, op_counts, probe_ids,
+from modelbuild.ml.console import quiet_onnxruntime
+from modelbuild.ml.onnx_models import (compare, copy_source_files, load_graph, logits, model_path, op_counts, probe_ids,
                                     read_config, rounded, save_model, status, write_record)
 from modelbuild.passdef import Input, PassDef, param
 
@@ -104,22 +102,6 @@ def _from_config(value: int, config: dict, keys: tuple[str, ...]) -> int:
     return 0  # the optimizer then reads it from the graph where it can
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The optimizer logs a warning per unmatched pattern; keep them out of the build log unless asked."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
-        yield
-        return
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     source: Path = inputs["model"]
     source_file = model_path(source)
@@ -133,7 +115,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         line.update(f"graph-optimize: '{model_type}' fusions, opt_level {params.opt_level}"
                     + (" (onnxruntime only)" if params.only_onnxruntime else ""))
         before = op_counts(load_graph(source_file))
-        with _quiet():
+        with quiet_onnxruntime():
             from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
 
             if model_type not in MODEL_TYPES:

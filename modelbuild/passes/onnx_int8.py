@@ -34,17 +34,15 @@ byte-identical output.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.onnx_models import (compare, copy_source_files, feeds, initializer_types, input_names, load_graph, load_model, logits,
+from modelbuild.ml.console import quiet_onnxruntime
+from modelbuild.ml.onnx_models import (compare, copy_source_files, feeds, initializer_types, input_names, load_graph, load_model, logits,
                                     model_path, model_size, op_counts, probe_ids, rounded, save_model, status, write_record)
 from modelbuild.passdef import Input, PassDef, param
 
@@ -155,23 +153,6 @@ def calibration_ids(model_dir: Path, data: Path, samples: int, max_length: int) 
 
 # --- quantizing ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet():
-    """The quantizer logs advice and per-node chatter; keep it out of the build log unless asked."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
-        yield
-        return
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    logging.disable(logging.WARNING)
-    try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _op_types(params: Params) -> list[str]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QLinearOpsRegistry
 
@@ -228,7 +209,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         options = {"MatMulConstBOnly": True}
         if params.mode == "dynamic":
             line.update(f"onnx-int8: dynamic quantization of {', '.join(op_types)}")
-            with _quiet():
+            with quiet_onnxruntime():
                 quantize_dynamic(str(source_file), str(scratch), op_types_to_quantize=op_types, per_channel=params.per_channel,
                                  weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=True,
                                  extra_options=options)
@@ -247,7 +228,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
             line.update(f"onnx-int8: calibrating activation ranges on {len(batches)} records ({calibration_record['tokens']} tokens), "
                         f"static quantization of {', '.join(op_types)}")
-            with _quiet():
+            with quiet_onnxruntime():
                 quantize_static(str(source_file), str(scratch), Reader(), quant_format=QuantFormat.QOperator,
                                 op_types_to_quantize=op_types, per_channel=params.per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

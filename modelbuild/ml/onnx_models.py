@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import UserError
+from modelbuild import UserError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
