@@ -6,9 +6,9 @@ Used from ``dodo.py``::
     DOIT_CONFIG = doit_config(ROOT)
     task_modelbuild = tasks_for_project(ROOT)
 
-A task is up to date when the action key it recorded in doit's database, the key stamped in
-its output folder and the freshly computed key all agree and the output is intact; so
-``doit forget`` and a damaged ``build/`` both lead to a rebuild, as doit users expect.
+A task is up to date when status.py says its target is Fresh (stamped key = the key computed
+now, output intact, gates passed) and doit recorded that same key; so ``doit forget`` and a
+damaged ``build/`` both lead to a rebuild, as doit users expect.
 """
 
 from __future__ import annotations
