@@ -7,6 +7,9 @@ so ``library_hooks`` installs them only for the duration of a ``with`` block and
 from __future__ import annotations
 
 import contextlib
+import warnings
+
+from modelbuild.ml.console import quiet_stdout
 
 
 @contextlib.contextmanager
@@ -92,3 +95,60 @@ def dequantize_matmul_nbits(weight, scales, zero_points, bits: int, block_size: 
         zeros = zero_points.astype(np.int32)
     values = (codes.astype(np.int32) - zeros[:, :, None]).astype(np.float32) * scales.astype(np.float32)[:, :, None]
     return values.astype(scales.dtype).reshape(n, blocks * block_size)[:, :k]
+
+
+def quantize_matmuls(model, algorithm: str, *, block_size: int, symmetric: bool, accuracy_level: int,
+                     exclude: list[str], int8: list[str], weights: dict[str, str], samples=None, on_step=lambda done, total: None,
+                     bits: int = 4):
+    """Every MatMul with a constant weight (``weights``: node -> initializer) except ``exclude``
+    -> MatMulNBits: ``int8`` nodes as symmetric 8-bit RTN, the rest ``bits``-bit by
+    ``algorithm`` (rtn, k_quant, hqq or gptq; gptq calibrates on ``samples``)."""
+    if algorithm == "gptq":
+        from modelbuild.ml.gptq import gptq_quantize
+
+        nodes = set(weights) - set(exclude) - set(int8)
+        result = gptq_quantize(model, nodes, samples, block_size, symmetric, accuracy_level, on_step, bits)
+    else:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        if algorithm == "rtn":
+            config = mnq.RTNWeightOnlyQuantConfig()
+        elif algorithm == "k_quant":
+            config = mnq.KQuantWeightOnlyQuantConfig()
+        else:
+            config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+        quantizer = mnq.MatMulNBitsQuantizer(
+            model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+            accuracy_level=accuracy_level or None, nodes_to_exclude=list(exclude) + list(int8), algo_config=config,
+        )
+        with library_hooks(quantizer, on_step), quiet_stdout(), warnings.catch_warnings():
+            # HQQ hands torch a read-only numpy view of each weight; it only reads it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            quantizer.process()
+        result = quantizer.model.model
+    if int8:
+        result = _quantize_int8(result, int8, block_size, accuracy_level)
+    if accuracy_level:
+        # HQQ writes no accuracy_level; set it on every node that lacks it.
+        import onnx
+
+        for node in result.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
+    return result
+
+
+def _quantize_int8(model, nodes: list[str], block_size: int, accuracy_level: int):
+    """``nodes``, quantized after the int4 pass: symmetric RTN MatMulNBits with 8 bits."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    # nodes_to_include does not restrict the quantizer to those nodes: exclude every other MatMul.
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
+    config = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level or None, bits=8)
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                         algo_config=config)
+    with quiet_stdout():
+        quantizer.process()
+    return quantizer.model.model

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +45,7 @@ from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.calibration import calibration_feeds
-from modelbuild.ml.console import quiet_stdout
-from modelbuild.ml.gptq import gptq_quantize
-from modelbuild.ml.weight_only import library_hooks
+from modelbuild.ml.weight_only import quantize_matmuls
 from modelbuild.passdef import Input, PassDef, param, require
 
 ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
@@ -195,59 +192,12 @@ def _matching(patterns: list[str], weights: dict, key: str) -> set[str]:
 
 # --- quantizing ---------------------------------------------------------------------------------
 
-def _quantize_int8(model, params: Params, plan: Plan):
-    """The int8_nodes, quantized after the int4 pass: symmetric RTN MatMulNBits with 8 bits."""
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-    # nodes_to_include does not restrict the quantizer to those nodes: exclude every other MatMul.
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in plan.int8]
-    config = mnq.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
-                                             accuracy_level=params.accuracy_level or None, bits=8)
-    quantizer = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=params.block_size, is_symmetric=True,
-                                         accuracy_level=params.accuracy_level or None, nodes_to_exclude=others,
-                                         algo_config=config)
-    with quiet_stdout():
-        quantizer.process()
-    return quantizer.model.model
-
-
 def _quantize(model, params: Params, plan: Plan, samples: list[dict] | None, on_step):
-    if params.algorithm == "gptq":
-        nodes = set(plan.weights) - set(plan.exclude) - set(plan.int8)
-        result = gptq_quantize(model, nodes, samples, params.block_size, params.symmetric, params.accuracy_level, on_step, BITS)
-    else:
-        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-        if params.algorithm == "rtn":
-            config = mnq.RTNWeightOnlyQuantConfig()
-        elif params.algorithm == "k_quant":
-            config = mnq.KQuantWeightOnlyQuantConfig()
-        else:
-            config = mnq.HQQWeightOnlyQuantConfig(block_size=params.block_size, bits=BITS)
-        quantizer = mnq.MatMulNBitsQuantizer(
-            model,
-            bits=BITS,
-            block_size=params.block_size,
-            is_symmetric=params.symmetric,
-            accuracy_level=params.accuracy_level or None,
-            nodes_to_exclude=plan.exclude + plan.int8,
-            algo_config=config,
-        )
-        with library_hooks(quantizer, on_step), quiet_stdout(), warnings.catch_warnings():
-            # HQQ hands torch a read-only numpy view of each weight; it only reads it.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            quantizer.process()
-        result = quantizer.model.model
-    if plan.int8:
-        result = _quantize_int8(result, params, plan)
-    if params.accuracy_level:
-        # HQQ writes no accuracy_level; set it on every node that lacks it.
-        import onnx
-
-        for node in result.graph.node:
-            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", params.accuracy_level))
-    return result
+    return quantize_matmuls(
+        model, params.algorithm, block_size=params.block_size, symmetric=params.symmetric,
+        accuracy_level=params.accuracy_level, exclude=plan.exclude, int8=plan.int8,
+        weights=plan.weights, samples=samples, on_step=on_step,
+    )
 
 
 def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
