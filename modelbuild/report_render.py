@@ -132,10 +132,24 @@ img {{ max-width: 100%; margin-top: 1em; }}
 """
 
 
-def render_png(rows: list[dict], title: str, path: Path) -> None:
-    """Scatter of size vs tokens/s; written with the Agg canvas directly (no pyplot, no global backend)."""
+FAILED_EDGE = "red"
+LABEL_PT = 8  # label font size (points)
+MARKER_S = 110  # scatter marker area (points^2)
+STAR = 2.4  # Pareto-optimal variants are stars of this many times that area
+RINGS = (4, 12, 22, 34, 50, 70)  # label distances from its point (points), tried nearest first
+DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))  # dx, dy signs
+
+
+def plot_figure(rows: list[dict], title: str):
+    """The report's plot as a matplotlib Figure on an Agg canvas (no pyplot, no global backend).
+
+    Size vs tokens/s; every point with a perplexity is filled with its colour (log scale), the
+    failed ones included, which get a thick red edge; Pareto-optimal variants (the table's ★)
+    are stars. Labels are placed so they overlap neither each other nor any point.
+    """
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -143,44 +157,48 @@ def render_png(rows: list[dict], title: str, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     plotted = [r for r in rows if r["size_mb"] is not None and r["tokens_per_s"] is not None]
-    good = [r for r in plotted if r["status"] != "gate failed"]
-    failed = [r for r in plotted if r["status"] == "gate failed"]
-    coloured = [r for r in good if r["perplexity"] is not None]
-    grey = [r for r in good if r["perplexity"] is None]
-    handles = []
-    if coloured:
-        values = [r["perplexity"] for r in coloured]
+    values = [v for v in map(_perplexity, plotted) if v is not None]
+    norm, cmap = None, colormaps["viridis"]
+    if values:
         low, high = min(values), max(values)
         if low == high:
             low, high = low - 0.5, high + 0.5
-        points = ax.scatter([r["size_mb"] for r in coloured], [r["tokens_per_s"] for r in coloured], c=values,
-                            cmap="viridis", norm=Normalize(low, high), s=90, edgecolors="black", linewidths=0.6,
-                            zorder=3)
-        fig.colorbar(points, ax=ax, label="perplexity (lower is better)")
-    if grey:
-        ax.scatter([r["size_mb"] for r in grey], [r["tokens_per_s"] for r in grey], s=90, color="lightgrey",
-                   edgecolors="black", linewidths=0.6, zorder=3)
-        handles.append(Line2D([], [], marker="o", ls="", color="lightgrey", markeredgecolor="black",
+        norm = LogNorm(low, high) if high / low > 3 else Normalize(low, high)  # log: a failed variant can be 50x
+    handles = []
+    for star in (False, True):
+        for failed in (False, True):
+            group = [r for r in plotted if bool(r["pareto"]) == star and (r["status"] == "gate failed") == failed]
+            if not group:
+                continue
+            colours = [cmap(norm(_perplexity(r))) if _perplexity(r) is not None else "lightgrey" for r in group]
+            ax.scatter([r["size_mb"] for r in group], [r["tokens_per_s"] for r in group], c=colours,
+                       s=MARKER_S * (STAR if star else 1), marker="*" if star else "o",
+                       edgecolors=FAILED_EDGE if failed else "black", linewidths=2.0 if failed else 0.7, zorder=3,
+                       gid=("pareto" if star else "point") + ("-failed" if failed else ""))
+    if norm is not None:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.ticker import LogFormatter
+
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="perplexity (lower is better)")
+        if isinstance(norm, LogNorm):
+            bar.ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+            bar.ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if any(r["pareto"] for r in plotted):
+        dims = next((r["pareto_dims"] for r in rows if r.get("pareto_dims")), "size, tokens/s, perplexity")
+        handles.append(Line2D([], [], marker="*", ms=13, ls="", color="white", markeredgecolor="black",
+                              label=f"Pareto front (★ in the table):\nno passing variant beats it on {dims}"))
+    if any(r["status"] == "gate failed" for r in plotted):
+        handles.append(Line2D([], [], marker="o", ms=9, ls="", color="white", markeredgecolor=FAILED_EDGE,
+                              markeredgewidth=2.0, label="gate failed (red edge, red label)"))
+    if len(values) < len(plotted):
+        handles.append(Line2D([], [], marker="o", ms=9, ls="", color="lightgrey", markeredgecolor="black",
                               label="perplexity not measured"))
-    if failed:
-        ax.scatter([r["size_mb"] for r in failed], [r["tokens_per_s"] for r in failed], s=90, facecolors="none",
-                   edgecolors="red", linewidths=1.8, zorder=3)
-        handles.append(Line2D([], [], marker="o", ls="", markerfacecolor="none", markeredgecolor="red",
-                              markeredgewidth=1.8, label="gate failed"))
-    front = sorted((r for r in plotted if r["pareto"]), key=lambda r: (r["size_mb"], r["tokens_per_s"]))
-    if front:
-        ax.plot([r["size_mb"] for r in front], [r["tokens_per_s"] for r in front], ls="--", color="black",
-                lw=1.2, zorder=2)
-        handles.append(Line2D([], [], ls="--", color="black", label="Pareto front"))
-    for row in plotted:
-        ax.annotate(row["label"], (row["size_mb"], row["tokens_per_s"]), xytext=(6, 6), textcoords="offset points",
-                    fontsize=9, color="firebrick" if row["status"] == "gate failed" else "black")
     if not plotted:
         ax.text(0.5, 0.5, "no evaluated variant to plot", ha="center", va="center", transform=ax.transAxes)
     else:
-        ax.margins(0.15)
+        ax.margins(0.12)
     if handles:
-        ax.legend(handles=handles, loc="best", fontsize=9)
+        ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
     missing = [r["label"] for r in rows if r["status"] in ("not built", "stale")]
     if missing:
         fig.text(0.01, 0.01, f"{NOT_BUILT}: {', '.join(missing)}", fontsize=8, color="dimgrey")
@@ -189,4 +207,61 @@ def render_png(rows: list[dict], title: str, path: Path) -> None:
     ax.set_ylabel("decode speed (tokens/s)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1) if missing else (0, 0, 1, 1))
-    fig.savefig(path, format="png", dpi=PNG_DPI, metadata={"Software": None})
+    _place_labels(fig, ax, plotted)
+    return fig
+
+
+def _place_labels(fig, ax, rows: list[dict]) -> None:
+    """Label each point at the nearest free spot around it (greedy, in a fixed order, so deterministic):
+    a spot is free when the label's box stays inside the axes and overlaps no placed label, no point
+    and the legend. A label set off from its point gets a thin leader line."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    scale = fig.dpi / 72  # points -> pixels
+    area = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer).padded(2)] if legend else []
+    centres = [ax.transData.transform((r["size_mb"], r["tokens_per_s"])) for r in rows]
+    radii = [(MARKER_S * (STAR if r["pareto"] else 1)) ** 0.5 / 2 * scale + 1 for r in rows]
+    taken += [Bbox.from_extents(x - d, y - d, x + d, y + d) for (x, y), d in zip(centres, radii)]
+    order = sorted(range(len(rows)), key=lambda i: (not rows[i]["pareto"], -centres[i][1], centres[i][0]))
+    for i in order:
+        row, (x, y) = rows[i], centres[i]
+        colour = "firebrick" if row["status"] == "gate failed" else "black"
+        text = ax.text(0, 0, row["label"], fontsize=LABEL_PT)
+        size = text.get_window_extent(renderer)
+        text.remove()
+        w, h = size.width + 2, size.height + 2
+        best = None
+        for ring in RINGS:
+            for dx, dy in DIRECTIONS:
+                off = radii[i] + ring * scale
+                left = x + dx * off - (w if dx < 0 else w / 2 if dx == 0 else 0)
+                bottom = y + dy * off * (0.7 if dx else 1) - (h if dy < 0 else h / 2 if dy == 0 else 0)
+                box = Bbox.from_bounds(left, bottom, w, h)
+                clash = sum(box.overlaps(other) for other in taken) + (not area.contains(left, bottom)) \
+                    + (not area.contains(left + w, bottom + h))
+                if best is None or clash < best[0]:
+                    best = (clash, ring, box)
+                if clash == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, ring, box = best
+        taken.append(box)
+        far = ring > RINGS[0]
+        leader = {"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkA": 0, "shrinkB": 5} if far else None
+        centre = ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)
+        ax.annotate(row["label"], (row["size_mb"], row["tokens_per_s"]), xytext=centre, textcoords="figure pixels",
+                    ha="center", va="center", fontsize=LABEL_PT, color=colour, zorder=4, gid="label", arrowprops=leader)
+
+
+def _perplexity(row: dict) -> float | None:
+    value = row["perplexity"]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def render_png(rows: list[dict], title: str, path: Path) -> None:
+    """The plot (plot_figure) as a PNG; the same rows give the same bytes."""
+    plot_figure(rows, title).savefig(path, format="png", dpi=PNG_DPI, metadata={"Software": None})

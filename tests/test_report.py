@@ -250,3 +250,116 @@ def test_patterns_that_select_nothing_are_user_errors(project, tmp_path):
     assert "'tiny-int4-r*' matches no evaluate target" in message and "genai-build" in message
     assert "evaluated by: eval-int4-rtn" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+# --- the plot: colours, Pareto stars and label placement (issue #11) ---
+
+CLOSE = [  # (label, size MB, tokens/s, perplexity, gate failed): clusters as in a real SmolLM2 bench run
+    ("merged-int4-rtn", 86.0, 88.0, 30.0, True), ("merged-int4-awq", 86.0, 86.5, 31.0, True),
+    ("q4ft-int4-awq +travel", 97.0, 65.0, 27.0, True), ("int4-rtn +travel", 97.0, 74.0, 28.0, True),
+    ("int4 +travel", 120.0, 68.0, 26.0, False), ("int4-gptq +travel", 210.0, 64.0, 29.5, True),
+    ("int4-gptq-q8head +travel", 224.0, 61.5, 29.0, True), ("int4-k_quant +travel", 212.0, 34.5, 35.0, True),
+    ("base torch-fp32", 537.0, 19.7, 62.0, False), ("torch-fp32 +travel", 537.0, 15.3, 23.1, False),
+]
+
+
+def close_rows(project) -> list[dict]:
+    """The fixture project's report rows plus rows in tight clusters (copies of a real row, numbers changed)."""
+    from modelbuild.report import collect_rows, select_targets
+
+    rows = collect_rows(project, select_targets(project, ["eval-*"]))
+    template = next(r for r in rows if r["eval_target"] == "eval-int8")
+    for label, size, tps, ppl, failed in CLOSE:
+        rows.append({**template, "label": label, "size_mb": size, "tokens_per_s": tps, "perplexity": ppl,
+                     "status": "gate failed" if failed else "passed", "pareto": False})
+    return rows
+
+
+def _pixels(fig):
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+
+
+def _centre(fig, ax, row) -> tuple[int, int]:
+    x, y = ax.transData.transform((row["size_mb"], row["tokens_per_s"]))
+    return int(round(float(fig.bbox.height - y))), int(round(float(x)))  # (image row, column)
+
+
+def test_plot_failed_points_keep_their_perplexity_colour_with_a_red_edge(project):
+    import numpy as np
+    from matplotlib import colormaps
+
+    from modelbuild.report_render import plot_figure
+
+    rows = close_rows(project)
+    fig = plot_figure(rows, "t")
+    ax = fig.axes[0]
+    image = _pixels(fig)
+    lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(int)
+    plotted = [r for r in rows if r["size_mb"] is not None]
+    centres = {r["label"]: _centre(fig, ax, r) for r in plotted}
+    alone = {name for name, (y, x) in centres.items()  # no other marker drawn over this one's centre
+             if all(abs(y - v) + abs(x - u) > 20 for other, (v, u) in centres.items() if other != name)}
+    failed = [r for r in plotted if r["status"] == "gate failed" and r["label"] in alone]
+    assert len(failed) >= 5
+    colours = set()
+    for row in failed:
+        cy, cx = centres[row["label"]]
+        centre = image[cy, cx]
+        distance = int(np.abs(lut - centre).sum(axis=1).min())
+        assert distance < 20, f"{row['label']}: {centre.tolist()} is not a perplexity colour"
+        colours.add(tuple(centre))
+        ring = image[cy - 8:cy + 9, cx - 8:cx + 9].reshape(-1, 3)
+        red = (ring[:, 0] > 200) & (ring[:, 1] < 60) & (ring[:, 2] < 60)
+        assert red.sum() > 10, f"{row['label']}: no red edge"
+    assert len(colours) > 3  # different perplexities, different colours: not one flat colour for every failure
+    # a passing point has no red edge
+    cy, cx = _centre(fig, ax, next(r for r in rows if r["label"] == "int4 +travel"))
+    ring = image[cy - 8:cy + 9, cx - 8:cx + 9].reshape(-1, 3)
+    assert not ((ring[:, 0] > 200) & (ring[:, 1] < 60) & (ring[:, 2] < 60)).any()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("gate failed" in t and "red" in t for t in legend), legend
+
+
+def test_plot_stars_the_pareto_front_and_says_so(project):
+    import numpy as np
+
+    from modelbuild.report_render import plot_figure
+
+    rows = close_rows(project)
+    fig = plot_figure(rows, "t")
+    ax = fig.axes[0]
+    stars = np.concatenate([c.get_offsets() for c in ax.collections if (c.get_gid() or "").startswith("pareto")])
+    front = {(r["size_mb"], r["tokens_per_s"]) for r in rows if r["pareto"]}
+    assert front and {tuple(map(float, xy)) for xy in stars} == front  # fp32, int8 and int4-rtn of the fixture
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "Pareto front" in legend and "size, tokens/s, perplexity" in legend
+
+
+def test_plot_labels_of_close_points_overlap_nothing(project):
+    from matplotlib.transforms import Bbox
+
+    from modelbuild.report_render import plot_figure
+
+    rows = close_rows(project)
+    fig = plot_figure(rows, "t")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_gid() == "label"]
+    plotted = [r for r in rows if r["size_mb"] is not None]
+    assert sorted(t.get_text() for t in labels) == sorted(r["label"] for r in plotted)
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in labels}
+    names = sorted(boxes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), f"labels {a!r} and {b!r} overlap"
+    area = ax.get_window_extent(renderer)
+    legend = ax.get_legend().get_window_extent(renderer)
+    for name, box in boxes.items():
+        assert area.contains(box.x0, box.y0) and area.contains(box.x1, box.y1), f"{name!r} leaves the axes"
+        assert not box.overlaps(legend), f"{name!r} is under the legend"
+        for row in plotted:  # no label covers a point (the marker's square around its centre)
+            x, y = ax.transData.transform((row["size_mb"], row["tokens_per_s"]))
+            assert not box.overlaps(Bbox.from_extents(x - 5, y - 5, x + 5, y + 5)), f"{name!r} covers {row['label']!r}"
