@@ -25,7 +25,8 @@ from pathlib import Path
 from modelbuild import UserError, speed
 from modelbuild.gates import METRICS_FILE
 from modelbuild.passdef import Input, PassDef, param, require
-from modelbuild.ml.records import CHAT, load_records, tokenize_record
+from modelbuild.ml.perplexity import nll as _nll, onnx_perplexity, scored_examples
+from modelbuild.ml.records import CHAT
 
 METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb")
 MODEL_FILE_SUFFIXES = (".onnx", ".onnx.data", ".data", ".safetensors", ".bin")
@@ -72,56 +73,7 @@ def model_size(model: Path) -> int:
 
 def _examples(params: Params, data: Path, tokenizer, shown: str) -> list[tuple[list[int], int]]:
     """(token ids, index of the first response token) per scored record."""
-    records = load_records(data, shown)
-    if params.samples:
-        records = records[: params.samples]
-    examples = []
-    for number, record in enumerate(records, 1):
-        ids, start = tokenize_record(record, params.template, tokenizer, params.max_length, f"{shown}: record {number}")
-        if start < len(ids):
-            examples.append((ids, max(start, 1)))
-    if not examples:
-        raise UserError(f"{shown}: no record has response tokens within max_length={params.max_length}")
-    return examples
-
-
-def _nll(logits, ids: list[int], start: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of ids[start:] (logits[t] predicts ids[t+1]), in float64."""
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64)[0]
-    targets = np.asarray(ids[start:])
-    rows = logits[start - 1: len(ids) - 1]
-    peak = rows.max(axis=-1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=-1))
-    return float((log_z - rows[np.arange(len(targets)), targets]).sum()), len(targets)
-
-
-def _onnx_perplexity(model: Path, adapter_file: Path | None, examples, threads: int, device: str, progress, bar) -> tuple[float, int]:
-    import onnx
-    import onnxruntime as ort
-
-    from modelbuild.genai import prefill_feeder
-
-    decoder = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(model / decoder["filename"]), options, providers=providers)
-    feeds = prefill_feeder(onnx.load(str(model / decoder["filename"]), load_external_data=False), decoder, "inputs.model")
-    run_options = ort.RunOptions()
-    if adapter_file is not None:
-        lora = ort.LoraAdapter()
-        lora.Load(str(adapter_file))
-        run_options.add_active_adapter(lora)
-    total, count = 0.0, 0
-    for ids, start in examples:
-        logits = session.run(["logits"], feeds(ids), run_options)[0]
-        nll, n = _nll(logits, ids, start)
-        total, count = total + nll, count + n
-        progress.advance(bar)
-    return math.exp(total / count), count
+    return scored_examples(data, shown, tokenizer, params.template, params.samples, params.max_length)
 
 
 def _torch_perplexity(model_dir: Path, adapter_dir: Path | None, examples, threads: int, device: str, progress, bar) -> tuple[float, int]:
@@ -176,7 +128,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     with step_progress() as progress:
         bar = progress.add_task(f"perplexity ({'onnxruntime' if kind == 'genai' else 'torch fp32'})", total=len(examples))
         if kind == "genai":
-            perplexity, scored = _onnx_perplexity(model, adapter_file, examples, ctx.threads, ctx.device, progress, bar)
+            perplexity, scored = onnx_perplexity(model, adapter_file, examples, ctx.threads, ctx.device, lambda: progress.advance(bar))
         else:
             perplexity, scored = _torch_perplexity(model, adapter_dir, examples, ctx.threads, ctx.device, progress, bar)
 

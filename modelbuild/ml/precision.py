@@ -1,0 +1,123 @@
+"""Mixed int4/int8 precision: the measurement behind precision-search and the plan that
+precision-plan writes and quantize-onnx follows.
+
+A plan says how to quantize an fp32 bundle: the int4 algorithm and its block size, symmetry and
+accuracy level, and which MatMuls go int8 instead. It is a build output (plan.json), so the choice
+is cached, explained (plan.md) and reproducible; ``read_plan`` is the one reader, so every consumer
+refuses a malformed plan with the same one-line error.
+
+Sensitivity: how much a MatMul's output moves when only its weight is quantized, measured on the
+project's own calibration activations X: ``||X (W - Q(W))|| / ||X W||``. Storing the Gram matrix
+``H = X^T X`` instead of X makes it exact at a fixed cost: ``||X E||^2 = sum(E * (H @ E))``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modelbuild import UserError
+
+PLAN_FILE = "plan.json"
+CANDIDATES_FILE = "candidates.json"
+SCHEMA = 1
+# plan.json key -> type; the keys are quantize-onnx's param names, so a plan overrides them as is.
+PLAN_FIELDS = {"algorithm": str, "block_size": int, "symmetric": bool, "accuracy_level": int, "int8_nodes": list}
+
+
+def read_plan(path: Path) -> dict:
+    """{algorithm, block_size, symmetric, accuracy_level, int8_nodes} of a plan.json (or of the
+    precision-plan output folder holding one); a malformed plan is a one-line UserError."""
+    path = Path(path)
+    file = path / PLAN_FILE if path.is_dir() else path
+    shown = f"inputs.plan: {file.name}"
+    try:
+        plan = json.loads(file.read_text(encoding="utf-8"))
+    except OSError:
+        raise UserError(f"inputs.plan: no {PLAN_FILE} (use a precision-plan target)") from None
+    except ValueError as error:
+        raise UserError(f"{shown}: not JSON ({error})") from None
+    if not isinstance(plan, dict) or plan.get("schema") != SCHEMA:
+        raise UserError(f"{shown}: not a schema-{SCHEMA} precision plan (use a precision-plan target)")
+    out = {}
+    for key, kind in PLAN_FIELDS.items():
+        value = plan.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{shown}: '{key}' must be a {kind.__name__}, got {value!r:.60}")
+        out[key] = value
+    if not all(isinstance(n, str) and n for n in out["int8_nodes"]) or len(set(out["int8_nodes"])) != len(out["int8_nodes"]):
+        raise UserError(f"{shown}: 'int8_nodes' must be distinct MatMul node names")
+    if out["block_size"] < 16 or out["block_size"] & (out["block_size"] - 1):
+        raise UserError(f"{shown}: 'block_size' must be a power of two >= 16, got {out['block_size']}")
+    if not 0 <= out["accuracy_level"] <= 4:
+        raise UserError(f"{shown}: 'accuracy_level' must be 0 to 4, got {out['accuracy_level']}")
+    return out
+
+
+def quantizable_matmuls(model, lora_markers: tuple[str, ...]) -> dict[str, str]:
+    """MatMul node -> its weight initializer, for every MatMul that int4/int8 may replace: a
+    constant 2-D fp32 weight, not a LoRA MatMul, not a weight an adapter overrides (graph input)."""
+    import onnx
+
+    graph = model.graph
+    if any(n.op_type == "MatMulNBits" for n in graph.node):
+        raise UserError('inputs.bundle: already quantized (MatMulNBits nodes); give an fp32 bundle (genai-build with precision = "fp32")')
+    initializers = {init.name: init for init in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    found = {}
+    for node in graph.node:
+        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if init is None or len(init.dims) != 2 or node.input[1] in graph_inputs or any(m in node.name for m in lora_markers):
+            continue
+        if init.data_type != onnx.TensorProto.FLOAT:
+            raise UserError(f'inputs.bundle: {node.name} has non-fp32 weights; give an fp32 bundle (genai-build with precision = "fp32")')
+        if not node.name or node.name in found:
+            raise UserError("inputs.bundle: MatMul nodes without unique names; nodes are chosen by name")
+        found[node.name] = node.input[1]
+    if not found:
+        raise UserError("inputs.bundle: no MatMul with a constant fp32 weight to quantize")
+    return found
+
+
+def dequantized_weights(model, names: list[str], suffix: str) -> dict:
+    """MatMul name -> its weight [K, N] (float64) as the ``{name}{suffix}`` MatMulNBits node of a
+    quantized model computes with it: what the kernel multiplies by, to measure the error of."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from modelbuild.ml.weight_only import dequantize_matmul_nbits
+
+    nodes = {n.name: n for n in model.graph.node}
+    initializers = {init.name: init for init in model.graph.initializer}
+    out = {}
+    for name in names:
+        node = nodes.get(f"{name}{suffix}")
+        if node is None or node.op_type != "MatMulNBits":
+            raise UserError(f"the quantizer left {name} unquantized ({suffix[1:]} expected)")
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        blocks = -(-k // block)
+        weight = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, blocks, -1)
+        scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, blocks)
+        zeros = numpy_helper.to_array(initializers[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        if zeros is not None and zeros.dtype != np.uint8:  # float zero points (HQQ): (q - zero) * scale
+            # the codes alone: unit scales with the symmetric zero point, shifted back
+            codes = dequantize_matmul_nbits(weight, np.ones_like(scales), None, bits, block, blocks * block)
+            codes = codes.astype(np.float64) + (1 << (bits - 1))
+            values = (codes.reshape(n, blocks, block) - zeros.reshape(n, blocks)[:, :, None]) * scales.astype(np.float64)[:, :, None]
+            out[name] = values.reshape(n, -1)[:, :k].T
+        else:
+            if zeros is not None:
+                zeros = zeros.reshape(n, -1)
+            out[name] = dequantize_matmul_nbits(weight, scales, zeros, bits, block, k).astype(np.float64).T
+    return out
+
+
+def output_error(weight, quantized, gram) -> float:
+    """``||X (W - Q)|| / ||X W||`` for the activations X whose Gram matrix ``X^T X`` is ``gram``."""
+    import numpy as np
+
+    w = np.asarray(weight, dtype=np.float64)
+    e = w - quantized
+    num, den = float((e * (gram @ e)).sum()), float((w * (gram @ w)).sum())
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
