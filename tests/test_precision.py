@@ -40,13 +40,14 @@ def test_plan_is_the_smallest_measured_candidate_within_the_budget(planned):
     search, chosen = candidates(planned), plan(planned)
     ref = search["fp32"]
     assert ref["perplexity"] > 0 and ref["size_bytes"] > 1_000_000 and ref["tokens_per_s"] > 0
+    assert len(ref["tokens_per_s_runs"]) == 4  # once alone, then beside each candidate
     assert [c["int8_count"] for c in search["candidates"]] == [0, 2, 4]
     ranked = [row["node"] for row in search["sensitivity"]]
     for c in search["candidates"]:
         assert c["int8_nodes"] == ranked[: c["int8_count"]]  # the most sensitive ones
         assert c["perplexity_delta_pct"] == pytest.approx((c["perplexity"] / ref["perplexity"] - 1) * 100, abs=1e-2)
         assert c["size_ratio"] == pytest.approx(c["size_bytes"] / ref["size_bytes"], abs=1e-3)
-        assert c["tokens_per_s"] > 0
+        assert c["tokens_per_s"] > 0 and c["speed_ratio"] == pytest.approx(c["tokens_per_s"] / c["fp32_tokens_per_s"], rel=1e-2)
     sizes = [c["size_bytes"] for c in search["candidates"]]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3 and sizes[-1] < ref["size_bytes"] / 2  # int8 costs bytes
     fitting = [c for c in search["candidates"] if within(c, 10.0, 0.5, 0.0)]

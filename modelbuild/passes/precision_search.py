@@ -15,7 +15,9 @@ output, and the budget left to precision-plan, so changing the budget re-runs on
    adapters override stay float) and measured end to end, like the fp32 bundle in the same run so
    the ratios compare like with like: held-out perplexity (onnxruntime, the evaluate pass's code,
    with ``params.adapter`` active), model file size, and decode tokens/s (onnxruntime-genai,
-   greedy, median over prompts and runs, in a fresh process).
+   greedy, median over prompts and runs, in a fresh process). Timings follow the machine's load,
+   so the fp32 bundle's speed is measured again right after each candidate and the candidate's
+   speed ratio is taken against that neighbour (the fp32 figure reported is their median).
 
 Calibration activations are captured with the adapters off (their zero defaults). Timings vary
 from run to run; everything else is deterministic for rtn, k_quant and hqq.
@@ -108,28 +110,34 @@ def _sensitivity(fp32, params, weights, exclude, samples, int4_model) -> list[di
     return [{"rank": i, **row} for i, row in enumerate(rows, 1)]
 
 
-def _measure(folder: Path, model_files, adapter_file, examples, params: Params, ctx) -> dict:
-    """Held-out perplexity, model file size and decode tokens/s of one bundle folder."""
+def _speed(folder: Path, params: Params, ctx) -> float:
+    """Decode tokens/s of one bundle (median over prompts and runs), in a fresh process."""
     import tempfile
 
     from modelbuild import speed
-    from modelbuild.ml.bundle import files_size
-    from modelbuild.ml.perplexity import onnx_perplexity
 
-    perplexity, _ = onnx_perplexity(folder, adapter_file, examples, ctx.threads)
     request = {"kind": "genai", "model": str(folder), "adapter": params.adapter or None, "prompts": params.prompts,
                "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads, "device": "cpu"}
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            timing = speed.measure(request, Path(scratch))
+            return speed.measure(request, Path(scratch))["tokens_per_s"]
         except RuntimeError as error:
             raise UserError(f"speed measurement failed: {error}") from None
+
+
+def _measure(folder: Path, model_files, adapter_file, examples, params: Params, ctx) -> dict:
+    """Held-out perplexity, model file size and decode tokens/s of one bundle folder."""
+    from modelbuild.ml.bundle import files_size
+    from modelbuild.ml.perplexity import onnx_perplexity
+
+    perplexity, _ = onnx_perplexity(folder, adapter_file, examples, ctx.threads)
     return {"perplexity": round(perplexity, 4), "size_bytes": files_size(folder, sorted(model_files)),
-            "tokens_per_s": timing["tokens_per_s"]}
+            "tokens_per_s": _speed(folder, params, ctx)}
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import shutil
+    import statistics
     import tempfile
 
     bundle: Path = inputs["bundle"]
@@ -175,7 +183,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     ranked = [row["node"] for row in sensitivity]
     ladder = sorted({min(k, len(ranked)) for k in params.ladder})
     data_name = data_files[0] if len(data_files) == 1 else f"{Path(filename).name}.data"
-    candidates = []
+    candidates, fp32_speeds = [], [reference["tokens_per_s"]]
     with tempfile.TemporaryDirectory(prefix="precision-search-") as scratch:
         for k in ladder:
             with console.status(f"candidate {len(candidates) + 1}/{len(ladder)}: {k} int8 MatMuls, the rest int4"):
@@ -188,15 +196,19 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 adapter = folder / adapter_file.relative_to(bundle) if adapter_file else None
                 measured = _measure(folder, {filename, data_name}, adapter, examples, params, ctx)
                 shutil.rmtree(folder)
+                fp32_speeds.append(_speed(bundle, params, ctx))  # right after: the same machine load
             candidates.append({
                 "name": f"int8x{k}", "int8_count": k, "int8_nodes": int8, **measured,
                 "perplexity_delta_pct": round((measured["perplexity"] / reference["perplexity"] - 1) * 100, 3),
                 "size_ratio": round(measured["size_bytes"] / reference["size_bytes"], 4),
-                "speed_ratio": round(measured["tokens_per_s"] / reference["tokens_per_s"], 3),
+                "fp32_tokens_per_s": fp32_speeds[-1],
+                "speed_ratio": round(measured["tokens_per_s"] / fp32_speeds[-1], 3),
             })
             console.print(f"  int8x{k}: perplexity {candidates[-1]['perplexity_delta_pct']:+.2f} %, size {candidates[-1]['size_ratio']:.3f}, "
                           f"speed {candidates[-1]['speed_ratio']:.2f}x of fp32", highlight=False)
 
+    reference["tokens_per_s"] = statistics.median(fp32_speeds)
+    reference["tokens_per_s_runs"] = fp32_speeds
     result = {
         "schema": 1,
         "quantization": {"algorithm": params.algorithm, "block_size": params.block_size, "symmetric": params.symmetric,
