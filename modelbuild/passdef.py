@@ -72,6 +72,8 @@ class PassDef:
     # "gptq needs inputs.calibration"): check(params: dict, inputs: dict) gets each given input as
     # the absolute Path of a file or folder, or the Ref of another target (a dict of those for a
     # named input), and raises UserError("inputs.x: ..."); the loader prefixes file and target.
+    # It reads nothing else: the graph cache (graph_cache.py) runs it again only when the params,
+    # those files or the pass's code changed.
     # Rules on params alone belong in the Params dataclass's __post_init__ (ValueError("params.x: ...")).
     check: Callable[[dict, dict], None] | None = None
     # What the params only name and the action depends on, resolved when the key is computed
@@ -253,13 +255,37 @@ def get_pass(name: str) -> PassDef | None:
         entry = _entry_points().get(name)
         if entry is None:
             return None
-        pass_def = entry.load()
-        if not isinstance(pass_def, PassDef):
-            raise UserError(f"entry point {entry.name} = {entry.value}: not a modelbuild PassDef")
-        if pass_def.name != entry.name:
-            raise UserError(f"entry point {entry.name} = {entry.value}: the pass calls itself '{pass_def.name}'")
-        _loaded[name] = pass_def
+        _loaded[name] = _checked(name, entry.value, entry.load())
     return _loaded[name]
+
+
+def load_entry(name: str, value: str) -> PassDef:
+    """The pass registered as ``name = value`` ("module:attr"), imported without scanning the
+    installed distributions: the graph cache (graph_cache.py) recorded the entry point."""
+    if name not in _loaded:
+        import importlib
+
+        match = re.match(r"\s*([\w.]+)\s*(?::\s*([\w.]+))?", value)  # as EntryPoint.load reads it
+        if match is None:
+            raise UserError(f"entry point {name} = {value}: not module:attribute")
+        found = importlib.import_module(match.group(1))
+        for part in match.group(2).split(".") if match.group(2) else ():
+            found = getattr(found, part)
+        _loaded[name] = _checked(name, value, found)
+    return _loaded[name]
+
+
+def _checked(name: str, value: str, pass_def: Any) -> PassDef:
+    if not isinstance(pass_def, PassDef):
+        raise UserError(f"entry point {name} = {value}: not a modelbuild PassDef")
+    if pass_def.name != name:
+        raise UserError(f"entry point {name} = {value}: the pass calls itself '{pass_def.name}'")
+    return pass_def
+
+
+def entry_point(name: str) -> importlib.metadata.EntryPoint:
+    """The entry point a loaded pass came from (for the graph cache's record of it)."""
+    return _entry_points()[name]
 
 
 def pass_names() -> list[str]:

@@ -1,8 +1,9 @@
-"""The generator: targets/*.toml -> a validated graph of targets.
+"""The graph of targets that targets/*.toml declare: its classes, and ``load_project``.
 
 Nothing here runs a pass. Every check a user can fail (malformed TOML, unknown pass, unknown
-param or wrong type, missing input file, unknown target, duplicate name, cycle) happens here,
-before any stage runs, and raises a one-line ``UserError`` naming the file, target and key.
+param or wrong type, missing input file, unknown target, duplicate name, cycle) happens when the
+files are loaded (loader.py), before any stage runs, and raises a one-line ``UserError`` naming
+the file, target and key.
 
 File format (see README for a full example)::
 
@@ -47,62 +48,84 @@ names a target; anything else is a file path relative to the TOML file.
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import os
 import re
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import UserError
-from .devices import check_config, machine_from
-from .executor import check_executor_table
-from .expand import check_keys, expand_matrix, expand_use, table_of
-from .gates import parse_gates
-from .passdef import PassDef, get_pass, pass_names
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Output folders, their temporary siblings (".<name>~xxxxxxxx.tmp") and lock files carry the
-# name: it must fit the 255-byte file-name limit of common filesystems with room to spare.
-MAX_NAME = 200
+if TYPE_CHECKING:
+    from .passdef import PassDef
+
+# The loader and its checks live in loader.py, imported only when the target files are read: a
+# no-op build served from the graph cache (graph_cache.py) needs only the classes below.
+
 # `doit <name>` runs the doit command of that name, never a task: such a target could not be built.
 DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
                            "run", "strace", "tabcompletion"})
-DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-TOP_KEYS = {"default_targets", "target", "recipe", "use", "devices", "group", "cache", "executor"}
 CACHE_KEYS = {"remote", "push", "required"}
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-TARGET_KEYS = {"pass", "doc", "inputs", "params", "device", "gpu_memory_gb", "matrix", "gates"}
-RECIPE_KEYS = {"doc", "required", "vars", "target"}
-USE_KEYS = {"recipe", "vars"}
+BUCKET_RE = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"  # compiled on first use (re's cache)
 
 
-@dataclass(frozen=True)
-class Ref:
-    """An input reference: another target's output, or a file/folder in the project."""
+class _Fields:
+    """Compared and shown by their fields, as dataclasses are. Written out rather than generated:
+    project.py is imported by every no-op, and generating a dataclass costs more than the rest
+    of the module."""
 
-    kind: str  # "target" | "file"
-    value: str  # target name, or path relative to the project root (posix)
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other):
+        return self._values() == other._values() if type(other) is type(self) else NotImplemented
+
+    __hash__ = None  # mutable, as a dataclass with eq and without frozen
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self._values()))})"
+
+
+class Ref(_Fields):
+    """An input reference: another target's output, or a file/folder in the project. Immutable."""
+
+    __slots__ = _fields = ("kind", "value")
+
+    def __init__(self, kind: str, value: str):
+        object.__setattr__(self, "kind", kind)  # "target" | "file"
+        object.__setattr__(self, "value", value)  # target name, or path relative to the project root (posix)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field '{name}' of Ref")
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __reduce__(self):
+        return Ref, self._values()
 
     def __str__(self) -> str:
         return f":{self.value}" if self.kind == "target" else self.value
 
 
-@dataclass
-class Target:
-    name: str
-    pass_def: PassDef
-    params: dict[str, Any]
-    inputs: dict[str, Ref]  # "data": a reference; "adapters.travel": one entry of a named input (flat)
-    device: str
-    file: str  # TOML file, relative to the project root
-    doc: str = ""
-    origin: str = ""  # "recipe 'travel' (model=smollm2)" for instantiated targets
-    gpu_memory_gb: float | None = None  # share of a GPU slot; None = the whole GPU (scheduling only)
-    gates: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (op, limit), gates.py
+class Target(_Fields):
+    _fields = ("name", "pass_def", "params", "inputs", "device", "file", "doc", "origin", "gpu_memory_gb", "gates")
+
+    def __init__(self, name: str, pass_def: PassDef, params: dict[str, Any], inputs: dict[str, Ref], device: str,
+                 file: str, doc: str = "", origin: str = "", gpu_memory_gb: float | None = None,
+                 gates: dict[str, tuple[str, float]] | None = None):
+        self.name = name
+        self.pass_def = pass_def  # a PassDef, or a graph_cache.PassHandle standing for one
+        self.params = params
+        self.inputs = inputs  # "data": a reference; "adapters.travel": one entry of a named input (flat)
+        self.device = device
+        self.file = file  # TOML file, relative to the project root
+        self.doc = doc
+        self.origin = origin  # "recipe 'travel' (model=smollm2)" for instantiated targets
+        self.gpu_memory_gb = gpu_memory_gb  # share of a GPU slot; None = the whole GPU (scheduling only)
+        self.gates = {} if gates is None else gates  # metric -> (op, limit), gates.py
 
     def input_refs(self) -> list[Ref]:
         return list(self.inputs.values())
@@ -111,17 +134,23 @@ class Target:
         return sorted({ref.value for ref in self.input_refs() if ref.kind == "target"})
 
 
-@dataclass
-class Project:
-    root: Path
-    targets: dict[str, Target] = field(default_factory=dict)
-    default_targets: list[str] = field(default_factory=list)
-    devices: dict[str, Any] = field(default_factory=dict)  # the [devices] table (see devices.py)
-    groups: dict[str, list[str]] = field(default_factory=dict)  # [group] name -> target names
-    cache: dict[str, Any] = field(default_factory=dict)  # the [cache] table (remote, push, required)
-    cache_from: str = ""  # the file that sets it
-    executor: dict[str, Any] = field(default_factory=dict)  # the [executor] table (executor.py)
-    executor_from: str = ""
+class Project(_Fields):
+    _fields = ("root", "targets", "default_targets", "devices", "groups", "cache", "cache_from", "executor",
+               "executor_from")
+
+    def __init__(self, root: Path, targets: dict[str, Target] | None = None, default_targets: list[str] | None = None,
+                 devices: dict[str, Any] | None = None, groups: dict[str, list[str]] | None = None,
+                 cache: dict[str, Any] | None = None, cache_from: str = "", executor: dict[str, Any] | None = None,
+                 executor_from: str = ""):
+        self.root = root
+        self.targets = {} if targets is None else targets
+        self.default_targets = [] if default_targets is None else default_targets
+        self.devices = {} if devices is None else devices  # the [devices] table (see devices.py)
+        self.groups = {} if groups is None else groups  # [group] name -> target names
+        self.cache = {} if cache is None else cache  # the [cache] table (remote, push, required)
+        self.cache_from = cache_from  # the file that sets it
+        self.executor = {} if executor is None else executor  # the [executor] table (executor.py)
+        self.executor_from = executor_from
 
     @property
     def build_dir(self) -> Path:
@@ -157,100 +186,12 @@ class Project:
         return order
 
 
-def load_project(root: Path | str) -> Project:
-    """Read every targets/*.toml of the project at ``root`` and return the validated graph."""
-    root = Path(root).resolve()
-    targets_dir = root / "targets"
-    if not targets_dir.is_dir():
-        raise UserError(f"{root}: no targets/ folder: a modelbuild project keeps its target files there")
-    project = Project(root=root)
-    raw_targets: list[tuple[str, str, dict, str]] = []  # (file, name, table, origin)
-    recipes: dict[str, tuple[str, dict]] = {}
-    uses: list[tuple[str, int, dict]] = []
-    default_from = None
-    devices_from = None
-    raw_groups: list[tuple[str, str, object]] = []
+def load_project(root: Path | str, record: dict | None = None) -> Project:
+    """Read every targets/*.toml of the project at ``root`` and return the validated graph
+    (loader.py); ``record`` collects what else it depends on, for graph_cache.py."""
+    from .loader import load
 
-    for path in sorted(targets_dir.glob("*.toml")):
-        rel = path.relative_to(root).as_posix()
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise UserError(f"{rel}: malformed TOML: {error}") from None
-        except UnicodeDecodeError as error:
-            raise UserError(f"{rel}: not UTF-8 text: {error}") from None
-        for key in doc:
-            if key not in TOP_KEYS:
-                raise UserError(f"{rel}: {key}: unknown top-level key (known: {', '.join(sorted(TOP_KEYS))})")
-        if "default_targets" in doc:
-            if default_from:
-                raise UserError(f"{rel}: default_targets: already set in {default_from}")
-            default_from = rel
-            value = doc["default_targets"]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise UserError(f"{rel}: default_targets: expected a list of target names")
-            if not value:
-                raise UserError(f"{rel}: default_targets: empty list; name the targets plain `doit` builds, "
-                                "or remove the key to build every target")
-            project.default_targets = value
-        if "devices" in doc:
-            if devices_from:
-                raise UserError(f"{rel}: devices: already set in {devices_from}")
-            devices_from = rel
-            project.devices = check_config(doc["devices"], f"{rel}: devices")
-        if "cache" in doc:
-            if project.cache_from:
-                raise UserError(f"{rel}: cache: already set in {project.cache_from}")
-            project.cache, project.cache_from = check_cache_table(doc["cache"], f"{rel}: cache"), rel
-        if "executor" in doc:
-            if project.executor_from:
-                raise UserError(f"{rel}: executor: already set in {project.executor_from}")
-            project.executor, project.executor_from = check_executor_table(doc["executor"], f"{rel}: executor"), rel
-        for name, table in table_of(doc, "target", rel, "target").items():
-            table = table_of({"t": table}, "t", rel, f"target '{name}'")
-            for expanded_name, expanded, label in expand_matrix(name, table, None, f"{rel}: target '{name}'"):
-                raw_targets.append((rel, expanded_name, expanded, label and f"matrix {label}"))
-        raw_groups.extend((rel, name, patterns) for name, patterns in table_of(doc, "group", rel, "group").items())
-        for name, table in table_of(doc, "recipe", rel, "recipe").items():
-            table = table_of({"r": table}, "r", rel, f"recipe '{name}'")
-            check_keys(table, RECIPE_KEYS, rel, f"recipe '{name}'")
-            if name in recipes:
-                raise UserError(f"{rel}: recipe '{name}': duplicate recipe name (also in {recipes[name][0]})")
-            recipes[name] = (rel, table)
-        use_list = doc.get("use", [])
-        if not isinstance(use_list, list):
-            raise UserError(f"{rel}: use: expected an array of tables ([[use]])")
-        for index, use in enumerate(use_list, 1):
-            if not isinstance(use, dict):
-                raise UserError(f"{rel}: use #{index}: expected a table")
-            check_keys(use, USE_KEYS, rel, f"use #{index}")
-            uses.append((rel, index, use))
-
-    for rel, index, use in uses:
-        raw_targets.extend(expand_use(rel, index, use, recipes))
-
-    machine = functools.cache(lambda: machine_from(project.devices))  # discovered only if a target asks
-    seen_in: dict[str, str] = {}
-    for rel, name, table, origin in raw_targets:
-        where = f"{rel}: target '{name}'" + (f" ({origin})" if origin else "")
-        _check_name(name, where, "target")
-        if name in seen_in:
-            raise UserError(f"{where}: duplicate target name (also defined in {seen_in[name]})")
-        seen_in[name] = rel
-        project.targets[name] = _make_target(root, rel, name, table, origin, where, machine)
-
-    for target in project.targets.values():
-        where = f"{target.file}: target '{target.name}'"
-        for key, ref in target.inputs.items():
-            if ref.kind == "target" and ref.value not in project.targets:
-                raise UserError(f"{where}: inputs.{key}: unknown target '{ref.value}'")
-    for rel, name, patterns in raw_groups:
-        project.groups[name] = _resolve_group(project, rel, name, patterns)
-    for name in project.default_targets:
-        if name not in project.targets and name not in project.groups:
-            raise UserError(f"{default_from}: default_targets: unknown target '{name}'")
-    _check_cycles(project)
-    return project
+    return load(root, record)
 
 
 def check_remote_url(value: object, where: str) -> str:
@@ -264,7 +205,7 @@ def check_remote_url(value: object, where: str) -> str:
         raise UserError(f"{where}: the URL names credentials or an endpoint; give s3://bucket[/prefix] and set "
                         "the endpoint and keys in the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
                         "or a profile")
-    if scheme != "s3" or not sep or not BUCKET_RE.match(bucket) or "?" in rest or "#" in rest or "//" in rest:
+    if scheme != "s3" or not sep or not re.match(BUCKET_RE, bucket) or "?" in rest or "#" in rest or "//" in rest:
         raise UserError(f"{where}: {value[:100]!r} is not s3://bucket[/prefix] (bucket: 3-63 lowercase letters, "
                         "digits, '.' and '-')")
     return value.rstrip("/")
@@ -286,170 +227,3 @@ def check_cache_table(table: object, where: str) -> dict[str, Any]:
                 raise UserError(f"{where}.{key}: expected true or false, got {type(table[key]).__name__}")
             out[key] = table[key]
     return out
-
-
-def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> list[str]:
-    """A group builds every target matching its globs: ``smollm2-variants = ["smollm2-*-eval"]``."""
-    where = f"{rel}: group.{name}"
-    _check_name(name, where, "group")
-    if name in project.targets or name in project.groups:
-        raise UserError(f"{where}: the name is already taken by a target or group")
-    if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) for p in patterns):
-        raise UserError(f"{where}: expected a non-empty list of target names or globs")
-    members: list[str] = []
-    for pattern in patterns:
-        matched = fnmatch.filter(project.targets, pattern)
-        if not matched:
-            raise UserError(f"{where}: '{pattern}' matches no target")
-        members.extend(m for m in matched if m not in members)
-    return members
-
-
-def _check_name(name: str, where: str, what: str) -> None:
-    if not NAME_RE.match(name):
-        raise UserError(f"{where}: bad {what} name: use letters, digits, '.', '_' and '-'")
-    if len(name) > MAX_NAME:
-        raise UserError(f"{where}: {what} name is {len(name)} characters long (at most {MAX_NAME}: it names folders and files)")
-    if name in DOIT_COMMANDS:
-        raise UserError(f"{where}: '{name}' is a doit command (`doit {name}` would run the command, not build the {what}); "
-                        "choose another name")
-
-
-def _device(value: Any, pass_def: PassDef, where: str, machine) -> str:
-    """The device a target runs on: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or a preference list
-    (``["cuda", "cpu"]``: the first this machine has), resolved here, before anything runs, so the
-    action key records the device actually used."""
-    choices = value if isinstance(value, list) else [value]
-    if not choices or not all(isinstance(c, str) and DEVICE_RE.match(c) for c in choices):
-        raise UserError(f"{where}: device: {value!r} is not cpu, cuda, cuda:N or a list of them in order of preference")
-    for choice in choices:
-        if choice.split(":")[0] not in pass_def.devices:
-            raise UserError(f"{where}: device: pass '{pass_def.name}' runs on {', '.join(pass_def.devices)}, not {choice}")
-    if not isinstance(value, list):
-        return value
-    for choice in choices:
-        if machine().lacks(choice) is None:
-            return choice
-    raise UserError(f"{where}: device: none of {', '.join(choices)} is on this machine ({machine().lacks(choices[-1])})")
-
-
-def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str, machine) -> Target:
-    check_keys(table, TARGET_KEYS, rel, f"target '{name}'")
-    pass_name = table.get("pass")
-    if pass_name is None:
-        raise UserError(f"{where}: pass: missing (every target names the pass that builds it)")
-    if not isinstance(pass_name, str):
-        raise UserError(f"{where}: pass: must be a string (a pass name), got {type(pass_name).__name__} {pass_name!r}")
-    pass_def = get_pass(pass_name)
-    if pass_def is None:
-        raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(pass_names())})")
-    wanted = table.get("device", "cpu")
-    device = _device(wanted, pass_def, where, machine)
-    params = pass_def.resolve_params(table_of(table, "params", rel, f"target '{name}'"), where)
-    doc = table.get("doc", "")
-    if not isinstance(doc, str):
-        raise UserError(f"{where}: doc: expected a string")
-    gpu_memory_gb = table.get("gpu_memory_gb")
-    if gpu_memory_gb is not None:
-        if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) or gpu_memory_gb <= 0:
-            raise UserError(f"{where}: gpu_memory_gb: expected a positive number of GB, got {gpu_memory_gb!r}")
-        if wanted == "cpu":
-            raise UserError(f"{where}: gpu_memory_gb: only for cuda targets (device is cpu)")
-        gpu_memory_gb = float(gpu_memory_gb) if device != "cpu" else None  # a preference list that fell back to cpu
-
-    given_inputs = table_of(table, "inputs", rel, f"target '{name}'")
-    inputs: dict[str, Ref] = {}
-    for key in given_inputs:
-        if key not in pass_def.inputs:
-            known = ", ".join(sorted(pass_def.inputs)) or "none"
-            raise UserError(f"{where}: inputs.{key}: pass '{pass_name}' has no such input (known: {known})")
-    base_dir = (root / rel).parent
-    for key, spec in pass_def.inputs.items():
-        if key not in given_inputs:
-            if spec.required:
-                raise UserError(f"{where}: inputs.{key}: required input of pass '{pass_name}' is missing ({spec.doc})")
-            continue
-        value = given_inputs[key]
-        if spec.named:
-            if not isinstance(value, dict) or not value:
-                raise UserError(f"{where}: inputs.{key}: expected a table of name = reference")
-            for sub, ref in value.items():
-                inputs[f"{key}.{sub}"] = _make_ref(root, base_dir, ref, spec.kind, f"{where}: inputs.{key}.{sub}")
-        else:
-            inputs[key] = _make_ref(root, base_dir, value, spec.kind, f"{where}: inputs.{key}")
-    if pass_def.check is not None:
-        def resolved(ref: Ref):
-            return ref if ref.kind == "target" else (root / ref.value).resolve()
-
-        try:
-            pass_def.check(params, pass_def.group_inputs({key: resolved(ref) for key, ref in inputs.items()}))
-        except UserError as error:
-            raise UserError(f"{where}: {error}") from None
-        except OSError as error:
-            raise UserError(f"{where}: inputs: cannot read {error.filename}: {error.strerror}") from None
-    for key, ref in inputs.items():
-        if ref.kind == "file" and (root / ref.value).is_dir():
-            _check_folder(root / ref.value, f"{where}: inputs.{key}")
-    gates = parse_gates(table["gates"], pass_def.metrics, pass_name, where) if "gates" in table else {}
-    return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates)
-
-
-def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str) -> Ref:
-    """':name' is a target; anything else a path relative to the TOML file (or absolute).
-
-    Paths inside the project are kept relative so nothing machine-specific enters the graph;
-    action keys use input contents, never paths, either way.
-    """
-    if not isinstance(value, str) or not value:
-        raise UserError(f"{where}: expected a string (':target-name' or a file path), got {value!r}")
-    if value.startswith(":"):
-        return Ref("target", value[1:])
-    written = Path(os.path.normpath(base_dir / Path(value).expanduser()))
-    path = written.resolve()
-    shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-    if written.is_relative_to(root) and not path.is_relative_to(root):
-        # A link inside the project must not pull an outside file into artifacts and the cache
-        # behind the user's back; an outside path written as such is taken as meant.
-        raise UserError(f"{where}: {written.relative_to(root).as_posix()} is a symbolic link to {path}, outside the "
-                        "project; write that path itself if you mean to use it")
-    if not path.exists():
-        raise UserError(f"{where}: missing input file {shown}")
-    if kind == "file" and not path.is_file():
-        raise UserError(f"{where}: {shown} is not a file")
-    if kind == "dir" and not path.is_dir():
-        raise UserError(f"{where}: {shown} is not a folder")
-    return Ref("file", shown)
-
-
-def _check_folder(folder: Path, where: str) -> None:
-    """A folder input: readable, and no symbolic link inside it leads out of it."""
-    from .digest import walk_files
-
-    try:
-        for _ in walk_files(folder):
-            pass
-    except UserError as error:
-        raise UserError(f"{where}: {error}") from None
-    except OSError as error:
-        raise UserError(f"{where}: cannot read {error.filename or folder}: {error.strerror}") from None
-
-
-def _check_cycles(project: Project) -> None:
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-
-    def visit(name: str, stack: list[str]) -> None:
-        state[name] = 1
-        stack.append(name)
-        for dep in project.targets[name].deps():
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
-                target = project.targets[dep]
-                raise UserError(f"{target.file}: target '{dep}': inputs: dependency cycle {' -> '.join(cycle)}")
-            if dep not in state:
-                visit(dep, stack)
-        stack.pop()
-        state[name] = 2
-
-    for name in sorted(project.targets):
-        if name not in state:
-            visit(name, [])

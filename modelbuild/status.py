@@ -17,7 +17,6 @@ seconds, where it ran.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from .digest import StatCache, hash_json, tree_manifest
@@ -41,28 +40,56 @@ def write_stamp(out_dir: Path, stamp: dict) -> None:
     (Path(out_dir) / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
 
 
-@dataclass(frozen=True)
-class Fresh:
-    stamp: dict
+class _State:
+    """An immutable value, compared and shown by its fields (what ``@dataclass(frozen=True)`` gives,
+    written out: status.py is imported by every no-op, and generating a dataclass costs more
+    than the rest of this module)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, *values, **named):
+        values += tuple(named.pop(name) for name in self.__slots__[len(values):] if name in named)
+        if len(values) != len(self.__slots__) or named:
+            raise TypeError(f"{type(self).__name__} takes {', '.join(self.__slots__)}")
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field '{name}' of {type(self).__name__}")
+
+    def __eq__(self, other):
+        return self._values() == other._values() if type(other) is type(self) else NotImplemented
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self.__slots__, self._values()))})"
+
+    def __reduce__(self):
+        return type(self), self._values()
 
 
-@dataclass(frozen=True)
-class Missing:
-    reason: str
+class Fresh(_State):
+    __slots__ = ("stamp",)  # stamp: dict
+
+
+class Missing(_State):
+    __slots__ = ("reason",)  # reason: str
 
     @property
     def text(self) -> str:
         return self.reason
 
 
-@dataclass(frozen=True)
-class Stale:
+class Stale(_State):
     """``why`` is "key" (what the output was built from changed), "output" (files in build/
     changed) or "gates" (the output is the right one but fails a gate declared now)."""
 
-    why: str
-    reasons: tuple[str, ...]
-    stamp: dict
+    __slots__ = ("why", "reasons", "stamp")  # why: str, reasons: tuple[str, ...], stamp: dict
 
     @property
     def text(self) -> str:

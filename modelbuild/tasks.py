@@ -13,6 +13,7 @@ damaged ``build/`` both lead to a rebuild, as doit users expect.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,19 +23,21 @@ from doit.exceptions import TaskFailed
 from . import UserError
 from .devices import Machine, doit_jobs
 from .executor import executor_kind
-from .project import Project, Target, load_project
-from .stage import StageError, build, check_state, input_path, is_up_to_date, slot_pool
+from .graph_cache import load as load_graph
+from .project import Project, Target
+from .stage import StageError, build, check_state, is_up_to_date, slot_pool
 
 _projects: dict[Path, Project] = {}
 _machines: dict[Path, Machine | None] = {}
 
 
 def project_at(root: Path) -> Project:
-    """The validated project, loaded once per process; a user mistake exits with one line."""
+    """The validated project, loaded once per process (from the graph cache when nothing it
+    depends on changed, graph_cache.py); a user mistake exits with one line."""
     root = Path(root).resolve()
     if root not in _projects:
         try:
-            _projects[root] = load_project(root)
+            _projects[root] = load_graph(root)
             doit_jobs()  # `doit -n -1` would otherwise exit 0 having built nothing
             check_state(_projects[root])
         except UserError as error:
@@ -131,10 +134,8 @@ def task_dicts(project: Project):
                 "verbosity": 2,
             }
             continue
-        file_deps = [
-            str(input_path(project, ref)) for ref in target.input_refs()
-            if ref.kind == "file" and (project.root / ref.value).is_file()
-        ]
+        file_deps = [path for path in (os.path.join(project.root, ref.value) for ref in target.inputs.values()
+                                       if ref.kind == "file") if os.path.isfile(path)]
         yield {
             "basename": name,
             "doc": f"{doc} [{target.device}]",

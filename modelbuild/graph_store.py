@@ -1,0 +1,75 @@
+"""The writing half of the graph cache (graph_cache.py): after a load that succeeded, record
+what the graph depends on and write it, or say why not. Apart from graph_cache.py so that a no-op
+served from the cache neither compiles nor imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import sys
+from pathlib import Path
+
+from . import graph_cache
+from .graph_cache import FILE, FORMAT, PassHandle, _identity, _tree
+from .passdef import _module_files, entry_point
+from .project import Project
+
+
+def _code_files(project: Project, before: set[str]) -> set[str]:
+    """The modules whose code shaped this graph: modelbuild's, each pass's with its package's, and
+    whatever else the load imported (``before``: the modules loaded already)."""
+    files: set[str] = set()
+    packages = {"modelbuild"}
+    for pass_def in {t.pass_def.name: t.pass_def for t in project.targets.values()}.values():
+        module = pass_def.module
+        packages.add(module.__name__.split(".")[0])
+        files.update(str(p) for p in _module_files(Path(module.__file__)))
+        dist_path = getattr(getattr(entry_point(pass_def.name), "dist", None), "_path", None)
+        if dist_path is not None:
+            files.add(str(Path(dist_path) / "entry_points.txt"))
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and (name.split(".")[0] in packages or name not in before):
+            files.add(file)
+    return files
+
+
+def store(path: Path, key: tuple | None, project: Project, record: dict, started: int) -> str:
+    """Write the cache for ``project``, loaded from ``key`` at ``started`` (ns) with ``record``
+    (loader.py); what happened, for graph_cache.last_outcome."""
+    if key is None:
+        return "not stored: targets/ unreadable"
+    try:
+        files = [(file, _identity(file)) for file in sorted(_code_files(project, record["modules"]))]
+        refs = [(written, resolved, _tree(resolved)) for written, resolved in dict.fromkeys(record.get("refs", []))]
+        handles = {t.pass_def.name: PassHandle(t.pass_def, entry_point(t.pass_def.name).value)
+                   for t in project.targets.values()}
+    except (OSError, KeyError, TypeError, AttributeError) as error:  # a pass not from an entry point...
+        return f"not stored: {error}"
+    identities = [i for _, i in files] + [i for _, i in key[5]]
+    identities += [entry[j] for _, _, tree in refs for entry in tree for j in (1, 3)]
+    racy_ns = graph_cache.RACY_NS  # read now: tests narrow it
+    if any(i is not None and max(i[4], i[5]) > started - racy_ns for i in identities):
+        return "not stored: files changed in the last 2 s (same-tick guard)"
+    stored = copy.copy(project)
+    stored.targets = {}
+    for name, target in project.targets.items():
+        stored.targets[name] = copy.copy(target)
+        stored.targets[name].pass_def = handles[target.pass_def.name]
+    data = {"format": FORMAT, "key": key, "files": files, "refs": refs,
+            "devices": sorted(set(record.get("devices", []))), "project": stored}
+    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            pickle.dump(data, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except (OSError, pickle.PicklingError, TypeError, AttributeError) as error:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"not stored: {error}"
+    return "stored"
