@@ -17,8 +17,8 @@ import pytest
 
 from conftest import new_project, ort_logits
 
-ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")
-DETERMINISTIC = ("rtn", "k_quant", "hqq")
+ALGORITHMS = ("source_grid", "rtn", "k_quant", "hqq", "gptq")
+DETERMINISTIC = ("source_grid", "rtn", "k_quant", "hqq")
 FP32 = "tiny-q-fp32"
 
 TARGETS = f"""

@@ -99,10 +99,18 @@ def dequantize_matmul_nbits(weight, scales, zero_points, bits: int, block_size: 
 
 def quantize_matmuls(model, algorithm: str, *, block_size: int, symmetric: bool, accuracy_level: int,
                      exclude: list[str], int8: list[str], weights: dict[str, str], samples=None, on_step=lambda done, total: None,
-                     bits: int = 4):
+                     bits: int = 4, block_offsets: bool = True):
     """Every MatMul with a constant weight (``weights``: node -> initializer) except ``exclude``
     -> MatMulNBits: ``int8`` nodes as symmetric 8-bit RTN, the rest ``bits``-bit by
-    ``algorithm`` (rtn, k_quant, hqq or gptq; gptq calibrates on ``samples``)."""
+    ``algorithm`` (rtn, k_quant, hqq or gptq; gptq calibrates on ``samples``; source_grid keeps
+    a grid the weights already lie on, see modelbuild.ml.source_grid, with ``block_offsets``)."""
+    if algorithm == "source_grid":
+        from modelbuild.ml.source_grid import quantize_decoder
+
+        chosen = {name: weight for name, weight in weights.items() if name not in set(exclude)}
+        quantize_decoder(model, chosen, int8=int8, block_size=block_size, accuracy_level=accuracy_level,
+                         block_offsets=block_offsets, on_step=on_step)
+        return model
     if algorithm == "gptq":
         from modelbuild.ml.gptq import gptq_quantize
 

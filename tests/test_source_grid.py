@@ -1,0 +1,133 @@
+"""source_grid: weights already on a GGUF-style grid are re-expressed, not re-quantized.
+
+Each test builds a real ONNX graph, quantizes it with modelbuild.ml.source_grid and runs it in
+onnxruntime (fp32 compute, accuracy_level 0, so what is measured is the weight encoding), against
+x @ W in float64 and against onnxruntime's own RTN at the same bits and block size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+K, N, BLOCK = 128, 48, 32
+
+
+def _q4_1(rng, k=K, n=N):
+    """A [K, N] weight as a Q4_1 GGUF dequantizes: per output column and block of 32 inputs,
+    w = d * q + m with q in 0..15, d and m fp16 (m not a multiple of d)."""
+    q = rng.integers(0, 16, size=(n, k // BLOCK, BLOCK))
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps the block's minimum to 0 and maximum to 15
+    d = rng.uniform(0.002, 0.02, size=(n, k // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    m = (-rng.uniform(2.0, 13.0, size=(n, k // BLOCK, 1)) * d).astype(np.float16).astype(np.float32)
+    return (d * q + m).reshape(n, k).T.astype(np.float32)
+
+
+def _q8_0(rng, k=K, n=N):
+    q = rng.integers(-127, 128, size=(n, k // BLOCK, BLOCK))
+    q[..., 0] = 127
+    d = rng.uniform(0.001, 0.01, size=(n, k // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return (d * q).reshape(n, k).T.astype(np.float32)
+
+
+def _graph(weight, tied: bool = False):
+    """x [batch, seq, K] -> MatMul(W) -> y; with ``tied``, also ids -> Gather(Transpose(W)) -> emb."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/head/MatMul")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", weight.shape[0]])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if tied:
+        nodes += [helper.make_node("Transpose", ["W"], ["Wt"], name="/embed/Transpose"),
+                  helper.make_node("Gather", ["Wt", "ids"], ["emb"], name="/embed/Gather")]
+        inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]))
+        outputs.append(helper.make_tensor_value_info("emb", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _run(model, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _source_grid(weight, bits=4, offsets=True, tied=False):
+    from modelbuild.ml.source_grid import quantize_decoder
+
+    model = _graph(weight, tied)
+    record = quantize_decoder(model, {"/head/MatMul": "W"}, int8={"/head/MatMul"} if bits == 8 else (),
+                              block_size=BLOCK, accuracy_level=0, block_offsets=offsets)
+    return model, record
+
+
+def _rtn(weight, bits=4):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    model = _graph(weight)
+    config = mnq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False, bits=bits)
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=False, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _relative_error(model, weight, x):
+    got = _run(model, {"x": x})[0].astype(np.float64)
+    expected = x.astype(np.float64) @ weight.astype(np.float64)
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+@pytest.fixture
+def activations():
+    rng = np.random.default_rng(7)
+    # a non-zero mean per channel, as LLM activations have: block sums are then large
+    return (rng.normal(size=(2, 5, K)) + rng.normal(size=K)).astype(np.float32)
+
+
+def test_a_q4_1_grid_is_recognised_and_kept_exactly_with_block_offsets(activations):
+    weight = _q4_1(np.random.default_rng(0))
+    model, record = _source_grid(weight)
+    assert record["grid_blocks"] == record["blocks"] == N * K // BLOCK
+    assert record["offset_nodes"] == 1
+    exact = _relative_error(model, weight, activations)
+    plain = _relative_error(_source_grid(weight, offsets=False)[0], weight, activations)
+    rtn = _relative_error(_rtn(weight), weight, activations)
+    # offsets remove the zero point's rounding (what is left: the offsets' own 4-bit rounding)
+    assert exact < plain / 16, (exact, plain)
+    assert exact < rtn / 16, (exact, rtn)
+    assert plain < rtn * 1.1  # keeping the grid's codes and refitting is never worse than RTN
+
+
+def test_a_q4_1_grid_whose_minimum_is_a_multiple_of_its_step_is_exact_without_offsets(activations):
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, size=(N, K // BLOCK, BLOCK))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.002, 0.02, size=(N, K // BLOCK, 1)).astype(np.float32)
+    weight = (d * (q - 8)).reshape(N, K).T.astype(np.float32)  # Q4_0: w = d * (q - 8)
+    model, _ = _source_grid(weight, offsets=False)
+    assert _relative_error(model, weight, activations) < 1e-6
+
+
+def test_a_q8_0_grid_is_exact_in_8_bits_and_a_tied_lookup_reads_the_quantized_head(activations):
+    weight = _q8_0(np.random.default_rng(2))  # [K = hidden, N = vocab], as an LM head
+    model, record = _source_grid(weight, bits=8, tied=True)
+    assert record["grid_blocks"] == record["blocks"] and record["tied_lookup"]
+    ops = [n.op_type for n in model.graph.node]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops and "Transpose" not in ops
+    assert [i.name for i in model.graph.initializer if i.name == "W"] == []  # the float copy is gone
+    ids = np.array([[0, 5, N - 1]], dtype=np.int64)
+    y, emb = _run(model, {"x": activations, "ids": ids})
+    np.testing.assert_allclose(y, activations.astype(np.float64) @ weight, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(emb[0], weight.T[ids[0]])
+
+
+def test_a_float_weight_falls_back_to_rtn_and_offsets_still_help(activations):
+    weight = np.random.default_rng(3).normal(size=(K, N)).astype(np.float32)
+    model, record = _source_grid(weight)
+    assert record["grid_blocks"] == 0
+    corrected = _relative_error(model, weight, activations)
+    rtn = _relative_error(_rtn(weight), weight, activations)
+    assert corrected < rtn, (corrected, rtn)
