@@ -111,9 +111,10 @@ def test_a_q4_1_grid_whose_minimum_is_a_multiple_of_its_step_is_exact_without_of
     assert _relative_error(model, weight, activations) < 1e-6
 
 
-def test_a_q8_0_grid_is_exact_in_8_bits_and_a_tied_lookup_reads_the_quantized_head(activations):
+def test_a_q8_0_grid_stays_8_bit_exactly_and_a_tied_lookup_reads_the_quantized_head(activations):
     weight = _q8_0(np.random.default_rng(2))  # [K = hidden, N = vocab], as an LM head
-    model, record = _source_grid(weight, bits=8, tied=True)
+    model, record = _source_grid(weight, tied=True)  # not asked for 8 bits: the grid says so
+    assert record["bits"] == {"/head/MatMul": 8}
     assert record["grid_blocks"] == record["blocks"] and record["tied_lookup"]
     ops = [n.op_type for n in model.graph.node]
     assert "GatherBlockQuantized" in ops and "Gather" not in ops and "Transpose" not in ops

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GRID_TOLERANCE = 1e-3  # |w/d - integer| in units of the step: fp16 scales give ~1e-6
+SOURCE_SHARE = 0.99  # a weight whose blocks are this much on an 8-bit grid (and not a 4-bit one) stays 8-bit
 
 
 @dataclass
@@ -214,7 +215,8 @@ def with_block_offsets(encoded: Encoded, weight_kn, block_size: int) -> Encoded:
 def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int = 32, accuracy_level: int = 4,
                      block_offsets: bool = True, activation_sq: dict | None = None, on_step=lambda done, total: None) -> dict:
     """Replace the MatMuls ``weights`` (node name -> its constant [K, N] weight) of ``model`` in
-    place by MatMulNBits: ``int8`` nodes 8-bit, the rest 4-bit, each keeping its source grid
+    place by MatMulNBits: ``int8`` nodes and weights on an 8-bit source grid (not a 4-bit one)
+    8-bit, the rest 4-bit, each keeping its source grid
     (see the module docstring); with ``block_offsets`` every 4-bit node also corrects its blocks'
     zero-point rounding from its input's block sums (one MatMul + Concat per distinct input,
     shared by the nodes reading it). ``activation_sq``: input name -> mean square per input
@@ -238,6 +240,10 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
         squares = None if activation_sq is None else activation_sq.get(node.input[0])
         offsets = bits == 4 and block_offsets and k % block_size == 0
         encoded = fit_grid(weight, block_size, squares, bits, refit=not offsets)
+        if bits == 4 and encoded.on_grid < SOURCE_SHARE * encoded.blocks:
+            wider = fit_grid(weight, block_size, squares, 8)
+            if wider.on_grid >= SOURCE_SHARE * wider.blocks:  # an 8-bit source grid (Q8_0): keep it, exactly
+                encoded, bits, offsets = wider, 8, False
         record["grid_blocks"] += encoded.on_grid
         record["blocks"] += encoded.blocks
         record["bits"][node.name] = bits

@@ -28,7 +28,8 @@ from modelbuild.passdef import Input, PassDef, param, require
 from modelbuild.ml.perplexity import nll as _nll, onnx_perplexity, scored_examples
 from modelbuild.ml.records import CHAT
 
-METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb")
+METRICS = ("perplexity", "perplexity_delta_pct", "tokens_per_s", "ttft_ms", "peak_rss_mb", "size_bytes", "size_mb",
+           "speed_ratio", "size_ratio")
 MODEL_FILE_SUFFIXES = (".onnx", ".onnx.data", ".data", ".safetensors", ".bin")
 
 
@@ -137,11 +138,24 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "adapter_dir": str(adapter_dir) if adapter_dir else None, "prompts": params.prompts,
         "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads, "device": ctx.device,
     }
+    speed_reference = inputs.get("speed_reference")
     with tempfile.TemporaryDirectory() as scratch:
         try:
             timing = speed.measure(request, Path(scratch))
+            if speed_reference is not None:  # right after, on the same machine state: a ratio from one run
+                adapter = inputs.get("speed_reference_adapter")
+                reference_timing = speed.measure({
+                    **request, "kind": "hf", "model": str(speed_reference), "adapter": None,
+                    "adapter_dir": str(adapter) if adapter else None}, Path(scratch))
         except RuntimeError as error:
             raise UserError(f"speed measurement failed: {error}") from None
+    ratios = {}
+    if speed_reference is not None:
+        ratios = {
+            "reference_tokens_per_s": reference_timing["tokens_per_s"],
+            "speed_ratio": round(timing["tokens_per_s"] / reference_timing["tokens_per_s"], 3),
+            "size_ratio": round(model_size(model) / model_size(speed_reference), 4),
+        }
 
     reference = None
     if "reference" in inputs:
@@ -162,6 +176,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "reference_perplexity": reference,
         "perplexity_delta_pct": round((perplexity / reference - 1) * 100, 3) if reference else None,
         **timing,
+        **ratios,
         "threads": ctx.threads,
         "eval_records": len(examples),
         "eval_tokens": scored,
@@ -179,6 +194,10 @@ PASS = PassDef(
         "data": Input("held-out JSONL records with prompt and response", kind="file"),
         "adapter": Input("LoRA adapter folder applied to an HF model", required=False),
         "reference": Input("the evaluate target whose perplexity is the reference (usually fp32)", required=False),
+        "speed_reference": Input(
+            "HF model whose torch fp32 eager decode speed is measured right after this model's, for speed_ratio "
+            "and size_ratio (gates such as speed_ratio = \">= 4\")", required=False),
+        "speed_reference_adapter": Input("LoRA adapter folder applied to speed_reference (peft)", required=False),
     },
     run=run,
     libraries=("onnxruntime", "onnxruntime-genai", "torch", "transformers", "peft", "numpy"),

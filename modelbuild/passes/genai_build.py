@@ -7,11 +7,11 @@ stay switchable at run time instead of being baked in:
    excluded from quantization, so the base goes int4 and the LoRA weights stay float;
 2. every LoRA weight becomes a graph input whose default initializer is zero: with no adapter
    active the bundle is exactly the base model;
-3. with ``fuse_lora`` (the default), before step 2, the LoRA paths that share an input (q/k/v,
-   gate/up) are fused (modelbuild/ml/lora_graph.py): one A MatMul, one B MatMul and one packed
-   base MatMul per group instead of one each per projection. Decoding SmolLM2-135M int4, the
-   builder's graph spends ~20 % of a step in 420 tiny LoRA MatMuls and 210 Adds, mostly streaming
-   their fp32 weights (bench/adapter_speed.py);
+3. in int4/int8 bundles (``fuse_lora``), before step 2, the LoRA paths that share an input
+   (q/k/v, gate/up) are fused (modelbuild/ml/lora_graph.py): one A MatMul, one B MatMul and one
+   packed base MatMul per group instead of one each per projection. The builder's LoRA graph
+   costs SmolLM2-135M int4 ~16 % of its decode speed against the merged bundle, fused ~11 %
+   (bench/adapter_speed.py: most of what is left is streaming the fp32 LoRA weights);
 4. each adapter's LoRA weights, laid out exactly as the builder lays them out (packed QKV split,
    B pre-scaled by alpha/r) and then fused by the same code as the graph, are written as a named
    ``adapters/<name>.onnx_adapter`` that ``og.Adapters`` loads. The first adapter's weights come
@@ -66,9 +66,11 @@ class Params:
     block_size: int = param(32, "int4 quantization block size", choices=(16, 32, 64, 128, 256))
     accuracy_level: int = param(4, "MatMulNBits compute accuracy level (4 = int8 compute on CPU)", choices=(0, 1, 2, 3, 4))
     symmetric: bool = param(True, "symmetric int4 (asymmetric breaks tied-embedding models such as SmolLM2)")
-    fuse_lora: bool = param(
-        True, "one LoRA A/B MatMul pair and one packed base MatMul per group of projections sharing an input "
-        "(q/k/v, gate/up): fewer ops per token, same function (modelbuild/ml/lora_graph.py)")
+    fuse_lora: str = param(
+        "quantized", "one LoRA A/B MatMul pair and one packed base MatMul per group of projections sharing an input "
+        "(q/k/v, gate/up; modelbuild/ml/lora_graph.py): 'quantized' in int4/int8 bundles (fp32/fp16 ones keep one "
+        "MatMul per projection for quantize-onnx and precision-search, which choose per projection), or always, or never",
+        choices=("quantized", "always", "never"))
     extra_options: dict = param({}, "further model-builder extra_options, passed through as key=value strings")
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
     max_logit_diff: float = param(
@@ -242,7 +244,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             names = iter(adapters.items())
             first_name, _ = next(names)
             status.update("making the LoRA weights switchable")
-            first_weights, fusion = _make_switchable(out_dir / "model.onnx", params.fuse_lora)
+            fuse = params.fuse_lora == "always" or (params.fuse_lora == "quantized" and params.precision in ("int4", "int8"))
+            first_weights, fusion = _make_switchable(out_dir / "model.onnx", fuse)
             _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
             for name, path in names:
                 status.update(f"adapter '{name}': fp32 build for its LoRA layout")
