@@ -46,7 +46,9 @@ from modelbuild.passdef import Input, PassDef, param, require
 FP32_MAX_LOGIT_DIFF = 0.05
 QUANT_MIN_CORRELATION = 0.75
 QUANT_MIN_TOP1 = 0.25
-INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default")
+INT4_ALGORITHMS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "default", "source_grid")
+# Ours, not the builder's: the builder makes fp32, then modelbuild.ml.source_grid quantizes.
+OWN_INT4 = ("source_grid",)
 # Module paths the builder gives decoder Linears (per architecture family); the LoRA MatMuls
 # under them are excluded from quantization. Names that do not exist are ignored by the
 # builder; the pass checks afterwards that no LoRA MatMul was quantized.
@@ -60,7 +62,8 @@ BUILDER_LINEAR_PATHS = (
 class Params:
     precision: str = param("int4", "weight precision", choices=("int4", "int8", "fp32", "fp16"))
     int4_algorithm: str = param(
-        "k_quant_mixed", "int4 weight quantizer; k_quant_mixed keeps SmolLM2 fluent where plain RTN loops",
+        "k_quant_mixed", "int4 weight quantizer: the builder's (k_quant_mixed keeps SmolLM2 fluent where plain RTN "
+        "loops), or source_grid: a base dequantized from a GGUF keeps its grid (modelbuild/ml/source_grid.py)",
         choices=INT4_ALGORITHMS,
     )
     block_size: int = param(32, "int4 quantization block size", choices=(16, 32, 64, 128, 256))
@@ -114,6 +117,10 @@ def _check_extra_option(key: str, value) -> None:
         if Path(name).name != name or name in ("", ".", "..") or not name.endswith(".onnx"):
             raise ValueError(f"{where}: {name!r} must be a plain file name ending in .onnx: the bundle is written "
                              "into the stage's own output folder, nowhere else")
+
+
+def _builder_precision(params: Params) -> str:
+    return "fp32" if params.precision == "int4" and params.int4_algorithm in OWN_INT4 else params.precision
 
 
 def _builder_options(params: Params, precision: str) -> list[str]:
@@ -231,14 +238,15 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         status.update("torch fp32 logits of the base, to check the build against")
         ids = probe_ids(base, params.check_prompt)
         expected = torch_logits(base, ids)  # before the build: never the torch model and the builder's at once
-        options = _builder_options(params, params.precision)
+        precision = _builder_precision(params)
+        options = _builder_options(params, precision)
         if adapters:
             first = next(iter(adapters.values()))
             options += [f"adapter_path={first}", f"nodes_to_exclude={_lora_exclusions(base)}"]
         status.update(f"genai builder: {params.precision} model for {device}"
                       + (f" ({params.int4_algorithm})" if params.precision == "int4" else ""))
         with quiet_stdout():
-            _run_builder(base, out_dir, params.precision, device, options, scratch)
+            _run_builder(base, out_dir, precision, device, options, scratch)
         fusion = {}
         if adapters:
             names = iter(adapters.items())
@@ -252,18 +260,43 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 with quiet_stdout():
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights, fusion.get("modules"))
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
+        grid = {}
+        if precision != params.precision:
+            status.update(f"{params.int4_algorithm} int4 of the fp32 build")
+            grid = _quantize_source_grid(out_dir / "model.onnx", params)
         status.update("checking the built logits against torch fp32")
         agreement = _check_against_torch(out_dir, ids, expected, params)
         status.update("verifying: load in onnxruntime-genai, generate with and without each adapter")
         counts = verify_bundle(out_dir, params.check_prompt, "built bundle")
     (out_dir / "modelbuild.json").write_text(json.dumps({
         "precision": params.precision,
+        "int4_algorithm": params.int4_algorithm if params.precision == "int4" else None,
+        "source_grid": grid,
         "device": device,
         "adapters": sorted(adapters),
         "lora_fusion": {"groups": len(fusion["modules"]), "nodes": [fusion["nodes_before"], fusion["nodes_after"]]} if fusion else {},
         "verified_tokens": counts,
         "vs_torch_fp32": agreement,
     }, indent=1, sort_keys=True) + "\n")
+
+
+def _quantize_source_grid(model_path: Path, params: Params) -> dict:
+    """The fp32 build's MatMuls (not LoRA, not adapter-switched weights) -> MatMulNBits keeping
+    the base's source grid; returns what it kept (blocks on their grid, bits per node)."""
+    import onnx
+
+    from modelbuild.ml.lora_graph import LORA_MARKERS
+    from modelbuild.ml.precision import quantizable_matmuls
+    from modelbuild.ml.source_grid import quantize_decoder
+
+    model = onnx.load(str(model_path))
+    record = quantize_decoder(model, quantizable_matmuls(model, LORA_MARKERS), block_size=params.block_size,
+                              accuracy_level=params.accuracy_level)
+    data_name = model_path.name + ".data"
+    (model_path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    bits = list(record.pop("bits").values())
+    return {**record, "int4_nodes": bits.count(4), "int8_nodes": bits.count(8)}
 
 
 def _check_against_torch(bundle: Path, ids: list[int], expected, params: Params) -> dict:
