@@ -3,8 +3,9 @@
 Builds with genai-build (the pass itself, same int4 algorithm and block size for all three):
 
   merged     the merged model (travel adapter folded into the weights), no adapter input
-  unfused    base + switchable travel adapter, ``fuse_lora = false`` (the builder's LoRA graph)
-  fused      base + switchable travel adapter, ``fuse_lora = true`` (modelbuild/ml/lora_graph.py)
+  unfused    base + switchable travel adapter, ``fuse_lora = "never"`` (the builder's LoRA graph)
+  fused      base + switchable travel adapter, ``fuse_lora = "always"`` (int4's default,
+             modelbuild/ml/lora_graph.py)
 
 then, in ``--rounds`` rounds whose order rotates each round (the machine is shared: only numbers
 from the same rounds are compared):
@@ -55,7 +56,8 @@ def build(name: str, base: Path, adapter: Path | None, work: Path, args, fuse: b
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    params = genai_build.Params(precision="int4", int4_algorithm=args.algorithm, block_size=args.block_size, fuse_lora=fuse)
+    params = genai_build.Params(precision="int4", int4_algorithm=args.algorithm, block_size=args.block_size,
+                                fuse_lora="always" if fuse else "never")
     started = time.time()
     with quiet_stdout():
         genai_build.run(params, {"base": base, "adapters": {"travel": adapter} if adapter else {}}, out, SimpleNamespace(device="cpu"))

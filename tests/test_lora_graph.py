@@ -1,6 +1,7 @@
 """genai-build's LoRA fusion (modelbuild/ml/lora_graph.py): fewer ops per token, the same
-function, adapters still switchable. Real doit builds of the tiny random Phi3, fused (the
-default) against ``fuse_lora = false``, plus the surgery on small synthetic graphs."""
+function, adapters still switchable. Real doit builds of the tiny random Phi3, fused (int4's
+default; ``fuse_lora = "always"`` for fp32) against unfused (``"never"``; fp32's default), plus
+the surgery on small synthetic graphs."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ params = {{ template = "{TEMPLATE}", max_steps = 10, batch_size = 2, max_length 
 [target.tiny-int4-unfused]
 pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter" }} }}
-params = {{ precision = "int4", fuse_lora = false }}
+params = {{ precision = "int4", fuse_lora = "never" }}
 
 [target.tiny-int4-two]
 pass = "genai-build"
@@ -33,12 +34,12 @@ params = {{ precision = "int4" }}
 [target.tiny-fp32-fused]
 pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter", other = ":tiny-adapter-b" }} }}
-params = {{ precision = "fp32" }}
+params = {{ precision = "fp32", fuse_lora = "always" }}
 
 [target.tiny-fp32-unfused]
 pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter", other = ":tiny-adapter-b" }} }}
-params = {{ precision = "fp32", fuse_lora = false }}
+params = {{ precision = "fp32" }}  # fp32 keeps one MatMul per projection by default
 """
 BUILT = ["tiny-travel-cpu-int4", "tiny-int4-unfused", "tiny-int4-two", "tiny-fp32-fused", "tiny-fp32-unfused"]
 IDS = np.array([[5, 17, 42, 99, 300, 7, 8, 250]], dtype=np.int64)
