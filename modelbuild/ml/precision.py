@@ -79,24 +79,27 @@ def quantizable_matmuls(model, lora_markers: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def dequantized_weights(model, names: list[str], suffix: str) -> dict:
-    """MatMul name -> its weight [K, N] (float64) as the ``{name}{suffix}`` MatMulNBits node of a
-    quantized model computes with it: what the kernel multiplies by, to measure the error of."""
+def dequantized_weights(model, shapes: dict[str, tuple], bits_hint: str) -> dict:
+    """MatMul name -> the weight [K, N] (float64) its MatMulNBits node in a quantized model
+    computes with: what the kernel multiplies by, to measure the error of. ``shapes``: name ->
+    the fp32 weight's (K, N). The node is ``{name}_Q4`` or ``{name}_Q8`` (a quantizer may keep a
+    weight 8-bit); one that reads ``concat(x, block sums of x)`` (source_grid's block offsets)
+    has K + K/block rows, the extra row of each block added to that block's rows."""
     import numpy as np
     from onnx import numpy_helper
 
     from modelbuild.ml.weight_only import dequantize_matmul_nbits
 
-    nodes = {n.name: n for n in model.graph.node}
+    nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     initializers = {init.name: init for init in model.graph.initializer}
     out = {}
-    for name in names:
-        node = nodes.get(f"{name}{suffix}")
-        if node is None or node.op_type != "MatMulNBits":
-            raise UserError(f"the quantizer left {name} unquantized ({suffix[1:]} expected)")
+    for name, (k, _) in shapes.items():
+        node = nodes.get(f"{name}_Q4") or nodes.get(f"{name}_Q8")
+        if node is None:
+            raise UserError(f"the quantizer left {name} unquantized ({bits_hint} expected)")
         attrs = {a.name: a.i for a in node.attribute}
-        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        blocks = -(-k // block)
+        rows, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        blocks = -(-rows // block)
         weight = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, blocks, -1)
         scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, blocks)
         zeros = numpy_helper.to_array(initializers[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
@@ -105,11 +108,12 @@ def dequantized_weights(model, names: list[str], suffix: str) -> dict:
             codes = dequantize_matmul_nbits(weight, np.ones_like(scales), None, bits, block, blocks * block)
             codes = codes.astype(np.float64) + (1 << (bits - 1))
             values = (codes.reshape(n, blocks, block) - zeros.reshape(n, blocks)[:, :, None]) * scales.astype(np.float64)[:, :, None]
-            out[name] = values.reshape(n, -1)[:, :k].T
+            full = values.reshape(n, -1)[:, :rows].T
         else:
-            if zeros is not None:
-                zeros = zeros.reshape(n, -1)
-            out[name] = dequantize_matmul_nbits(weight, scales, zeros, bits, block, k).astype(np.float64).T
+            full = dequantize_matmul_nbits(weight, scales, None if zeros is None else zeros.reshape(n, -1), bits, block, rows).astype(np.float64).T
+        if rows > k:  # block offsets: row k + b multiplies the sum of block b's inputs
+            full = full[:k] + full[k:][np.arange(k) // block]
+        out[name] = full
     return out
 
 

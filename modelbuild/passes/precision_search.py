@@ -34,7 +34,7 @@ from modelbuild.ml.precision import CANDIDATES_FILE
 from modelbuild.ml.records import CHAT
 from modelbuild.passdef import Input, PassDef, param, require
 
-ALGORITHMS = ("rtn", "k_quant", "hqq", "gptq")  # those quantize_matmuls takes (ml/weight_only.py)
+ALGORITHMS = ("source_grid", "rtn", "k_quant", "hqq", "gptq")  # those quantize_matmuls takes (ml/weight_only.py)
 LORA_MARKERS = ("/lora_A/", "/lora_B/")  # as quantize-onnx: LoRA MatMuls stay float
 
 
@@ -47,7 +47,7 @@ def _algorithms() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Params:
-    algorithm: str = param("k_quant", "int4 weight quantizer passed to quantize_matmuls (rtn, k_quant, hqq, gptq, ...), as quantize-onnx's")
+    algorithm: str = param("k_quant", "int4 weight quantizer passed to quantize_matmuls (source_grid, rtn, k_quant, hqq, gptq, ...), as quantize-onnx's")
     block_size: int = param(32, "weights per quantization block", choices=(16, 32, 64, 128, 256))
     symmetric: bool = param(True, "symmetric int4 for rtn and gptq (k_quant and hqq always fit a zero point)")
     accuracy_level: int = param(4, "MatMulNBits accuracy level (4: int8 activations on CPU)", choices=(0, 1, 2, 3, 4))
@@ -98,9 +98,10 @@ def _sensitivity(fp32, params, weights, exclude, samples, int4_model) -> list[di
     nodes = {n.name: n for n in fp32.graph.node}
     grams = hessians(fp32, sorted({nodes[name].input[0] for name in weights}), samples, lambda done, total: None)
     int8_model = _quantize(fp32, params, weights, exclude, sorted(weights), samples, algorithm="rtn")  # no int4 node left
-    q4 = dequantized_weights(int4_model, list(weights), "_Q4")
-    q8 = dequantized_weights(int8_model, list(weights), "_Q8")
     initializers = {init.name: init for init in fp32.graph.initializer}
+    shapes = {name: tuple(initializers[weight].dims) for name, weight in weights.items()}
+    q4 = dequantized_weights(int4_model, shapes, "int4")
+    q8 = dequantized_weights(int8_model, shapes, "int8")
     rows = []
     for name, weight_name in weights.items():
         w, gram = numpy_helper.to_array(initializers[weight_name]), grams[nodes[name].input[0]]
