@@ -132,3 +132,82 @@ def test_a_float_weight_falls_back_to_rtn_and_offsets_still_help(activations):
     corrected = _relative_error(model, weight, activations)
     rtn = _relative_error(_rtn(weight), weight, activations)
     assert corrected < rtn, (corrected, rtn)
+
+
+GRID_TARGETS = """
+[target.tiny-grid-base]
+doc = "tiny-base with its Linear weights written onto a Q4_1 grid and its LM head onto Q8_0, as a GGUF import"
+pass = "hf-import"
+inputs = { local = "grid-base" }
+
+[target.tiny-grid-fp32]
+pass = "genai-build"
+inputs = { base = ":tiny-grid-base", adapters = { travel = ":tiny-travel-adapter" } }
+params = { precision = "fp32" }
+
+[target.tiny-grid-int4]
+pass = "genai-build"
+inputs = { base = ":tiny-grid-base", adapters = { travel = ":tiny-travel-adapter" } }
+params = { precision = "int4", int4_algorithm = "source_grid" }
+
+[target.tiny-grid-kquant]
+pass = "genai-build"
+inputs = { base = ":tiny-grid-base", adapters = { travel = ":tiny-travel-adapter" } }
+params = { precision = "int4", int4_algorithm = "k_quant_mixed" }
+"""
+
+
+def _write_gguf_like(source, target):
+    """tiny-base as a Q4_1/Q8_0 GGUF import would give it: Linear weights w = d*q + m per block of
+    32 inputs (d, m fp16), the LM head w = d*q (Q8_0); embeddings and norms untouched."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    state = load_file(str(source / "model.safetensors"))
+    for name, weight in state.items():
+        if weight.dim() != 2 or "embed" in name:
+            continue
+        blocks = weight.float().reshape(weight.shape[0], -1, BLOCK)
+        if "lm_head" in name:
+            d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+            grid = d * torch.round(blocks / d)
+        else:
+            lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+            d, m = ((hi - lo) / 15).half().float(), lo.half().float()
+            grid = d * torch.clamp(torch.round((blocks - m) / d), 0, 15) + m
+        state[name] = grid.reshape(weight.shape).to(weight.dtype).contiguous()
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_gguf_like_base_keeps_its_grid_through_genai_build(project):
+    """Through real doit: genai-build's source_grid int4 of a base on a Q4_1/Q8_0 grid follows
+    the fp32 bundle far closer than the builder's k_quant_mixed, and the adapter still switches."""
+    import json
+
+    project.doit("tiny-base", "tiny-travel-adapter")
+    _write_gguf_like(project.path("build/tiny-base"), project.path("targets/grid-base"))
+    project.append("targets/grid.toml", GRID_TARGETS)
+    project.doit("-n", "2", "tiny-grid-fp32", "tiny-grid-int4", "tiny-grid-kquant")
+    record = json.loads(project.path("build/tiny-grid-int4/modelbuild.json").read_text())["source_grid"]
+    assert record["grid_blocks"] == record["blocks"] > 0
+    assert record["int8_nodes"] == 1 and record["offset_nodes"] == record["int4_nodes"] > 0  # Q8_0 head, Q4_1 rest
+
+    from conftest import ort_logits
+
+    ids = np.array([[1, 17, 99, 230, 5, 42, 300, 7]], dtype=np.int64)
+    adapter = "adapters/travel.onnx_adapter"
+    error = {}
+    for name in ("int4", "kquant"):
+        bundle = project.path(f"build/tiny-grid-{name}")
+        for active in (None, adapter):
+            reference = ort_logits(project.path("build/tiny-grid-fp32"), ids, project.path(f"build/tiny-grid-fp32/{active}") if active else None)
+            got = ort_logits(bundle, ids, bundle / active if active else None)
+            error[name, active] = float(np.abs(got - reference).max())
+    switched = np.abs(ort_logits(project.path("build/tiny-grid-int4"), ids, project.path(f"build/tiny-grid-int4/{adapter}"))
+                      - ort_logits(project.path("build/tiny-grid-int4"), ids)).max()
+    for active in (None, adapter):
+        assert error["int4", active] < error["kquant", active] / 4, error
+    assert switched > 10 * error["int4", adapter], (switched, error)

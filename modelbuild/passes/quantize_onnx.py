@@ -236,8 +236,9 @@ def _check_result(model, plan: Plan, adapters: dict) -> list[str]:
 
 
 def check(params: dict, inputs: dict) -> None:
-    """At load: gptq without calibration data would fail only after the upstream stages ran."""
-    if params["algorithm"] in NEEDS_CALIBRATION and "calibration" not in inputs:
+    """At load: gptq without calibration data would fail only after the upstream stages ran.
+    (A plan's algorithm is known only once the plan is built; run() checks that case.)"""
+    if params["algorithm"] in NEEDS_CALIBRATION and "calibration" not in inputs and "plan" not in inputs:
         raise UserError(
             f"inputs.calibration: algorithm '{params['algorithm']}' needs calibration data: a JSONL file of "
             'prompt/response records from the project, e.g. inputs.calibration = "data/travel_train.jsonl"'
@@ -245,6 +246,13 @@ def check(params: dict, inputs: dict) -> None:
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
+    if "plan" in inputs:  # a precision-plan's choice replaces the params it names
+        import dataclasses
+
+        from modelbuild.ml.precision import read_plan
+
+        params = dataclasses.replace(params, **read_plan(inputs["plan"]))
+        check(dataclasses.asdict(params), {key: value for key, value in inputs.items() if key != "plan"})
     bundle: Path = inputs["bundle"]
     calibration: Path | None = inputs.get("calibration")
     decoder, filename = decoder_of(bundle, "a genai-build target")
@@ -325,6 +333,8 @@ PASS = PassDef(
     inputs={
         "bundle": Input("fp32 onnxruntime-genai bundle (a genai-build target with params.precision = \"fp32\")"),
         "calibration": Input("JSONL prompt/response records for gptq (the project's own data)", kind="file", required=False),
+        "plan": Input("a precision-plan target: its algorithm, block_size, symmetric, accuracy_level and int8_nodes "
+                      "replace these params", required=False),
     },
     run=run,
     libraries=("onnx", "onnxruntime", "onnxruntime-genai", "torch"),  # torch: HQQ's arithmetic
