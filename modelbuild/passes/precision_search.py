@@ -9,7 +9,9 @@ output, and the budget left to precision-plan, so changing the budget re-runs on
    calibration records (captured once, as GPTQ does: one onnxruntime run with every MatMul input as
    an output, kept as ``X^T X``). Q is the int4 weight the chosen algorithm really produces (the
    whole model quantized once through ``quantize_matmuls``, each node dequantized as MatMulNBits
-   reads it); the int8 (symmetric RTN) error is measured the same way, for the record.
+   reads it); the int8 error (every node int8 as the candidates get theirs) is measured the same
+   way, for the record. On a base dequantized from a GGUF, source_grid's int4 keeps the source grid
+   and can beat int8 RTN, which re-rounds it.
 2. Candidates: for each k of the ladder, the k most sensitive MatMuls in int8, the rest int4; each
    really quantized by ``quantize_matmuls`` (as quantize-onnx does: LoRA MatMuls and weights that
    adapters override stay float) and measured end to end, like the fp32 bundle in the same run so
@@ -97,7 +99,9 @@ def _sensitivity(fp32, params, weights, exclude, samples, int4_model) -> list[di
 
     nodes = {n.name: n for n in fp32.graph.node}
     grams = hessians(fp32, sorted({nodes[name].input[0] for name in weights}), samples, lambda done, total: None)
-    int8_model = _quantize(fp32, params, weights, exclude, sorted(weights), samples, algorithm="rtn")  # no int4 node left
+    # Every node int8, the way the candidates get their int8 nodes (gptq: no int4 node left to calibrate).
+    int8_model = _quantize(fp32, params, weights, exclude, sorted(weights), samples,
+                           algorithm="rtn" if params.algorithm == "gptq" else None)
     initializers = {init.name: init for init in fp32.graph.initializer}
     shapes = {name: tuple(initializers[weight].dims) for name, weight in weights.items()}
     q4 = dequantized_weights(int4_model, shapes, "int4")
