@@ -161,7 +161,7 @@ def test_gpu_targets_fail_fast_without_a_gpu_and_leave_the_defaults(project):
     assert "smollm2-travel-cuda-int4 " in listing and "not on this machine" in listing
     code = "from modelbuild.tasks import doit_config; print(doit_config('.')['default_tasks'])"
     defaults = run_cmd([sys.executable, "-c", code], project.root, {**project.env(), **NO_GPU}).out.strip()
-    assert defaults == "['smollm2-travel-cpu-int4-smoke']", defaults
+    assert defaults == "['smollm2-travel-cpu-int4-smoke', 'smollm2-travel-cpu-int4-eval']", defaults
 
 
 def test_pinned_gpu_missing_from_a_gpu_machine_is_named(tmp_path):
