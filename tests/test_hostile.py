@@ -130,7 +130,7 @@ LOAD_CASES = [
     Case("pass-not-a-string", {"targets/bad.toml": '[target.x]\npass = 5\n'},
          says=("target 'x'", "pass: must be a string (a pass name), got int 5")),
     Case("default-targets-empty", {"targets/travel.toml": None},
-         prepare=lambda p: p.edit("targets/travel.toml", 'default_targets = ["smollm2-travel-cpu-int4-smoke"]', "default_targets = []"),
+         prepare=lambda p: p.edit("targets/travel.toml", 'default_targets = ["smollm2-travel-cpu-int4-smoke", "smollm2-travel-cpu-int4-eval"]', "default_targets = []"),
          says=("targets/travel.toml: default_targets: empty list",)),
     Case("matrix-too-big", {"targets/bad.toml": '[target."p-{a}-{b}-{c}"]\npass = "device-probe"\nmatrix = { a = %s, b = %s, c = %s }\n'
                             % (list(range(100)), list(range(100)), list(range(10)))},

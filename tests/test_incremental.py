@@ -45,12 +45,12 @@ def test_second_run_executes_nothing(tiny):
     assert result.up_to_date == ALL
 
 
-def test_default_target_set_is_the_smollm2_smoke(tiny):
+def test_default_target_set_is_the_smollm2_smoke_and_its_gated_eval(tiny):
     """What plain `doit` builds: the default targets, less those whose device this machine lacks."""
     from modelbuild.tasks import doit_config
 
     defaults = doit_config(tiny.root)["default_tasks"]
-    assert defaults == ["smollm2-travel-cpu-int4-smoke"]
+    assert defaults == ["smollm2-travel-cpu-int4-smoke", "smollm2-travel-cpu-int4-eval"]
     assert "smollm2-travel-cpu-int4-smoke" in tiny.doit("list").out
 
 

@@ -71,7 +71,7 @@ def test_bad_target_file(project, extra, expected):
 
 
 def test_unknown_default_target(project):
-    project.edit("targets/travel.toml", 'default_targets = ["smollm2-travel-cpu-int4-smoke"]', 'default_targets = ["ghost"]')
+    project.edit("targets/travel.toml", 'default_targets = ["smollm2-travel-cpu-int4-smoke", "smollm2-travel-cpu-int4-eval"]', 'default_targets = ["ghost"]')
     message = failing_list(project, {})
     assert "targets/travel.toml: default_targets: unknown target 'ghost'" in message
 
