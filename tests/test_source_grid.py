@@ -211,3 +211,15 @@ def test_a_gguf_like_base_keeps_its_grid_through_genai_build(project):
     for active in (None, adapter):
         assert error["int4", active] < error["kquant", active] / 4, error
     assert switched > 10 * error["int4", adapter], (switched, error)
+
+
+def test_a_tied_head_with_block_offsets_keeps_its_float_lookup(activations):
+    """A 4-bit head with offsets reads extra block-sum columns; a lookup of its rows would return
+    them too, so the embedding stays the float Gather (and still returns the exact rows)."""
+    weight = _q4_1(np.random.default_rng(4))
+    model, record = _source_grid(weight, tied=True)
+    assert record["offset_nodes"] == 1 and not record["tied_lookup"]
+    assert "GatherBlockQuantized" not in [n.op_type for n in model.graph.node]
+    ids = np.array([[0, 3, N - 1]], dtype=np.int64)
+    _, emb = _run(model, {"x": activations, "ids": ids})
+    np.testing.assert_array_equal(emb[0], weight.T[ids[0]])

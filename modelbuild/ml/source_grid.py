@@ -264,7 +264,8 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
         replaced[node.name] = new_node
         added.extend(new_initializers)
         on_step(done, len(weights))
-    tied = _tie_lookup(graph, initializers, weights, replaced)
+    plain = {name: node for name, node in replaced.items() if node.input[0] not in sums.values()}
+    tied = _tie_lookup(graph, initializers, weights, plain)
     nodes = [replaced.get(node.name, node) for node in graph.node if node.name not in tied]
     nodes += [item for item in added if isinstance(item, onnx.NodeProto)]
     del graph.node[:]
@@ -279,7 +280,9 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
 
 def _tie_lookup(graph, initializers, weights, replaced) -> set[str]:
     """Names of the Transpose and Gather nodes a tied float lookup used, after adding its
-    GatherBlockQuantized over the quantized head (nothing when the model is not tied that way)."""
+    GatherBlockQuantized over the quantized head (nothing when the model is not tied that way).
+    ``replaced``: the quantized heads that read their input as is (a head with block offsets
+    reads extra columns the lookup would return too: its lookup stays float)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -293,6 +296,8 @@ def _tie_lookup(graph, initializers, weights, replaced) -> set[str]:
         if not transposes:
             continue
         transpose = transposes[0]
+        if head_name not in replaced:
+            continue
         gathers = [n for n in readers.get(transpose.output[0], []) if n.op_type == "Gather"]
         head = replaced[head_name]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
