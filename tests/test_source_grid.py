@@ -223,3 +223,16 @@ def test_a_tied_head_with_block_offsets_keeps_its_float_lookup(activations):
     ids = np.array([[0, 3, N - 1]], dtype=np.int64)
     _, emb = _run(model, {"x": activations, "ids": ids})
     np.testing.assert_array_equal(emb[0], weight.T[ids[0]])
+
+
+def test_fitting_in_column_chunks_changes_nothing(monkeypatch):
+    """Large heads are fitted COLUMNS_PER_FIT output columns at a time to bound memory."""
+    from modelbuild.ml import source_grid
+
+    weight = np.concatenate([_q4_1(np.random.default_rng(5)), np.random.default_rng(6).normal(size=(K, 7)).astype(np.float32)], axis=1)
+    whole = source_grid.fit_grid(weight, BLOCK, refit=False)
+    monkeypatch.setattr(source_grid, "COLUMNS_PER_FIT", 10)
+    chunked = source_grid.fit_columns(weight, BLOCK, refit=False)
+    for field in ("codes", "scales", "zero_points"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+    assert (chunked.on_grid, chunked.blocks) == (whole.on_grid, whole.blocks) == (N * K // BLOCK, (N + 7) * K // BLOCK)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+COLUMNS_PER_FIT = 4096  # output columns fitted at a time: the float64 work arrays of a 49k-row LM head stay small
 GRID_TOLERANCE = 1e-3  # |w/d - integer| in units of the step: fp16 scales give ~1e-6
 SOURCE_SHARE = 0.99  # a weight whose blocks are this much on an 8-bit grid (and not a 4-bit one) stays 8-bit
 
@@ -138,6 +139,21 @@ def fit_grid(weight_kn, block_size: int = 32, activation_sq=None, bits: int = 4,
     return Encoded(codes.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), bits, int(mask.sum()), n * b)
 
 
+def fit_columns(weight_kn, block_size: int = 32, activation_sq=None, bits: int = 4, refit: bool = True) -> Encoded:
+    """``fit_grid`` over ``COLUMNS_PER_FIT`` output columns at a time (the same result; the peak
+    memory of one chunk instead of the whole weight)."""
+    import numpy as np
+
+    n = np.asarray(weight_kn).shape[1]
+    parts = [fit_grid(weight_kn[:, start:start + COLUMNS_PER_FIT], block_size, activation_sq, bits, refit)
+             for start in range(0, n, COLUMNS_PER_FIT)]
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return Encoded(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]), zero_points,
+                   bits, sum(p.on_grid for p in parts), sum(p.blocks for p in parts))
+
+
 def dequantize(encoded: Encoded, k: int):
     """The [K, N] float32 weight MatMulNBits computes with (for checks and measurements)."""
     import numpy as np
@@ -239,9 +255,9 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
         bits = 8 if node.name in int8 else 4
         squares = None if activation_sq is None else activation_sq.get(node.input[0])
         offsets = bits == 4 and block_offsets and k % block_size == 0
-        encoded = fit_grid(weight, block_size, squares, bits, refit=not offsets)
+        encoded = fit_columns(weight, block_size, squares, bits, refit=not offsets)
         if bits == 4 and encoded.on_grid < SOURCE_SHARE * encoded.blocks:
-            wider = fit_grid(weight, block_size, squares, 8)
+            wider = fit_columns(weight, block_size, squares, 8)
             if wider.on_grid >= SOURCE_SHARE * wider.blocks:  # an 8-bit source grid (Q8_0): keep it, exactly
                 encoded, bits, offsets = wider, 8, False
         record["grid_blocks"] += encoded.on_grid
