@@ -36,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelbuild.ml.graph import topological_order
+
 LORA_MARKERS = ("/lora_A/", "/lora_B/")
 # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias. With equal attributes (but N) they
 # pack along N: B, scales, zero points (each row's blocks are stored contiguously) and bias;
@@ -114,7 +116,7 @@ def fuse_lora(model, only: list[str] | None = None) -> dict:
         if id(node) not in removed:
             kept.append(node)
     del graph.node[:]
-    graph.node.extend(_topological(kept, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
+    graph.node.extend(topological_order(kept, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
     still_read = {name for node in graph.node for name in node.input}
     for name in dead_tensors - still_read:
         if name in inits:
@@ -306,22 +308,3 @@ def _packable(bases, inits) -> bool:
     if len(set(b.input[0] for b in bases)) != 1:
         return False
     return all(name in inits for b in bases for name in b.input[1:] if name)
-
-
-def _topological(nodes, available: set) -> list:
-    """The nodes in an order where each comes after the producers of its inputs (stable: the
-    given order wherever it is already valid)."""
-    ready = set(available) | {""}
-    pending, done = list(nodes), []
-    while pending:
-        waiting = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                done.append(node)
-                ready.update(node.output)
-            else:
-                waiting.append(node)
-        if len(waiting) == len(pending):
-            raise ValueError(f"fuse_lora: graph has a cycle or an unproduced input at {waiting[0].name}")
-        pending = waiting
-    return done

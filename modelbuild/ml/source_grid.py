@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelbuild.ml.graph import topological_order
+
 COLUMNS_PER_FIT = 4096  # output columns fitted at a time: the float64 work arrays of a 49k-row LM head stay small
 GRID_TOLERANCE = 1e-3  # |w/d - integer| in units of the step: fp16 scales give ~1e-6
 SOURCE_SHARE = 0.99  # a weight whose blocks are this much on an 8-bit grid (and not a 4-bit one) stays 8-bit
@@ -285,12 +287,14 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
     tied = _tie_lookup(graph, initializers, weights, plain)
     nodes = [replaced.get(node.name, node) for node in graph.node if node.name not in tied]
     nodes += [item for item in added if isinstance(item, onnx.NodeProto)]
+    new_initializers = [item for item in added if not isinstance(item, onnx.NodeProto)]
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {i.name for i in new_initializers}
     del graph.node[:]
-    graph.node.extend(_topological(nodes))
+    graph.node.extend(topological_order(nodes, available))
     still_read = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name in still_read]
     del graph.initializer[:]
-    graph.initializer.extend(kept + [item for item in added if not isinstance(item, onnx.NodeProto)])
+    graph.initializer.extend(kept + new_initializers)
     record["tied_lookup"] = bool(tied)
     return record
 
@@ -338,31 +342,3 @@ def _tie_lookup(graph, initializers, weights, replaced) -> set[str]:
         ))
         return {transpose.name, gather.name}
     return set()
-
-
-def _topological(nodes):
-    """``nodes`` in an order where every node comes after the producers of its inputs."""
-    produced_by = {out: i for i, node in enumerate(nodes) for out in node.output}
-    order, state = [], {}
-
-    def visit(i):
-        stack = [(i, False)]
-        while stack:
-            index, expanded = stack.pop()
-            if expanded:
-                if state.get(index) != 2:
-                    state[index] = 2
-                    order.append(nodes[index])
-                continue
-            if state.get(index):
-                continue
-            state[index] = 1
-            stack.append((index, True))
-            for name in reversed(nodes[index].input):
-                producer = produced_by.get(name)
-                if producer is not None and not state.get(producer):
-                    stack.append((producer, False))
-
-    for i in range(len(nodes)):
-        visit(i)
-    return order

@@ -1,0 +1,23 @@
+"""ONNX graph edits shared by the rewrites in modelbuild/ml (lora_graph, source_grid)."""
+
+from __future__ import annotations
+
+
+def topological_order(nodes, available: set) -> list:
+    """The nodes in an order where each comes after the producers of its inputs (stable: the
+    given order wherever it is already valid). ``available``: tensors no node produces (graph
+    inputs and initializers)."""
+    ready = set(available) | {""}
+    pending, done = list(nodes), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                done.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"graph has a cycle or an unproduced input at {waiting[0].name}")
+        pending = waiting
+    return done
