@@ -149,12 +149,13 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                     "adapter_dir": str(adapter) if adapter else None}, Path(scratch))
         except RuntimeError as error:
             raise UserError(f"speed measurement failed: {error}") from None
+    size = model_size(model)
     ratios = {}
     if speed_reference is not None:
         ratios = {
             "reference_tokens_per_s": reference_timing["tokens_per_s"],
             "speed_ratio": round(timing["tokens_per_s"] / reference_timing["tokens_per_s"], 3),
-            "size_ratio": round(model_size(model) / model_size(speed_reference), 4),
+            "size_ratio": round(size / model_size(speed_reference), 4),
         }
 
     reference = None
@@ -163,7 +164,6 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             reference = json.loads((inputs["reference"] / METRICS_FILE).read_text())["perplexity"]
         except (OSError, ValueError, KeyError):
             raise UserError(f"inputs.reference: not an evaluate output (no perplexity in its {METRICS_FILE})") from None
-    size = model_size(model)
     metrics = {
         "schema": 1,
         "variant": params.variant or None,

@@ -189,10 +189,17 @@ def _make_switchable(model_path: Path, fuse: bool) -> tuple[dict[str, object], d
     for name, array in sorted(weights.items()):
         elem = helper.np_dtype_to_tensor_dtype(array.dtype)
         model.graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
+    _save_in_place(model, model_path)
+    return weights, fusion
+
+
+def _save_in_place(model, model_path: Path) -> None:
+    """Overwrite the built decoder and its one external-data file (the builder's layout)."""
+    import onnx
+
     data_name = model_path.name + ".data"
     (model_path.parent / data_name).unlink(missing_ok=True)
     onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-    return weights, fusion
 
 
 def _write_adapter(weights: dict, path: Path) -> None:
@@ -292,9 +299,7 @@ def _quantize_source_grid(model_path: Path, params: Params) -> dict:
     model = onnx.load(str(model_path))
     record = quantize_decoder(model, quantizable_matmuls(model, LORA_MARKERS), block_size=params.block_size,
                               accuracy_level=params.accuracy_level)
-    data_name = model_path.name + ".data"
-    (model_path.parent / data_name).unlink(missing_ok=True)
-    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    _save_in_place(model, model_path)
     bits = list(record.pop("bits").values())
     return {**record, "int4_nodes": bits.count(4), "int8_nodes": bits.count(8)}
 
