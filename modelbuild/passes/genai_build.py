@@ -20,6 +20,10 @@ stay switchable at run time instead of being baked in:
 
 Verified, not assumed: the pass loads the finished bundle in onnxruntime-genai and generates
 with no adapter and with each adapter; a bundle that fails is never written.
+
+Memory: the builder quantizes node by node (modelbuild/ml/builder.py), so a large base peaks at
+its torch copy plus the quantized weights instead of ~4x its fp32 weights, and the torch fp32
+reference logits are taken before the builder loads its own copy (bench/phi35_build.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from modelbuild import UserError
 from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle
 from modelbuild.hf import probe_ids, torch_logits
+from modelbuild.ml.builder import run_builder
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.lora_graph import fuse_lora
 from modelbuild.passdef import Input, PassDef, param, require
@@ -135,19 +140,6 @@ def _builder_options(params: Params, precision: str) -> list[str]:
     return options
 
 
-def _run_builder(base: Path, out: Path, precision: str, device: str, options: list[str], scratch: Path) -> None:
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
-    cache = scratch / "builder-cache"
-    try:
-        opts = parse_extra_options(None, str(base), str(out), precision, device, str(cache), options)
-        create_model(None, str(base), str(out), precision, device, str(cache), **opts)
-    except (ValueError, NotImplementedError, KeyError) as error:
-        raise UserError(f"onnxruntime-genai model builder rejected the model or options: {error}") from None
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-
-
 def _lora_exclusions(base: Path) -> str:
     config = json.loads((base / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config.get("n_layer")
@@ -220,7 +212,7 @@ def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path,
 
     out = scratch / "fp32-extract"
     shutil.rmtree(out, ignore_errors=True)
-    _run_builder(base, out, "fp32", device, [f"adapter_path={adapter}"], scratch)
+    run_builder(base, out, "fp32", device, [f"adapter_path={adapter}"], scratch)
     model = onnx.load(str(out / "model.onnx"))
     if fused:
         fuse_lora(model, only=fused)
@@ -253,7 +245,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         status.update(f"genai builder: {params.precision} model for {device}"
                       + (f" ({params.int4_algorithm})" if params.precision == "int4" else ""))
         with quiet_stdout():
-            _run_builder(base, out_dir, precision, device, options, scratch)
+            run_builder(base, out_dir, precision, device, options, scratch,
+                        progress=lambda done, total: status.update(f"genai builder: quantizing node {done}/{total}"))
         fusion = {}
         if adapters:
             names = iter(adapters.items())
