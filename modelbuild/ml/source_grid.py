@@ -284,7 +284,7 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
         added.extend(new_initializers)
         on_step(done, len(weights))
     plain = {name: node for name, node in replaced.items() if node.input[0] not in sums.values()}
-    tied = _tie_lookup(graph, initializers, weights, plain)
+    tied = _tie_lookup(graph, weights, plain, added)
     nodes = [replaced.get(node.name, node) for node in graph.node if node.name not in tied]
     nodes += [item for item in added if isinstance(item, onnx.NodeProto)]
     new_initializers = [item for item in added if not isinstance(item, onnx.NodeProto)]
@@ -299,46 +299,33 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
     return record
 
 
-def _tie_lookup(graph, initializers, weights, replaced) -> set[str]:
+def _tie_lookup(graph, weights, replaced, added) -> set[str]:
     """Names of the Transpose and Gather nodes a tied float lookup used, after adding its
-    GatherBlockQuantized over the quantized head (nothing when the model is not tied that way).
-    ``replaced``: the quantized heads that read their input as is (a head with block offsets
-    reads extra columns the lookup would return too: its lookup stays float)."""
-    import numpy as np
+    GatherBlockQuantized over the quantized head (modelbuild/ml/tied_lookup.py; nothing when the
+    model is not tied that way). ``replaced``: the quantized heads that read their input as is (a
+    head with block offsets reads extra columns the lookup would return too: its lookup stays
+    float); ``added``: the new nodes and initializers, the lookup's appended."""
     import onnx
-    from onnx import numpy_helper
+
+    from modelbuild.ml.tied_lookup import lookup_nodes
 
     readers = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    dims = {item.name: tuple(item.dims) for item in added if isinstance(item, onnx.TensorProto)}
     for head_name, weight in weights.items():
         transposes = [n for n in readers.get(weight, []) if n.op_type == "Transpose"]
-        if not transposes:
+        if not transposes or head_name not in replaced:
             continue
         transpose = transposes[0]
-        if head_name not in replaced:
-            continue
         gathers = [n for n in readers.get(transpose.output[0], []) if n.op_type == "Gather"]
-        head = replaced[head_name]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
-        if len(gathers) != 1 or len(readers[transpose.output[0]]) != 1 or attrs["K"] % attrs["block_size"]:
+        if len(gathers) != 1 or len(readers[transpose.output[0]]) != 1:
             continue
-        gather = gathers[0]
-        n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
-        prefix = gather.name.rsplit("/", 1)[0]
-        shapes = {"data": [n, k * bits // 8], "scales": [n, k // block]}
-        inputs = []
-        for tag, source in zip(("data", "scales", "zero_points"), [head.input[1], head.input[2], *head.input[3:4]]):
-            shape = shapes.get(tag, [n, -1])
-            const = numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{prefix}/{tag}/shape")
-            graph.initializer.append(const)
-            graph.node.append(onnx.helper.make_node("Reshape", [source, const.name], [f"{prefix}/{tag}/2d"], name=f"{prefix}/{tag}/Reshape"))
-            inputs.append(f"{prefix}/{tag}/2d")
-        inputs.insert(1, gather.input[1])
-        graph.node.append(onnx.helper.make_node(
-            "GatherBlockQuantized", inputs, list(gather.output), name=f"{prefix}/GatherBlockQuantized",
-            domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1,
-        ))
+        head, gather = replaced[head_name], gathers[0]
+        zp_shape = dims[head.input[3]] if len(head.input) > 3 and head.input[3] else None
+        nodes, inits = lookup_nodes(head, gather.input[1], gather.name.rsplit("/", 1)[0], gather.output[0],
+                                    dims[head.input[2]], zp_shape)
+        added.extend(nodes + inits)
         return {transpose.name, gather.name}
     return set()

@@ -12,18 +12,9 @@ quantize-onnx bundles through ``Transpose(lm_head weight)``): the bundle stores 
 once in fp32 (vocab x hidden x 4 bytes: 113 MB for SmolLM2).
 
 The surgery replaces the float lookup with ``com.microsoft.GatherBlockQuantized`` reading the
-head's own int4 weight, scales and zero points, and drops the float copy:
-
-    lm_head B [N, blocks, blob] --Reshape [N, blocks*blob]--> GatherBlockQuantized(ids) [--Slice to K]
-
-with ``bits``/``block_size`` of the head, ``gather_axis = 0``, ``quantize_axis = 1``. The
-contract (onnxruntime 1.31, uint8 data): 2-D packed data of the MatMulNBits layout (two 4-bit
-values a byte, low nibble first), scales ``[N, blocks]``, zero points ``[N, ceil(blocks/2)]``
-packed the same way (default 8 when absent, as MatMulNBits), output dtype that of the scales,
-last dimension ``blocks * block_size`` (sliced back to the hidden size when it is padded).
-Scales or zero points stored 1-D get a Reshape; the Reshapes are constant-folded by onnxruntime.
-This is what onnxruntime-genai's builder emits for int4 tied models
-(``make_embedding_lookup``: lm_head weight -> Reshape -> GatherBlockQuantized [-> Slice]).
+head's own int4 (or int8) weight, scales and zero points, and drops the float copy: the nodes
+onnxruntime-genai's builder emits for int4 tied models (modelbuild/ml/tied_lookup.py, shared
+with the source_grid quantizer).
 
 What changes: the head reads the same initializers as before, so its output is unchanged; the
 embedding rows become the head's dequantized int4 rows instead of the float ones. Checked when
@@ -63,6 +54,7 @@ from modelbuild import UserError
 from modelbuild.genai import bundle_adapters, prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.weight_only import dequantize_matmul_nbits
+from modelbuild.ml.tied_lookup import lookup_nodes
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "tie.json"
@@ -191,58 +183,14 @@ def _head_arrays(model, s: Surgery) -> tuple:
 
 # --- the surgery --------------------------------------------------------------------------------
 
-def _lookup_nodes(s: Surgery, scales_shape, zp_shape, output: str):
-    """(nodes, initializers) of the quantized lookup: Reshape(s) -> GatherBlockQuantized [-> Slice]."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    prefix = s.gather.name.rsplit("/", 1)[0] if "/" in s.gather.name else s.gather.name
-    blocks = -(-s.k // s.block_size)
-    padded = blocks * s.block_size
-    row_bytes = padded * s.bits // 8
-    nodes, inits = [], []
-
-    def reshape(source: str, shape: list[int], tag: str) -> str:
-        const = f"{prefix}/{tag}/shape"
-        inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), const))
-        out = f"{prefix}/{tag}/output_0"
-        nodes.append(helper.make_node("Reshape", [source, const], [out], name=f"{prefix}/{tag}"))
-        return out
-
-    head_inputs = list(s.head.input)
-    data = reshape(head_inputs[1], [s.n, row_bytes], "Reshape")
-    scales = head_inputs[2]
-    if tuple(scales_shape) != (s.n, blocks):
-        scales = reshape(scales, [s.n, blocks], "ScalesReshape")
-    inputs = [data, s.gather.input[1], scales]
-    if zp_shape is not None:
-        zp_cols = -(-blocks // (8 // s.bits))
-        zp = head_inputs[3]
-        if tuple(zp_shape) != (s.n, zp_cols):
-            zp = reshape(zp, [s.n, zp_cols], "ZeroPointsReshape")
-        inputs.append(zp)
-    gathered = output if padded == s.k else f"{prefix}/GatherBlockQuantized/output_0"
-    nodes.append(helper.make_node(
-        "GatherBlockQuantized", inputs, [gathered], name=f"{prefix}/GatherBlockQuantized", domain="com.microsoft",
-        bits=s.bits, block_size=s.block_size, gather_axis=0, quantize_axis=1,
-    ))
-    if padded != s.k:
-        consts = []
-        for tag, value in (("starts", 0), ("ends", s.k), ("axes", -1)):
-            name = f"{prefix}/Slice/{tag}"
-            inits.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
-            consts.append(name)
-        nodes.append(helper.make_node("Slice", [gathered, *consts], [output], name=f"{prefix}/Slice"))
-    return nodes, inits
-
-
 def _tie(model, s: Surgery) -> dict:
     """Rewrite ``model`` in place; return what was removed."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     scales_shape = tuple(initializers[s.head.input[2]].dims)
     zp_shape = tuple(initializers[s.head.input[3]].dims) if len(s.head.input) > 3 and s.head.input[3] else None
-    nodes, inits = _lookup_nodes(s, scales_shape, zp_shape, s.gather.output[0])
+    prefix = s.gather.name.rsplit("/", 1)[0] if "/" in s.gather.name else s.gather.name
+    nodes, inits = lookup_nodes(s.head, s.gather.input[1], prefix, s.gather.output[0], scales_shape, zp_shape)
     taken = {n.name for n in graph.node} | set(initializers)
     clash = [n.name for n in nodes if n.name in taken] + [i.name for i in inits if i.name in taken]
     if clash:
