@@ -54,26 +54,41 @@ def read_plan(path: Path) -> dict:
     return out
 
 
-def quantizable_matmuls(model, lora_markers: tuple[str, ...]) -> dict[str, str]:
-    """MatMul node -> its weight initializer, for every MatMul that int4/int8 may replace: a
-    constant 2-D fp32 weight, not a LoRA MatMul, not a weight an adapter overrides (graph input)."""
+def matmul_weights(model) -> tuple[list[str], dict[str, str]]:
+    """(every MatMul node name in graph order, MatMul -> its weight initializer for those with a
+    constant 2-D weight) of an fp32 model; one-line refusals for a quantized model, non-fp32
+    weights and MatMuls without unique names (nodes are chosen by name)."""
     import onnx
 
     graph = model.graph
-    if any(n.op_type == "MatMulNBits" for n in graph.node):
-        raise UserError('inputs.bundle: already quantized (MatMulNBits nodes); give an fp32 bundle (genai-build with precision = "fp32")')
+    quantized = sum(n.domain == "com.microsoft" and n.op_type == "MatMulNBits" for n in graph.node)
+    if quantized:
+        raise UserError(f"inputs.bundle: already quantized ({quantized} MatMulNBits nodes); "
+                        'give an fp32 bundle (genai-build with params.precision = "fp32")')
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    names = [n.name for n in matmuls]
+    if any(not name for name in names) or len(set(names)) != len(names):
+        raise UserError("inputs.bundle: MatMul nodes without unique names; nodes are chosen by name")
     initializers = {init.name: init for init in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
-    found = {}
-    for node in graph.node:
-        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if init is None or len(init.dims) != 2 or node.input[1] in graph_inputs or any(m in node.name for m in lora_markers):
+    weights = {}
+    for node in matmuls:
+        init = initializers.get(node.input[1])
+        if init is None or len(init.dims) != 2:
             continue
         if init.data_type != onnx.TensorProto.FLOAT:
-            raise UserError(f'inputs.bundle: {node.name} has non-fp32 weights; give an fp32 bundle (genai-build with precision = "fp32")')
-        if not node.name or node.name in found:
-            raise UserError("inputs.bundle: MatMul nodes without unique names; nodes are chosen by name")
-        found[node.name] = node.input[1]
+            kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+            raise UserError(f'inputs.bundle: {node.name} has {kind} weights; give an fp32 bundle '
+                            '(genai-build with params.precision = "fp32")')
+        weights[node.name] = node.input[1]
+    return names, weights
+
+
+def quantizable_matmuls(model, lora_markers: tuple[str, ...]) -> dict[str, str]:
+    """MatMul node -> its weight initializer, for every MatMul that int4/int8 may replace: a
+    constant 2-D fp32 weight, not a LoRA MatMul, not a weight an adapter overrides (graph input)."""
+    graph_inputs = {i.name for i in model.graph.input}
+    found = {name: weight for name, weight in matmul_weights(model)[1].items()
+             if weight not in graph_inputs and not any(m in name for m in lora_markers)}
     if not found:
         raise UserError("inputs.bundle: no MatMul with a constant fp32 weight to quantize")
     return found

@@ -48,6 +48,7 @@ from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.calibration import calibration_feeds
+from modelbuild.ml.precision import matmul_weights
 from modelbuild.ml.weight_only import quantize_matmuls
 from modelbuild.passdef import Input, PassDef, param, require
 
@@ -125,33 +126,11 @@ class Plan:
 
 
 def _plan(model, params: Params, adapters: dict) -> Plan:
-    import onnx
-
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     graph_inputs = {i.name for i in graph.input}
-    quantized = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type == "MatMulNBits"]
-    if quantized:
-        raise UserError(
-            f"inputs.bundle: already quantized ({len(quantized)} MatMulNBits nodes); "
-            'quantize an fp32 bundle (genai-build with params.precision = "fp32")'
-        )
+    names, weights = matmul_weights(model)
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    names = [n.name for n in matmuls]
-    if any(not name for name in names) or len(set(names)) != len(names):
-        raise UserError("inputs.bundle: MatMul nodes without unique names; the quantizer selects nodes by name")
-    weights = {}
-    for node in matmuls:
-        init = initializers.get(node.input[1])
-        if init is None or len(init.dims) != 2:
-            continue
-        if init.data_type != onnx.TensorProto.FLOAT:
-            kind = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
-            raise UserError(
-                f"inputs.bundle: {node.name} has {kind} weights; quantize-onnx takes an fp32 bundle "
-                '(genai-build with params.precision = "fp32")'
-            )
-        weights[node.name] = node.input[1]
     lora = [n.name for n in matmuls if any(marker in n.name for marker in LORA_MARKERS)]
     overridable = [n.name for n in matmuls if n.input[1] in graph_inputs]
     switched = {key for parameters in adapters.values() for key in parameters}
