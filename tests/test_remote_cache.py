@@ -227,6 +227,37 @@ def test_server_killed_during_a_build_the_push_fails_and_the_next_run_pushes(tea
         stop_weed(server)
 
 
+def test_two_machines_building_the_same_stages_at_once_leave_one_consistent_remote(team, tmp_path, monkeypatch):
+    """Two clones with empty caches run the same build at the same moment against one remote: both
+    miss, both run, both push the same actions. Neither fails, both hold byte-identical outputs,
+    the remote verifies, and a third clone restores everything from it without running a pass."""
+    url = fresh_url(team)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **team.env, "MODELBUILD_REMOTE_CACHE": url,
+           "MODELBUILD_CPU_THREADS": "1"}  # one thread each: the two builds share two cores
+    wanted = ["tiny-base", "tiny-travel-adapter"]
+    clones = [new_project(tmp_path / name) for name in ("b", "c")]
+    procs = [subprocess.Popen([sys.executable, "-m", "doit", *wanted], cwd=clone.root, env={**env, **clone.env()},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for clone in clones]
+    outs = [proc.communicate(timeout=900)[0] for proc in procs]
+    team.outputs.extend(outs)
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "failed" not in out and "corrupt" not in out, out[-3000:]
+    pushed = [set(re.findall(r"modelbuild: '(\S+)': pushed to the remote cache", out)) for out in outs]
+    assert pushed[0] | pushed[1] == set(wanted), outs
+    for target in wanted:
+        assert stamp(clones[0], target)["manifest"] == stamp(clones[1], target)["manifest"], target
+        assert stamp(clones[0], target)["action_key"] == stamp(clones[1], target)["action_key"]
+    client = remote(monkeypatch, team.server, url)
+    assert client.verify() == []
+    for target in wanted:
+        assert client.lookup(stamp(clones[0], target)["action_key"])["manifest"] == stamp(clones[0], target)["manifest"]
+    d = new_project(tmp_path / "d")
+    restored = d.doit(*wanted, env={**team.env, "MODELBUILD_REMOTE_CACHE": url})
+    assert "running on" not in restored.out and said(restored, "restored from the remote cache") == set(wanted)
+    assert all(stamp(d, t)["manifest"] == stamp(clones[0], t)["manifest"] for t in wanted)
+
+
 def test_release_published_to_the_remote_is_verified_from_there(team, tmp_path, monkeypatch):
     url = fresh_url(team)
     g = copy_project(team.a, tmp_path / "g")
