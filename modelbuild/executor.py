@@ -62,6 +62,18 @@ def check_executor(project) -> None:
         raise UserError(str(error)) from None
 
 
+def device_answers(project, this_machine):
+    """Who says whether a device is there, for a preference list such as ``["cuda", "cpu"]``: the
+    Ray cluster under the Ray executor (it places the stages: a driver without a GPU still gets
+    ``cuda`` when a node has one), else ``this_machine()``. Asked when the targets load and again
+    whenever a cached graph is reused (graph_cache.py)."""
+    if executor_kind(project) == "ray":
+        from .ray_exec import ClusterDevices
+
+        return ClusterDevices.at(os.environ.get("RAY_ADDRESS") or "")
+    return this_machine()
+
+
 _connected: dict[str, object] = {}
 _connect_lock = threading.Lock()
 

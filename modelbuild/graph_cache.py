@@ -14,7 +14,8 @@ Served only when everything the loading read is as it was, checked on every run:
 - the installed distributions: sys.path and the stat identity of each of its folders (installing,
   upgrading or removing a plug-in adds or removes a *.dist-info there);
 - the environment: every MODELBUILD_* variable, the interpreter, the project root;
-- this machine, where a device preference list asked it something: each question is asked again.
+- this machine (the Ray cluster under the Ray executor), where a device preference list asked it
+  something: each question is asked again.
 
 A load that fails is never cached: its one-line error is raised as before, on every run. Files
 modified within ``RACY_NS`` before the load are not trusted (the same-tick guard of digest.py's
@@ -164,9 +165,10 @@ def _still_valid(cached: dict) -> bool:
             if os.path.realpath(written) != resolved or _tree(resolved) != tree:
                 return False
         if cached["devices"]:
+            from .executor import device_answers
             from .stage import slot_pool  # the machine this run schedules on (discovered once)
 
-            machine = slot_pool(cached["project"]).machine
+            machine = device_answers(cached["project"], lambda: slot_pool(cached["project"]).machine)
             return all((machine.lacks(device) is None) == available for device, available in cached["devices"])
     except Exception:  # a cache of another shape: load again
         return False

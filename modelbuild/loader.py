@@ -41,7 +41,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     import tomllib
 
     from .devices import check_config, machine_from
-    from .executor import check_executor_table
+    from .executor import check_executor_table, device_answers
     from .expand import check_keys, expand_matrix, expand_use, table_of
 
     root = Path(root).resolve()
@@ -114,7 +114,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     for rel, index, use in uses:
         raw_targets.extend(expand_use(rel, index, use, recipes))
 
-    discovered = functools.cache(lambda: machine_from(project.devices))  # discovered only if a target asks
+    discovered = functools.cache(lambda: device_answers(project, lambda: machine_from(project.devices)))  # only if asked
 
     def machine():
         return discovered() if record is None else _RecordedMachine(discovered(), record.setdefault("devices", []))
@@ -185,8 +185,8 @@ def _check_name(name: str, where: str, what: str) -> None:
 
 def _device(value: Any, pass_def: PassDef, where: str, machine) -> str:
     """The device a target runs on: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or a preference list
-    (``["cuda", "cpu"]``: the first this machine has), resolved here, before anything runs, so the
-    action key records the device actually used."""
+    (``["cuda", "cpu"]``: the first this machine has, or the Ray cluster under the Ray executor),
+    resolved here, before anything runs, so the action key records the device actually used."""
     choices = value if isinstance(value, list) else [value]
     if not choices or not all(isinstance(c, str) and DEVICE_RE.match(c) for c in choices):
         raise UserError(f"{where}: device: {value!r} is not cpu, cuda, cuda:N or a list of them in order of preference")
@@ -198,7 +198,7 @@ def _device(value: Any, pass_def: PassDef, where: str, machine) -> str:
     for choice in choices:
         if machine().lacks(choice) is None:
             return choice
-    raise UserError(f"{where}: device: none of {', '.join(choices)} is on this machine ({machine().lacks(choices[-1])})")
+    raise UserError(f"{where}: device: none of {', '.join(choices)} is available ({machine().lacks(choices[-1])})")
 
 
 def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str, machine,

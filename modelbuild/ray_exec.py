@@ -163,6 +163,39 @@ class RayExecutor:
         return self.submit(plan, inputs, remote, device, threads, gpu_memory_gb, expected_versions, libraries).result()
 
 
+class ClusterDevices:
+    """The devices of a Ray cluster, as a device preference list asks them (``lacks`` like a
+    local Machine's): ``cpu`` and ``cuda`` are there if an alive node has one; ``cuda:N`` never
+    is (see the module docstring). Connects on the first question; answers once per process."""
+
+    _at: dict[str, "ClusterDevices"] = {}
+
+    def __init__(self, address: str):
+        self.address, self._nodes = address, None
+
+    @classmethod
+    def at(cls, address: str) -> "ClusterDevices":
+        return cls._at.setdefault(address, cls(address))
+
+    def lacks(self, device: str) -> str | None:
+        if ":" in device:
+            return f"{device} names a GPU of one machine; on a Ray cluster declare device = \"cuda\""
+        if self._nodes is None:
+            import ray
+
+            from . import UserError
+
+            try:
+                RayExecutor.connect(self.address)
+            except RayStageError as error:
+                raise UserError(str(error)) from None
+            self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        resource = "GPU" if device == "cuda" else "CPU"
+        if any(node.get(resource, 0) >= 1 for node in self._nodes):
+            return None
+        return f"no node of the Ray cluster {self.address} has a {device.upper()} ({len(self._nodes)} alive node(s))"
+
+
 def _check_feasible(target: str, options: dict) -> None:
     """Ray keeps a task no node can ever run pending forever, with a warning in a log nobody
     reads: refuse it here in one line instead (e.g. 8 threads on 4-CPU nodes, cuda without GPUs)."""

@@ -203,7 +203,7 @@ def test_device_preference_takes_the_first_device_the_machine_has_and_keys_it(tm
     assert on_gpu["components"]["device"] == "cuda" and on_gpu["ran_on"]["device"] == "cuda:0"
     assert on_gpu["action_key"] != on_cpu["action_key"]
     for device, message in [('[]', "device: [] is not cpu, cuda, cuda:N or a list of them"),
-                            ('["cuda"]', "device: none of cuda is on this machine (this machine has no CUDA GPU"),
+                            ('["cuda"]', "device: none of cuda is available (this machine has no CUDA GPU"),
                             ('["tpu", "cpu"]', "device: ['tpu', 'cpu'] is not cpu, cuda, cuda:N")]:
         project.path("targets/probe.toml").write_text(f'[target.pref]\npass = "device-probe"\ndevice = {device}\n')
         result = project.doit("list", env=NO_GPU, check=False)
