@@ -169,3 +169,22 @@ params = {{ max_ppl_increase_pct = -1.0 }}
         (tmp_path / "plan.json").write_text(json.dumps(broken))
         with pytest.raises(UserError, match=message):
             read_plan(tmp_path)
+
+
+def test_int8_always_keeps_the_lm_head_8_bit_in_every_candidate(planned):
+    """Olive's int4 recipes keep the LM head 8-bit: int8_always puts it in every candidate, and
+    the k most sensitive are chosen among the other MatMuls."""
+    template = "<|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n{response}<|end|>"
+    text = ('[target.tiny-search-q8head]\npass = "precision-search"\n'
+            'inputs = { bundle = ":tiny-travel-cpu-fp32", calibration = "data/travel_train.jsonl", heldout = "data/travel_eval.jsonl" }\n'
+            f'params = {{ algorithm = "rtn", ladder = [0, 2], int8_always = ["/lm_head/*"], adapter = "travel", template = "{template}", '
+            'calibration_samples = 4, heldout_samples = 12, new_tokens = 16, speed_runs = 1 }\n')
+    result = planned.doit_with("targets/zz-q8head.toml", text, "tiny-search-q8head")
+    assert result.returncode == 0, result.out[-3000:]
+    forced = json.loads(planned.path("build/tiny-search-q8head/candidates.json").read_text())["candidates"]
+    assert [c["name"] for c in forced] == ["int8x1", "int8x3"]
+    assert all(c["int8_nodes"][0] == "/lm_head/MatMul" for c in forced)
+    others = [row["node"] for row in candidates(planned)["sensitivity"] if row["node"] != "/lm_head/MatMul"]
+    assert forced[1]["int8_nodes"][1:] == others[:2]
+    all_int4 = next(c for c in candidates(planned)["candidates"] if c["name"] == "int8x0")
+    assert forced[0]["size_bytes"] > all_int4["size_bytes"]  # measured: the head really went 8-bit

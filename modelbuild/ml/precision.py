@@ -94,6 +94,19 @@ def quantizable_matmuls(model, lora_markers: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def matching_nodes(patterns: list[str], weights: dict, key: str) -> set[str]:
+    """MatMuls with a constant weight whose names match the globs of params.<key>; each glob must match."""
+    import fnmatch
+
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(weights, pattern)
+        if not hits:
+            raise UserError(f"params.{key}: '{pattern}' matches no MatMul with a constant weight (e.g. {next(iter(weights), 'none')})")
+        matched.update(hits)
+    return matched
+
+
 def dequantized_weights(model, shapes: dict[str, tuple], bits_hint: str) -> dict:
     """MatMul name -> the weight [K, N] (float64) its MatMulNBits node in a quantized model
     computes with: what the kernel multiplies by, to measure the error of. ``shapes``: name ->

@@ -12,9 +12,10 @@ output, and the budget left to precision-plan, so changing the budget re-runs on
    reads it); the int8 error (every node int8 as the candidates get theirs) is measured the same
    way, for the record. On a base dequantized from a GGUF, source_grid's int4 keeps the source grid
    and can beat int8 RTN, which re-rounds it.
-2. Candidates: for each k of the ladder, the k most sensitive MatMuls in int8, the rest int4; each
-   really quantized by ``quantize_matmuls`` (as quantize-onnx does: LoRA MatMuls and weights that
-   adapters override stay float) and measured end to end, like the fp32 bundle in the same run so
+2. Candidates: for each k of the ladder, the k most sensitive MatMuls in int8 (besides those
+   ``int8_always`` names), the rest int4; each really quantized by ``quantize_matmuls`` (as
+   quantize-onnx does: LoRA MatMuls and weights that adapters override stay float) and measured
+   end to end, like the fp32 bundle in the same run so
    the ratios compare like with like: held-out perplexity (onnxruntime, the evaluate pass's code,
    with ``params.adapter`` active), model file size, and decode tokens/s (onnxruntime-genai,
    greedy, median over prompts and runs, in a fresh process). Timings follow the machine's load,
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.ml.precision import CANDIDATES_FILE
+from modelbuild.ml.precision import CANDIDATES_FILE, matching_nodes
 from modelbuild.ml.records import CHAT
 from modelbuild.passdef import Input, PassDef, param, require
 
@@ -54,6 +55,9 @@ class Params:
     symmetric: bool = param(True, "symmetric int4 for rtn and gptq (k_quant and hqq always fit a zero point)")
     accuracy_level: int = param(4, "MatMulNBits accuracy level (4: int8 activations on CPU)", choices=(0, 1, 2, 3, 4))
     ladder: list[int] = param([0, 2, 4, 8, 16, 32], "candidate counts of int8 MatMuls (most sensitive first), capped at the number of MatMuls")
+    int8_always: list[str] = param(
+        [], "MatMul node names (globs) int8 in every candidate besides the k most sensitive, e.g. [\"/lm_head/MatMul\"] "
+            "(Olive's int4 recipes keep the LM head 8-bit)")
     adapter: str = param("", "bundle adapter active while perplexity and speed are measured; empty = none")
     template: str = param(CHAT, "record -> text: 'chat' (the bundle's chat template) or a text template with {prompt} and {response}")
     calibration_samples: int = param(8, "calibration records (spread over inputs.calibration) the activations come from")
@@ -185,16 +189,17 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         status.update("sensitivity: each MatMul's output error on the calibration activations")
         sensitivity = _sensitivity(fp32, params, weights, exclude, samples, int4_model)
 
-    ranked = [row["node"] for row in sensitivity]
+    forced = sorted(matching_nodes(params.int8_always, weights, "int8_always"))
+    ranked = [row["node"] for row in sensitivity if row["node"] not in forced]
     ladder = sorted({min(k, len(ranked)) for k in params.ladder})
     data_name = data_files[0] if len(data_files) == 1 else f"{Path(filename).name}.data"
     candidates, fp32_speeds = [], [reference["tokens_per_s"]]
     with tempfile.TemporaryDirectory(prefix="precision-search-") as scratch:
         for k in ladder:
-            with console.status(f"candidate {len(candidates) + 1}/{len(ladder)}: {k} int8 MatMuls, the rest int4"):
-                int8 = ranked[:k]
-                model = int4_model if k == 0 else _quantize(fp32, params, weights, exclude, int8, samples)
-                folder = Path(scratch) / f"int8x{k}"
+            int8 = forced + ranked[:k]
+            with console.status(f"candidate {len(candidates) + 1}/{len(ladder)}: {len(int8)} int8 MatMuls, the rest int4"):
+                model = int4_model if not int8 else _quantize(fp32, params, weights, exclude, int8, samples)
+                folder = Path(scratch) / f"int8x{len(int8)}"
                 save_decoder(model, folder / filename, data_name)
                 del model
                 copy_rest(bundle, folder, {filename, *data_files})
@@ -203,13 +208,13 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 shutil.rmtree(folder)
                 fp32_speeds.append(_speed(bundle, params, ctx))  # right after: the same machine load
             candidates.append({
-                "name": f"int8x{k}", "int8_count": k, "int8_nodes": int8, **measured,
+                "name": f"int8x{len(int8)}", "int8_count": len(int8), "int8_nodes": int8, **measured,
                 "perplexity_delta_pct": round((measured["perplexity"] / reference["perplexity"] - 1) * 100, 3),
                 "size_ratio": round(measured["size_bytes"] / reference["size_bytes"], 4),
                 "fp32_tokens_per_s": fp32_speeds[-1],
                 "speed_ratio": round(measured["tokens_per_s"] / fp32_speeds[-1], 3),
             })
-            console.print(f"  int8x{k}: perplexity {candidates[-1]['perplexity_delta_pct']:+.2f} %, size {candidates[-1]['size_ratio']:.3f}, "
+            console.print(f"  {candidates[-1]['name']}: perplexity {candidates[-1]['perplexity_delta_pct']:+.2f} %, size {candidates[-1]['size_ratio']:.3f}, "
                           f"speed {candidates[-1]['speed_ratio']:.2f}x of fp32", highlight=False)
 
     reference["tokens_per_s"] = statistics.median(fp32_speeds)

@@ -39,7 +39,6 @@ rtn, k_quant and hqq are deterministic: the same bundle and params give byte-ide
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +47,7 @@ from modelbuild import UserError
 from modelbuild.genai import prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.calibration import calibration_feeds
-from modelbuild.ml.precision import matmul_weights
+from modelbuild.ml.precision import matching_nodes, matmul_weights
 from modelbuild.ml.weight_only import quantize_matmuls
 from modelbuild.passdef import Input, PassDef, param, require
 
@@ -141,7 +140,7 @@ def _plan(model, params: Params, adapters: dict) -> Plan:
                 f"params.exclude_lora: false would quantize {len(broken)} LoRA MatMuls whose weights the bundle's "
                 f"adapters ({', '.join(sorted(adapters))}) switch at run time; keep it true"
             )
-    kept, int8 = _matching(params.keep_float, weights, "keep_float"), _matching(params.int8_nodes, weights, "int8_nodes")
+    kept, int8 = matching_nodes(params.keep_float, weights, "keep_float"), matching_nodes(params.int8_nodes, weights, "int8_nodes")
     if kept & int8:
         raise UserError(f"params.int8_nodes: {sorted(kept & int8)[0]} is also in params.keep_float")
     exclude = sorted(set(overridable) | kept | (set(lora) if params.exclude_lora else set()))
@@ -160,17 +159,6 @@ def _plan(model, params: Params, adapters: dict) -> Plan:
         if node not in exclude and len(readers[weight]) > 1
     }
     return Plan(names, weights, lora, overridable, exclude, sorted(int8), shared)
-
-
-def _matching(patterns: list[str], weights: dict, key: str) -> set[str]:
-    """MatMuls with a constant weight whose names match the globs of params.<key>; each glob must match."""
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(weights, pattern)
-        if not hits:
-            raise UserError(f"params.{key}: '{pattern}' matches no MatMul with a constant weight (e.g. {next(iter(weights), 'none')})")
-        matched.update(hits)
-    return matched
 
 
 # --- quantizing ---------------------------------------------------------------------------------
