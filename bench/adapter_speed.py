@@ -1,4 +1,4 @@
-"""Switchable-adapter decode speed against the merged bundle (issue #11), SmolLM2-135M int4.
+"""Switchable-adapter decode speed against the merged bundle (issue #11), int4 (SmolLM2-135M by default).
 
 Builds with genai-build (the pass itself, same int4 algorithm and block size for all three):
 
@@ -237,8 +237,8 @@ def main() -> None:
     onnxruntime.set_default_logger_severity(3)
     by_algorithm = {algorithm: measure(algorithm, args) for algorithm in args.algorithms.split(",")}
     record = {
-        "what": "SmolLM2-135M int4 decode speed: switchable travel adapter (unfused / fused LoRA graph) vs the merged bundle, "
-                "same int4 algorithm and block size",
+        "what": f"{args.base.name} int4 decode speed: switchable travel adapter (unfused / fused LoRA graph) vs the merged "
+                "bundle, same int4 algorithm and block size",
         "command": "PYTHONPATH=. .venv/bin/python bench/adapter_speed.py " + " ".join(sys.argv[1:]),
         "settings": {"block_size": args.block_size, "rounds": args.rounds, "new_tokens": args.tokens,
                      "past_for_cpu_ms": args.past, "cpus": os.cpu_count()},

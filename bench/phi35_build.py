@@ -8,7 +8,10 @@ with random bf16 weights, saved as the hub ships it (bf16 safetensors), with a t
 to the vocabulary and a random rank-8 LoRA adapter on every decoder Linear (what lora-finetune
 makes by default). A scratch project builds it with the travel recipe's genai-build settings
 (int4, switchable adapter 'travel', the torch logit check and onnxruntime-genai verification),
-measured as one child process tree (peak RSS from getrusage). ``--bare`` also measures the
+measured as one child process tree (peak RSS from getrusage). The torch logit check's bounds are
+lowered for this target (correlation 0.5, top-1 0): they are measured on real weights, and int4
+noise drowns a random model's nearly flat logits (32 random layers: correlation 0.74, top-1 14 %);
+the agreement is reported. ``--bare`` also measures the
 builder's own int4 (``create_model`` of the base, no adapter, the whole-graph quantizer) on
 the same base; at 32 layers that needs ~66 GB, so only use it with a few layers.
 
@@ -60,7 +63,7 @@ TARGETS = """
 doc = "Phi-3.5-mini-shaped random base ({layers} layers), the travel recipe's genai-build settings"
 pass = "genai-build"
 inputs = {{ base = {base!r}, adapters = {{ travel = {adapter!r} }} }}
-params = {{ precision = "int4", int4_algorithm = {algorithm!r}, block_size = 32 }}
+params = {{ precision = "int4", int4_algorithm = {algorithm!r}, block_size = 32, min_correlation = 0.5, min_top1 = 0.0 }}
 """
 BARE = """
 import sys

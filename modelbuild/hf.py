@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import json
 from pathlib import Path
 
@@ -55,5 +57,6 @@ def torch_logits(model_dir: Path, ids: list[int]):
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
     del model
+    gc.collect()  # torch modules hold reference cycles: free the fp32 copy before the caller builds another
     return logits
 

@@ -17,6 +17,7 @@ The result has exactly the builder's quantized nodes and tensors (tests/test_bui
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ def run_builder(base: Path, out: Path, precision: str, device: str, options: lis
         opts = parse_extra_options(None, str(base), str(out), precision, device, str(cache), options)
         with _per_node_quantization(progress, columns):
             create_model(None, str(base), str(out), precision, device, str(cache), **opts)
+        gc.collect()  # the builder's torch model and graph are reference cycles: gone before the caller goes on
     except (ValueError, NotImplementedError, KeyError) as error:
         raise UserError(f"onnxruntime-genai model builder rejected the model or options: {error}") from None
     finally:
@@ -75,6 +77,8 @@ def _to_nbits_per_node(builder, whole_graph, progress: Progress | None, columns:
             builder.exact_quant_override_names = overrides[0] & {node.name}
             builder.exact_quant_overrides = {k: v for k, v in overrides[1].items() if k == node.name}
             _splice(model.graph, node, _quantized(builder, whole_graph, node, model, columns))
+            builder.model = None
+            gc.collect()  # graphs are reference cycles: free each node's fp32 copies now, not at some later collection
             if progress:
                 progress(done + 1, len(nodes))
     finally:
