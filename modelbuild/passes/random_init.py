@@ -1,7 +1,9 @@
-"""random-init: a small random model from a config and a seed, with a tokenizer trained locally.
+"""random-init: a random model from a config and a seed, with a tokenizer trained locally.
 
 For testing recipes end to end in seconds, without any hub access: the weights are a pure
-function of (config, seed) and the byte-level BPE tokenizer a pure function of the corpus.
+function of (config, seed, dtype) and the byte-level BPE tokenizer a pure function of the corpus
+and the vocabulary size. A full-size config (Phi-3.5-mini's, in bfloat16: bench/phi35_build.py)
+gives a base of the real shape to measure builds on.
 
 The genai model builder treats *any* Linear whose out_features equals the vocab size as the
 LM head, which silently produces a wrong model; this pass refuses such configs.
@@ -40,6 +42,8 @@ class Params:
     config: dict = param(TINY_PHI3, "transformers config (model_type + fields); vocab_size also sizes the tokenizer")
     seed: int = param(0, "torch seed for the weights")
     chat_template: str = param(PHI3_CHAT_TEMPLATE, "jinja chat template stored with the tokenizer")
+    dtype: str = param("float32", "weight dtype saved (bfloat16: as the hub ships Phi-3.5 and most bases; made in it, "
+                                  "never through an fp32 copy)", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self):
         require(isinstance(self.config.get("model_type"), str) and bool(self.config.get("model_type")),
@@ -71,6 +75,9 @@ def train_tokenizer(lines: list[str], vocab_size: int, chat_template: str):
         show_progress=False,
     )
     core.train_from_iterator(lines, trainer=trainer)
+    # A corpus too small for vocab_size merges: reserved tokens fill the vocabulary, so every id
+    # the model can generate decodes (as in real vocabularies' unused slots).
+    core.add_tokens([f"<|reserved_{i}|>" for i in range(vocab_size - core.get_vocab_size())])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<|endoftext|>",
@@ -101,7 +108,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     config.pad_token_id = tokenizer.pad_token_id
 
     torch.manual_seed(params.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, params.dtype)).eval()
     clashes = [name for name, out in linear_out_features(model).items() if out == config.vocab_size]
     if clashes:
         raise UserError(
