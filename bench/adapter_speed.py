@@ -21,7 +21,10 @@ logits with the adapter: fused vs unfused, vs merged, vs no adapter.
     PYTHONPATH=. .venv/bin/python bench/adapter_speed.py \\
         --base build/smollm2-base --adapter build/smollm2-travel-adapter --merged build/smollm2-travel-merged
 
-(``doit smollm2-travel-adapter smollm2-travel-merged`` builds or restores the three folders.)
+(``doit smollm2-travel-adapter smollm2-travel-merged`` builds or restores the three folders.) A
+Phi-3.5-shaped base and adapter: ``bench/phi35_build.py --layers 8 --work DIR --make-only``, then
+``--base DIR/phi35-L8-base --adapter DIR/phi35-L8-adapter --merged DIR/phi35-L8-merged``: a
+missing ``--merged`` folder is made by the lora-merge pass.
 Prints a table and writes bench/results/adapter_speed.json.
 """
 
@@ -57,7 +60,8 @@ def build(name: str, base: Path, adapter: Path | None, work: Path, args, fuse: b
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     params = genai_build.Params(precision="int4", int4_algorithm=args.algorithm, block_size=args.block_size,
-                                fuse_lora="always" if fuse else "never")
+                                fuse_lora="always" if fuse else "never", min_correlation=args.min_correlation,
+                                min_top1=args.min_top1)
     started = time.time()
     with quiet_stdout():
         genai_build.run(params, {"base": base, "adapters": {"travel": adapter} if adapter else {}}, out, SimpleNamespace(device="cpu"))
@@ -166,7 +170,8 @@ def measure(algorithm: str, args) -> dict:
 
     work = args.work / algorithm
     work.mkdir(parents=True, exist_ok=True)
-    settings = SimpleNamespace(algorithm=algorithm, block_size=args.block_size)
+    settings = SimpleNamespace(algorithm=algorithm, block_size=args.block_size, min_correlation=args.min_correlation,
+                               min_top1=args.min_top1)
     bundles = {
         "merged": (build("merged", args.merged, None, work, settings, False), None),
         "unfused": (build("unfused", args.base, args.adapter, work, settings, False), "travel"),
@@ -217,6 +222,12 @@ def measure(algorithm: str, args) -> dict:
     }
 
 
+def genai_build_default(name: str) -> float:
+    from modelbuild.passes import genai_build
+
+    return getattr(genai_build.Params(), name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, default=REPO / "build/smollm2-base")
@@ -230,11 +241,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--past", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/adapter_speed.json")
+    parser.add_argument("--min-correlation", type=float, default=genai_build_default("min_correlation"),
+                        help="genai-build's logit check (lower it for a random base: int4 noise drowns its flat logits)")
+    parser.add_argument("--min-top1", type=float, default=genai_build_default("min_top1"))
     args = parser.parse_args()
 
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)
+    if not args.merged.exists():  # e.g. a bench/phi35_build.py --make-only base: merge with the lora-merge pass
+        from modelbuild.passes import lora_merge
+
+        args.merged.mkdir(parents=True)
+        lora_merge.run(lora_merge.Params(), {"base": args.base, "adapter": args.adapter}, args.merged,
+                       SimpleNamespace(threads=os.cpu_count(), target=args.merged.name))
     by_algorithm = {algorithm: measure(algorithm, args) for algorithm in args.algorithms.split(",")}
     record = {
         "what": f"{args.base.name} int4 decode speed: switchable travel adapter (unfused / fused LoRA graph) vs the merged "

@@ -81,7 +81,10 @@ def main() -> int:
     parser.add_argument("--algorithm", default="k_quant_mixed", help="genai-build int4_algorithm (the recipe's default)")
     parser.add_argument("--bare", action="store_true", help="also the builder's own whole-graph int4 (few layers only)")
     parser.add_argument("--work", help="keep the random base here (reused when present) instead of a temporary folder")
+    parser.add_argument("--make-only", action="store_true", help="only make the base and adapter in --work (for adapter_speed.py)")
     args = parser.parse_args()
+    if args.make_only and not args.work:
+        parser.error("--make-only needs --work")
     with tempfile.TemporaryDirectory(prefix="phi35-build-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         base, adapter = work / f"phi35-L{args.layers}-base", work / f"phi35-L{args.layers}-adapter"
@@ -89,6 +92,9 @@ def main() -> int:
             print(f"random Phi-3.5-mini-shaped base, {args.layers} layers (bf16) + LoRA adapter ...", flush=True)
             code = MAKE.format(repo=str(REPO), config=PHI35_MINI, corpus=str(REPO / "targets/data/tokenizer_corpus.txt"))
             subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(args.layers)], check=True)
+        if args.make_only:
+            print(f"made {base} and {adapter}")
+            return 0
         project, env = scratch_project(Path(tmp) / "scratch")
         (project / "targets").joinpath("phi35_bench.toml").write_text(TARGETS.format(
             layers=args.layers, base=str(base), adapter=str(adapter), algorithm=args.algorithm))
