@@ -33,6 +33,16 @@ def stamp(project, target) -> dict:
     return json.loads(project.path(f"build/{target}/.modelbuild/stamp.json").read_text())
 
 
+def probe_project(root, name: str, device: str):
+    """A project whose only target is a device-probe stage ``name`` on ``device`` (TOML text)."""
+    project = new_project(root)
+    for path in project.path("targets").glob("*.toml"):
+        path.unlink()
+    project.path("targets/probe.toml").write_text(f'[target.{name}]\npass = "device-probe"\ndevice = {device}\n'
+                                                  'params = { seconds = 0 }\n')
+    return project
+
+
 def ray_env(server, address: str) -> dict:
     bucket = f"ray-exec-{uuid.uuid4().hex[:8]}"
     make_bucket(server, bucket)
@@ -74,11 +84,7 @@ def test_ray_without_a_remote_cache_or_cluster_is_one_line_before_anything_runs(
 def test_a_cuda_stage_goes_to_the_gpu_node_though_the_driver_has_no_gpu(s3_server, cluster, tmp_path):
     """With Ray the cluster places stages: a driver without a GPU still builds cuda targets (on
     the node that declares GPUs), and cuda:N, a GPU of one machine, is refused at load."""
-    project = new_project(tmp_path / "project")
-    for path in project.path("targets").glob("*.toml"):
-        path.unlink()
-    project.path("targets/probe.toml").write_text('[target.on-gpu]\npass = "device-probe"\ndevice = "cuda"\n'
-                                                  'params = { seconds = 0 }\n')
+    project = probe_project(tmp_path / "project", "on-gpu", '"cuda"')
     env = {**ray_env(s3_server, cluster.address), "MODELBUILD_GPUS": "none"}
     result = project.doit("on-gpu", env=env)
     assert result.executed == {"on-gpu"}, result.out[-2000:]
@@ -97,11 +103,7 @@ def test_a_device_preference_list_asks_the_cluster_not_the_driver(s3_server, clu
     is keyed and run as cuda though the driver has no GPU; the same target built locally on this
     GPU-less machine is a cpu action (another key). The answer is asked again when the cached
     graph is reused, and a list the cluster cannot honour is one line at load."""
-    project = new_project(tmp_path / "project")
-    for path in project.path("targets").glob("*.toml"):
-        path.unlink()
-    project.path("targets/probe.toml").write_text('[target.pref]\npass = "device-probe"\ndevice = ["cuda", "cpu"]\n'
-                                                  'params = { seconds = 0 }\n')
+    project = probe_project(tmp_path / "project", "pref", '["cuda", "cpu"]')
     env = {**ray_env(s3_server, cluster.address), "MODELBUILD_GPUS": "none"}
     assert project.doit("pref", env=env).executed == {"pref"}
     on_ray = stamp(project, "pref")
