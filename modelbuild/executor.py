@@ -70,6 +70,7 @@ def device_answers(project, this_machine):
     if executor_kind(project) == "ray":
         from .ray_exec import ClusterDevices
 
+        check_executor(project)  # a missing remote cache or a dead address: its one line, before connecting
         return ClusterDevices.at(os.environ.get("RAY_ADDRESS") or "")
     return this_machine()
 
