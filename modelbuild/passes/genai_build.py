@@ -39,6 +39,7 @@ from modelbuild import UserError
 from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle
 from modelbuild.hf import probe_ids, torch_logits
 from modelbuild.ml.builder import run_builder
+from modelbuild.ml.bundle import save_decoder
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.lora_graph import fuse_lora
 from modelbuild.passdef import Input, PassDef, param, require
@@ -186,12 +187,11 @@ def _make_switchable(model_path: Path, fuse: bool) -> tuple[dict[str, object], d
 
 
 def _save_in_place(model, model_path: Path) -> None:
-    """Overwrite the built decoder and its one external-data file (the builder's layout)."""
-    import onnx
-
+    """Overwrite the built decoder and its one external-data file (the builder's layout); the old
+    data file goes first, since onnx appends to an existing one."""
     data_name = model_path.name + ".data"
     (model_path.parent / data_name).unlink(missing_ok=True)
-    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+    save_decoder(model, model_path, data_name)
 
 
 def _write_adapter(weights: dict, path: Path) -> None:
