@@ -35,15 +35,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from modelbuild.devices import stage_environment  # noqa: E402
+from modelbuild.numerics import widest  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import make_bucket, start_weed, stop_weed  # noqa: E402
 
 CORPUS = REPO / "targets" / "data" / "tokenizer_corpus.txt"
 STAGES = {
     "device-probe": ({"target": "probe", "file": "bench", "pass": "device-probe", "params": {"seconds": 0, "size": 64},
-                      "input_names": {}}, {}),
+                      "input_names": {}, "cpu_numerics": widest()}, {}),
     "random-init": ({"target": "tiny-base", "file": "bench", "pass": "random-init", "params": {"seed": 0},
-                     "input_names": {"corpus": "data/tokenizer_corpus.txt"}}, {"corpus": CORPUS}),
+                     "input_names": {"corpus": "data/tokenizer_corpus.txt"}, "cpu_numerics": widest()}, {"corpus": CORPUS}),
 }
 
 
@@ -53,8 +55,7 @@ def run_local(plan: dict, inputs: dict, work: Path) -> float:
     full = {**plan, "inputs": {k: str(v) for k, v in inputs.items()}, "output_dir": str(out), "device": "cpu",
             "assigned_device": "cpu", "threads": 1, "cache_dir": str(work / "cache")}
     (out.parent / "plan.json").write_text(json.dumps(full))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MODELBUILD_THREADS": "1", "PYTHONHASHSEED": "0", "GIT_DIR": os.devnull}
+    env = {**os.environ, **stage_environment("cpu", 1, "", widest())}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "modelbuild.worker", str(out.parent / "plan.json")], env=env, check=True)
     return time.perf_counter() - started
@@ -93,7 +94,7 @@ def timeline(executor, remote, matrix: int) -> list[dict]:
     for i in range(matrix):
         for device in ("cpu", "cuda"):
             plan = {"target": f"probe-{device}-{i}", "file": "bench", "pass": "device-probe",
-                    "params": {"seconds": 1.0, "size": 128}, "input_names": {}}
+                    "params": {"seconds": 1.0, "size": 128}, "input_names": {}, "cpu_numerics": widest()}
             runs.append(executor.submit(plan, {}, remote, device, 1, gpu_memory_gb=8 if device == "cuda" else None))
     rows = []
     for run in runs:

@@ -24,6 +24,7 @@ project's targets/*.toml, environment variables::
     simulated = true       # MODELBUILD_SIMULATED_GPUS=1: the GPUs above do not exist (tests)
     cpu_slots = 2          # MODELBUILD_CPU_SLOTS
     cpu_threads = 16       # MODELBUILD_CPU_THREADS
+    cpu_numerics = "avx2"  # MODELBUILD_CPU_NUMERICS: the pinned CPU code branch (numerics.py)
 
 Simulated GPUs exercise the scheduler on a machine without one: stages are assigned to them
 and see ``CUDA_VISIBLE_DEVICES`` and ``MODELBUILD_SIMULATED_GPUS=1``; passes that need a real
@@ -43,8 +44,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import UserError
+from .numerics import check_name, environment as numerics_environment
 
-DEVICE_KEYS = {"gpus": list, "gpu_memory_gb": float, "simulated": bool, "cpu_slots": int, "cpu_threads": int}
+DEVICE_KEYS = {"gpus": list, "gpu_memory_gb": float, "simulated": bool, "cpu_slots": int, "cpu_threads": int,
+               "cpu_numerics": str}
 DEFAULT_GPU_MEMORY_GB = 16.0
 
 
@@ -142,6 +145,8 @@ def check_config(table: object, where: str) -> dict:
             raise UserError(f"{where}.gpus: GPU {twice[0]} is listed twice (each GPU is one slot)")
         if key in ("cpu_slots", "cpu_threads", "gpu_memory_gb") and value <= 0:
             raise UserError(f"{where}.{key}: must be positive")
+        if key == "cpu_numerics":
+            check_name(value, f"{where}.cpu_numerics")
     return dict(table)
 
 
@@ -197,17 +202,27 @@ class Assignment:
     memory_gb: float
     waited_s: float = 0.0
 
-    def environment(self, machine: Machine) -> dict[str, str]:
-        threads = str(self.threads)
-        env = {"MODELBUILD_DEVICE": self.device, "MODELBUILD_THREADS": threads,
-               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        if self.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU stage must not grab a GPU behind the scheduler's back
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = self.device.split(":")[1]
-        if machine.simulated:
-            env["MODELBUILD_SIMULATED_GPUS"] = "1"
-        return env
+    def environment(self, machine: Machine, numerics: str) -> dict[str, str]:
+        visible = "" if self.device == "cpu" else self.device.split(":")[1]
+        return stage_environment(self.device, self.threads, visible, numerics, machine.simulated)
+
+
+def stage_environment(assigned: str, threads: int, visible_gpus: str, numerics: str,
+                      simulated: bool = False) -> dict[str, str]:
+    """What a pass process gets on top of the caller's environment, locally or on a Ray node: its
+    device and thread count, the pinned CPU code branch, and no way to read a GPU it was not given."""
+    env = {"MODELBUILD_DEVICE": assigned, "MODELBUILD_THREADS": str(threads),
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "CUDA_VISIBLE_DEVICES": visible_gpus,  # "" for a CPU stage: no GPU behind the scheduler's back
+           **numerics_environment(numerics)}
+    if simulated:
+        env["MODELBUILD_SIMULATED_GPUS"] = "1"
+    # No git repository around the environment is an input: onnxruntime-genai's builder stamps
+    # the commit of whatever repo its site-packages sit in (a venv inside a project) into every
+    # model, so a bundle's bytes followed the project's HEAD. Without a repo it stamps its own.
+    env["GIT_DIR"] = os.devnull
+    env["PYTHONHASHSEED"] = os.environ.get("PYTHONHASHSEED", "0")
+    return env
 
 
 @dataclass

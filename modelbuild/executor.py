@@ -98,7 +98,8 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int) -
             except RayStageError as error:
                 raise UserError(str(error)) from None
     plan = {"target": target.name, "file": target.file, "pass": target.pass_def.name, "params": target.params,
-            "input_names": {key: str(ref) for key, ref in target.inputs.items()}}
+            "input_names": {key: str(ref) for key, ref in target.inputs.items()},
+            "cpu_numerics": components["cpu_numerics"]}
     inputs = {key: input_path(project, ref) for key, ref in target.inputs.items()}
     expected = {field: components[field] for field in ("python", "platform", "libraries")}
     say(f"'{target.name}' running on the Ray cluster ({target.device})")

@@ -43,6 +43,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     from .devices import check_config, machine_from
     from .executor import check_executor_table, device_answers
     from .expand import check_keys, expand_matrix, expand_use, table_of
+    from .numerics import branch as cpu_numerics
 
     root = Path(root).resolve()
     targets_dir = root / "targets"
@@ -113,6 +114,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
 
     for rel, index, use in uses:
         raw_targets.extend(expand_use(rel, index, use, recipes))
+    cpu_numerics(project.devices, f"{devices_from}: devices")  # a branch this CPU lacks: one line, now
 
     discovered = functools.cache(lambda: device_answers(project, lambda: machine_from(project.devices)))  # only if asked
 

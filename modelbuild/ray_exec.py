@@ -26,7 +26,8 @@ Library versions: the action key is computed on the driver and already holds pyt
 and library versions. A worker whose versions differ would file its output under a key that
 does not describe it, so the task checks *before* running (fails fast, no GPU time spent) and
 the driver checks the versions the result reports again before anything is recorded: either
-way a one-line ``RayStageError``, never a poisoned cache.
+way a one-line ``RayStageError``, never a poisoned cache. The same holds for the CPU code branch
+the key records (numerics.py): a node whose CPU lacks it refuses before running.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ import time
 import uuid
 from pathlib import Path
 
+from .devices import stage_environment
 from .digest import hash_file, hash_json, walk_files
+from .numerics import missing
 
 NAMESPACE = "modelbuild"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable cluster is an error in seconds, not Ray's minute of retries
@@ -319,6 +322,10 @@ def _stage_task(plan: dict, inputs_key: str, remote_url: str, device: str, threa
     node = ray.get_runtime_context().get_node_id()
     target = plan.get("target", "stage")
     check_versions(expected, versions(tuple(expected.get("libraries", {}))), f"target '{target}': Ray node {node}")
+    lacking = missing(plan["cpu_numerics"])
+    if lacking:
+        raise RayStageError(f"target '{target}': Ray node {node}: {lacking}, and the action key records CPU numerics "
+                            f"{plan['cpu_numerics']}; set MODELBUILD_CPU_NUMERICS on the driver to a branch every node has")
     remote = RemoteStore.from_url(remote_url)
     scratch = _scratch(target)
     try:
@@ -339,10 +346,7 @@ def _stage_task(plan: dict, inputs_key: str, remote_url: str, device: str, threa
                        "threads": threads, "input_names": plan.get("input_names") or {k: k for k in paths},
                        "cache_dir": os.environ.get("MODELBUILD_CACHE") or str(Path.home() / ".cache" / "modelbuild")}
         (scratch / "plan.json").write_text(json.dumps(worker_plan, indent=1))
-        env = {**os.environ, "MODELBUILD_DEVICE": assigned, "MODELBUILD_THREADS": str(threads),
-               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids), "GIT_DIR": os.devnull}
-        env.setdefault("PYTHONHASHSEED", "0")
+        env = {**os.environ, **stage_environment(assigned, threads, ",".join(gpu_ids), plan["cpu_numerics"])}
         started = time.time()
         proc = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(scratch / "plan.json")], env=env,
                               cwd=scratch, capture_output=True, text=True, preexec_fn=_die_with_parent)

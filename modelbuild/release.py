@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import UserError
 from .digest import hash_file
+from .numerics import check_name, missing
 from .project import Project, load_project
 from .stage import stat_cache
 from .status import Fresh, read_stamp, status
@@ -61,6 +62,7 @@ def lock_manifest(project: Project, name: str) -> dict:
             "pass_code": components["pass_code"],
             "params": components["params"],
             "device": components["device"],
+            "cpu_numerics": components["cpu_numerics"],
             "libraries": components["libraries"],
             "inputs": inputs,
             "action_key": stamp["action_key"],
@@ -224,7 +226,16 @@ def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[boo
         downloads = project.cache_dir / "downloads"
         if downloads.is_dir():
             os.symlink(downloads, cache / "downloads")  # sha256-pinned sources, not build outputs
-        run_doit(clean, lock["target"], env={"MODELBUILD_CACHE": str(cache), "MODELBUILD_REMOTE_CACHE": "off"})
+        env = {"MODELBUILD_CACHE": str(cache), "MODELBUILD_REMOTE_CACHE": "off"}
+        branch = lock["stages"][lock["target"]].get("cpu_numerics")
+        if branch:  # rebuild on the CPU branch the release was built on
+            lacking = missing(check_name(branch, f"{lock_path}: cpu_numerics"))
+            if lacking:
+                raise UserError(f"{lock_path}: built on CPU numerics {branch}; {lacking}, so this machine "
+                                "cannot reproduce its bytes")
+            env["MODELBUILD_CPU_NUMERICS"] = branch
+            report.append(f"rebuilding on CPU numerics {branch}, as the release was built")
+        run_doit(clean, lock["target"], env=env)
         identical = True
         for stage, expected in lock["stages"].items():
             built = read_stamp(clean / "build" / stage)["manifest"]

@@ -2,7 +2,7 @@
 
 Whether a stage is up to date is decided in one place, status.py. The key hashes everything
 that can change the output: pass name, version and source (with the modelbuild modules it
-imports), resolved params, device, Python version and platform, the versions of the libraries
+imports), resolved params, device, the pinned CPU code branch, Python version and platform, the versions of the libraries
 the pass declares, what its params only name (a hub branch's commit), the content digest of
 every input file and the manifest digest of every upstream artifact. Upstream artifacts enter
 the key by the digest of what they contain, not by their key, so an upstream rebuild that
@@ -38,12 +38,13 @@ from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
 from .executor import check_executor, executor_kind, run_on_ray
 from .gates import check_gates, gate_failures
+from .numerics import branch as cpu_numerics
 from .project import Project, Ref, Target
 from .status import STAMP_DIR, Fresh, Stale, read_stamp, status, write_stamp
 from .store import Store
 from .tiers import RemoteRequired, check_remote, remote_tier
 
-KEY_FORMAT = 2  # bump when the shape of the key itself changes
+KEY_FORMAT = 3  # bump when the shape of the key itself changes (3: cpu_numerics)
 PYTHON = ".".join(map(str, sys.version_info[:2]))
 PLATFORM = f"{sys.platform}-{platform.machine()}"
 
@@ -165,6 +166,7 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
         "pass_code": pass_def.code_digest(),
         "params": target.params,
         "device": target.device,
+        "cpu_numerics": cpu_numerics(project.devices),  # the CPU code branch floats ran on (numerics.py)
         "libraries": {name: library_version(name) for name in ("modelbuild", *pass_def.libraries)},
         "inputs": inputs,
         **({"resolved": resolved} if resolved else {}),
@@ -273,7 +275,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
                     f"thread{'s' if assignment.threads > 1 else ''})")
                 started_at = time.time()
                 started = time.perf_counter()
-                _run_worker(project, target, out_tmp, work, assignment, pool)
+                _run_worker(project, target, out_tmp, work, assignment, pool, components["cpu_numerics"])
                 seconds = time.perf_counter() - started
             ran_on = {"executor": "local", "device": assignment.device, "threads": assignment.threads,
                       "waited_s": assignment.waited_s, "started": round(started_at, 3), "ended": round(time.time(), 3)}
@@ -317,7 +319,7 @@ def _swap_into_place(new: Path, final: Path, work: Path) -> None:
 
 
 def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, assignment: Assignment,
-                pool: SlotPool) -> None:
+                pool: SlotPool, numerics: str) -> None:
     inputs = {key: str(input_path(project, ref)) for key, ref in target.inputs.items()}
     plan = {
         "target": target.name,
@@ -331,16 +333,11 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, ass
         "threads": assignment.threads,
         "cache_dir": str(project.cache_dir),
         "input_names": {key: str(ref) for key, ref in target.inputs.items()},
+        "cpu_numerics": numerics,
     }
     plan_file = work / "plan.json"
     plan_file.write_text(json.dumps(plan, indent=1))
-    env = dict(os.environ)
-    env.update(assignment.environment(pool.machine))
-    env.setdefault("PYTHONHASHSEED", "0")
-    # No git repository around the environment is an input: onnxruntime-genai's builder stamps
-    # the commit of whatever repo its site-packages sit in (a venv inside a project) into every
-    # model, so a bundle's bytes followed the project's HEAD. Without a repo it stamps its own.
-    env["GIT_DIR"] = os.devnull
+    env = {**os.environ, **assignment.environment(pool.machine, numerics)}
     result = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(plan_file)], env=env)
     if result.returncode != 0:
         raise StageError(f"target '{target.name}': pass '{target.pass_def.name}' failed (exit {result.returncode})")

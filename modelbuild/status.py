@@ -134,7 +134,8 @@ def status(project, target, cache: StatCache, as_built: frozenset[str] = frozens
 def key_differences(old: dict, new: dict, target) -> list[str]:
     """What differs between two sets of key components, one readable reason each."""
     reasons = []
-    for field in ("pass_version", "pass_code", "device", "key_format", "digest", "python", "platform", "resolved"):
+    for field in ("pass_version", "pass_code", "device", "cpu_numerics", "key_format", "digest", "python", "platform",
+                  "resolved"):
         if old.get(field) != new.get(field):
             reasons.append(f"{field.replace('_', ' ')}: {old.get(field)} -> {new.get(field)}")
     for what, a, b in (("param", old.get("params", {}), new.get("params", {})),

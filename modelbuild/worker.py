@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import UserError
+from .numerics import missing
 from .passdef import get_pass
 
 
@@ -36,6 +37,10 @@ def main(plan_file: str) -> int:
     pass_def = get_pass(plan["pass"])
     if pass_def is None:
         print(f"modelbuild: target '{plan['target']}': pass '{plan['pass']}' is not installed", file=sys.stderr)
+        return 2
+    lacking = missing(plan["cpu_numerics"])
+    if lacking:  # the key promises bytes of that branch; another would file other bytes under it
+        print(f"modelbuild: target '{plan['target']}': CPU numerics {plan['cpu_numerics']}: {lacking}", file=sys.stderr)
         return 2
     inputs = pass_def.group_inputs({key: Path(path) for key, path in plan["inputs"].items()})
     ctx = StageContext(

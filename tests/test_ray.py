@@ -21,6 +21,8 @@ import pytest
 
 pytest.importorskip("ray")
 
+from modelbuild.devices import stage_environment  # noqa: E402
+from modelbuild.numerics import widest  # noqa: E402
 from modelbuild.ray_exec import RayExecutor, RayStageError, check_versions, fetch_outputs, versions  # noqa: E402
 from modelbuild.remote import RemoteStore  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
@@ -65,7 +67,7 @@ def gpu_node_id() -> str:
 
 def probe_plan(target: str, seconds: float = 0) -> dict:
     return {"target": target, "file": "targets/test.toml", "pass": "device-probe",
-            "params": {"seconds": seconds, "size": 64}, "input_names": {}}
+            "params": {"seconds": seconds, "size": 64}, "input_names": {}, "cpu_numerics": widest()}
 
 
 def results_pushed(remote: RemoteStore) -> list[str]:
@@ -109,14 +111,13 @@ def gone(pid: int, timeout: float = 30) -> bool:
 
 def test_random_init_on_ray_is_byte_identical_to_a_local_run(executor, remote, tmp_path):
     plan = {"target": "tiny-base", "file": "targets/models.toml", "pass": "random-init", "params": {"seed": 0},
-            "input_names": {"corpus": "data/tokenizer_corpus.txt"}}
+            "input_names": {"corpus": "data/tokenizer_corpus.txt"}, "cpu_numerics": widest()}
     local_out = tmp_path / "local"
     local_out.mkdir()
     local_plan = {**plan, "inputs": {"corpus": str(CORPUS)}, "output_dir": str(local_out), "device": "cpu",
                   "assigned_device": "cpu", "threads": 1, "cache_dir": str(tmp_path / "cache")}
     (tmp_path / "plan.json").write_text(json.dumps(local_plan))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MODELBUILD_THREADS": "1", "PYTHONHASHSEED": "0", "GIT_DIR": os.devnull}
+    env = {**os.environ, **stage_environment("cpu", 1, "", widest())}
     subprocess.run([sys.executable, "-m", "modelbuild.worker", str(tmp_path / "plan.json")], env=env, check=True)
 
     result = executor.run_stage(plan, {"corpus": CORPUS}, remote, "cpu", 1)
