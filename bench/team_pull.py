@@ -7,7 +7,9 @@ Starts SeaweedFS on 127.0.0.1 (tests/s3server.py), then, each in a fresh copy of
    outputs are pushed (this is the cold local build, push included);
 2. clone B, empty local cache, same remote: ``doit`` restores every stage from the remote
    (wall time, bytes downloaded, passes run: must be 0; outputs byte-identical to A's);
-3. B again after deleting build/: every stage restored from the local tier the pull filled.
+3. B again after deleting build/: every stage restored from the local tier the pull filled;
+4. clone C, empty local cache, ``MODELBUILD_DOWNLOAD=toplevel`` (minimal download): only the
+   target's own files come down, its upstream stages are stamped and left on the remote.
 
 Prints a table and updates bench/results/team_pull.json (one entry per target).
 
@@ -78,7 +80,7 @@ def main() -> None:
         make_bucket(server, "team")
         env = {**server.env(), "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
                "MODELBUILD_REMOTE_CACHE": "s3://team/modelbuild"}
-        a, b = new_clone(workdir, "a"), new_clone(workdir, "b")
+        a, b, c = new_clone(workdir, "a"), new_clone(workdir, "b"), new_clone(workdir, "c")
 
         print(f"clone A: cold build of {args.target} (pushing to the remote) ...", flush=True)
         cold_s, cold_out = doit(a, args.target, env)
@@ -98,6 +100,15 @@ def main() -> None:
         shutil.rmtree(b / "build")
         local_s, local_out = doit(b, args.target, env)
         from_local = re.findall(r"modelbuild: '(\S+)': restored from cache", local_out)
+
+        print("clone C: empty local cache, same remote, minimal download ...", flush=True)
+        minimal_s, minimal_out = doit(c, args.target, {**env, "MODELBUILD_DOWNLOAD": "toplevel"})
+        ran_c = re.findall(r"modelbuild: '(\S+)' running on", minimal_out)
+        c_stamps = stamps(c, stages)
+        minimal_fetched = re.findall(r"modelbuild: '(\S+)': restored from the remote cache", minimal_out)
+        left = [s for s in stages if c_stamps[s].get("left_on_remote")]
+        minimal_identical = all(a_stamps[s]["manifest"] == c_stamps[s]["manifest"] for s in stages)
+        minimal_bytes = sum(fetched_bytes(c_stamps[s]) for s in minimal_fetched)
     finally:
         if server is not None:
             stop_weed(server)
@@ -117,6 +128,11 @@ def main() -> None:
         "byte_identical_to_clone_a": identical,
         "action_keys_changed_meanwhile": rekeyed,
         "local_tier_restore_s": round(local_s, 2),
+        "minimal_download_s": round(minimal_s, 2),
+        "minimal_download_passes_run": len(ran_c),
+        "minimal_download_bytes_downloaded": minimal_bytes,
+        "minimal_download_left_on_remote": left,
+        "minimal_download_identical_stamps": minimal_identical,
         "local_tier_restored": len(from_local),
         "pull_vs_cold": round(pull_s / cold_s, 4),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -128,6 +144,9 @@ def main() -> None:
          f"{len(ran_b)} passes run, {len(from_remote)}/{len(stages)} restored from the remote, "
          f"{downloaded / 1e6:.1f} MB downloaded, byte-identical: {identical}"),
         ("clone B again, build/ deleted (local tier)", local_s, f"{len(from_local)}/{len(stages)} restored from the local cache"),
+        ("clone C: empty cache, warm remote, MODELBUILD_DOWNLOAD=toplevel", minimal_s,
+         f"{len(ran_c)} passes run, {len(left)}/{len(stages)} left on the remote, {minimal_bytes / 1e6:.2f} MB "
+         f"downloaded, same stamps: {minimal_identical}"),
     ]
     print(f"\n{args.target}\n| scenario | wall s | what happened |\n|---|---|---|")
     for name, seconds, what in rows:
@@ -144,6 +163,8 @@ def main() -> None:
                  "(pass code or params edited while the bench ran); run it again on a quiet tree")
     if ran_b or not identical or len(from_remote) != len(stages):
         sys.exit("FAILED: the team pull ran a pass, missed a stage or differs from clone A")
+    if ran_c or not minimal_identical or len(left) != len(stages) - 1:
+        sys.exit("FAILED: the minimal-download pull ran a pass, differs from clone A or downloaded an upstream stage")
 
 
 if __name__ == "__main__":

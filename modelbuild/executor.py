@@ -79,9 +79,12 @@ _connected: dict[str, object] = {}
 _connect_lock = threading.Lock()
 
 
-def run_on_ray(project, target, components: dict, out_dir: Path, threads: int) -> tuple[float, dict]:
-    """Run ``target``'s pass as a Ray task and fetch its outputs into ``out_dir``; (seconds, ran_on).
-    Every failure is one line (``UserError``): the stage fails and nothing is recorded."""
+def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
+               download: bool = True) -> tuple[float, dict, dict | None]:
+    """Run ``target``'s pass as a Ray task and fetch its outputs into ``out_dir``; (seconds, ran_on,
+    None), or with ``download=False`` fetch nothing and return the outputs' manifest third (they
+    stay on the remote, download.py). Every failure is one line (``UserError``): the stage fails
+    and nothing is recorded."""
     from .ray_exec import RayExecutor, RayStageError, fetch_outputs
     from .remote import RemoteError
     from .stage import input_path
@@ -100,14 +103,23 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int) -
     plan = {"target": target.name, "file": target.file, "pass": target.pass_def.name, "params": target.params,
             "input_names": {key: str(ref) for key, ref in target.inputs.items()},
             "cpu_numerics": components["cpu_numerics"]}
-    inputs = {key: input_path(project, ref) for key, ref in target.inputs.items()}
+    inputs = {key: _left_manifest(project, ref) or input_path(project, ref) for key, ref in target.inputs.items()}
     expected = {field: components[field] for field in ("python", "platform", "libraries")}
     say(f"'{target.name}' running on the Ray cluster ({target.device})")
     started = time.perf_counter()
     try:
         result = _connected[address].run_stage(plan, inputs, remote, target.device, threads, target.gpu_memory_gb,
                                                expected_versions=expected)
-        fetch_outputs(result, out_dir, remote)
+        if download:
+            fetch_outputs(result, out_dir, remote)
     except (RayStageError, RemoteError) as error:
         raise UserError(str(error) if str(error).startswith("target '") else f"target '{target.name}': {error}") from None
-    return time.perf_counter() - started, result["ran_on"]
+    return time.perf_counter() - started, result["ran_on"], None if download else result["manifest"]
+
+
+def _left_manifest(project, ref) -> dict | None:
+    """An upstream output left on the remote cache goes to the worker by its digests, unread here."""
+    from .status import read_stamp
+
+    stamp = read_stamp(project.output_dir(ref.value)) if ref.kind == "target" else None
+    return stamp["manifest"] if stamp and stamp.get("left_on_remote") else None

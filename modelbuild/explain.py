@@ -48,6 +48,8 @@ def explain(project: Project, names: list[str]) -> list[str]:
             origin = stamp.get("origin", "built")
             when = stamp.get("restored_at") or stamp.get("built_at") or "?"
             detail = f"built in {stamp['seconds']} s" if origin == "built" else origin
+            if stamp.get("left_on_remote"):
+                detail += f"; files left on {stamp['left_on_remote']}: `doit {name}` downloads them"
             note = ""
             if doit_values(project, name).get("action_key") != stamp["action_key"]:
                 note = " (doit has no record of it: forgotten or interrupted run; the intact output will be reused)"

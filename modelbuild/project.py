@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 # `doit <name>` runs the doit command of that name, never a task: such a target could not be built.
 DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
                            "run", "strace", "tabcompletion"})
-CACHE_KEYS = {"remote", "push", "required"}
+CACHE_KEYS = {"remote", "push", "required", "download"}
 BUCKET_RE = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"  # compiled on first use (re's cache)
 
 
@@ -212,7 +212,7 @@ def check_remote_url(value: object, where: str) -> str:
 
 
 def check_cache_table(table: object, where: str) -> dict[str, Any]:
-    """The [cache] table: remote (s3 URL), push and required (booleans)."""
+    """The [cache] table: remote (s3 URL), push and required (booleans), download (download.py)."""
     if not isinstance(table, dict):
         raise UserError(f"{where}: expected a table ([cache])")
     for key in table:
@@ -221,6 +221,10 @@ def check_cache_table(table: object, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "remote" in table:
         out["remote"] = check_remote_url(table["remote"], f"{where}.remote")
+    if "download" in table:
+        from .download import check_mode
+
+        out["download"] = check_mode(table["download"], f"{where}.download")
     for key in ("push", "required"):
         if key in table:
             if not isinstance(table[key], bool):

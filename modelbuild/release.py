@@ -92,7 +92,7 @@ def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple
     project = load_project(project_root)
     if name not in project.targets:
         raise UserError(f"unknown target '{name}' (see: doit list)")
-    run_doit(project.root, name)
+    run_doit(project.root, name, env={"MODELBUILD_DOWNLOAD": "all"})  # it packs and pins every stage's files
     lock = lock_manifest(project, name)
     out_dir = Path(out_dir or project.root / "release" / name)
     out_dir.mkdir(parents=True, exist_ok=True)

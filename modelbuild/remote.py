@@ -276,14 +276,14 @@ class RemoteStore:
         """Upload the objects the remote lacks (multipart and parallel above PART), then the entry.
 
         ``files`` maps digest -> a local file with that content (the local store's objects or the
-        stage's output); ``replace``: digests to upload even though the remote has them (objects
+        stage's output; objects the remote already has need none); ``replace``: digests to upload even though the remote has them (objects
         a fetch found corrupt: the push repairs them). Returns counts: objects uploaded and
         skipped, bytes uploaded.
         """
         needed = {info["digest"] for info in entry["manifest"].values()}
-        if lacking := needed - set(files):
-            raise ValueError(f"push of {entry.get('action_key')}: no local file for digest(s) {sorted(lacking)}")
         missing = sorted((needed - self._has(needed)) | (needed & set(replace)))
+        if lacking := set(missing) - set(files):  # an entry never goes up before its objects
+            raise ValueError(f"push of {entry.get('action_key')}: no local file for digest(s) {sorted(lacking)}")
         self._parallel(PARALLEL_FILES, lambda d: self._upload(Path(files[d]), self.object_key(d)), missing)
         body = json.dumps(entry, indent=1, sort_keys=True).encode()  # as store.py writes it
         with self._client():

@@ -36,6 +36,7 @@ from pathlib import Path
 from . import UserError, say
 from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
+from .download import mode as download_mode, needed_here
 from .executor import check_executor, executor_kind, run_on_ray
 from .gates import check_gates, gate_failures
 from .numerics import branch as cpu_numerics
@@ -127,6 +128,7 @@ def check_state(project: Project) -> None:
                             "(outputs are re-checked by content)") from None
     check_remote(project)  # a required remote that does not answer stops here; queued pushes go out
     check_executor(project)  # Ray: the remote cache is set and the cluster answers
+    download_mode(project)  # MODELBUILD_DOWNLOAD: one line if it is not a mode
 
 
 _slot_pools: dict[Path, SlotPool] = {}
@@ -177,7 +179,13 @@ def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
     """doit's uptodate check: status() says Fresh, and doit recorded the same key (so ``doit
     forget`` makes doit re-check the stage, as doit users expect)."""
     state = status(project, target, stat_cache(project))
-    return isinstance(state, Fresh) and values.get("action_key") == state.stamp["action_key"]
+    return isinstance(state, Fresh) and values.get("action_key") == state.stamp["action_key"] \
+        and not _left_but_needed(project, target, state.stamp)
+
+
+def _left_but_needed(project: Project, target: Target, stamp: dict) -> bool:
+    """Up to date with its files on the remote, but this run needs them here (download.py)."""
+    return bool(stamp.get("left_on_remote")) and needed_here(project, target)
 
 
 def build(project: Project, target: Target) -> dict:
@@ -206,7 +214,10 @@ def build(project: Project, target: Target) -> dict:
         if isinstance(state, Stale) and state.why == "gates":
             shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
             raise StageError(f"{target.file}: target '{target.name}': {'; '.join(state.reasons)}")
-        if isinstance(state, Fresh):
+        if isinstance(state, Fresh) and _left_but_needed(project, target, state.stamp):
+            if _download_left(project, target, state.stamp, store, remote):
+                return {"action_key": key}
+        elif isinstance(state, Fresh):
             say(f"'{target.name}': output already complete (another process or an interrupted "
                 "run finished it); reusing it")
             return {"action_key": key}
@@ -224,13 +235,18 @@ def build(project: Project, target: Target) -> dict:
                     say(f"'{target.name}': {problem}; rebuilding")
                     shutil.rmtree(out_tmp)
                     out_tmp.mkdir()
-                entry = None if force or remote is None else _remote_restore(remote, target, key, out_tmp)
-                if entry is not None:  # fetched and re-hashed: the next restore is local
+                leave = remote is not None and not needed_here(project, target)
+                entry = None if force or remote is None else _remote_restore(remote, target, key, out_tmp, leave)
+                if entry is not None and leave:  # on the remote, re-hashed there by whoever needs it
+                    stamp = {**entry, "origin": "left on the remote cache", "left_on_remote": remote.url,
+                             "restored_at": _now()}
+                elif entry is not None:  # fetched and re-hashed: the next restore is local
                     store.record(out_tmp, entry)
                     stamp = {**entry, "origin": "restored from the remote cache", "restored_at": _now()}
                 else:
-                    stamp = _run_pass(project, target, components, key, out_tmp, work, cache)
-                    store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
+                    stamp = _run_pass(project, target, components, key, out_tmp, work, cache, leave)
+                    if not stamp.get("left_on_remote"):
+                        store.record(out_tmp, stamp)  # gates are checked after: relaxing one needs no rerun
                     if remote is not None:
                         _remote_push(remote, target, stamp, out_tmp)
             if target.gates:
@@ -245,11 +261,51 @@ def build(project: Project, target: Target) -> dict:
     return {"action_key": key}
 
 
-def _remote_restore(remote, target: Target, key: str, out_tmp: Path) -> dict | None:
+def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool) -> dict | None:
     try:
-        return remote.restore(target.name, key, out_tmp)
+        return remote.restore(target.name, key, out_tmp, download=not leave)
     except RemoteRequired as error:
         raise StageError(f"target '{target.name}': {error}") from None
+
+
+def _download_left(project: Project, target: Target, stamp: dict, store: Store, remote) -> bool:
+    """Bring an output left on the remote into build/ (the caller holds the target's lock): from
+    the local cache when it has the action, else from the remote by the stamp's digests, every
+    file re-hashed. False (said why) when neither can: the caller restores or builds it anew."""
+    entry = {k: v for k, v in stamp.items() if k not in ("left_on_remote", "origin", "restored_at")}
+    final = project.output_dir(target.name)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}~", suffix=".tmp", dir=project.build_dir))
+    try:
+        out_tmp = work / "out"
+        out_tmp.mkdir()
+        local = store.lookup(stamp["action_key"])
+        if local is None or store.materialize(local, out_tmp) is not None:
+            shutil.rmtree(out_tmp)
+            out_tmp.mkdir()
+            if remote is None or not remote.download(target.name, entry, out_tmp):
+                return False
+            store.record(out_tmp, entry)
+        write_stamp(out_tmp, {**entry, "origin": "downloaded from the remote cache", "restored_at": _now()})
+        _swap_into_place(out_tmp, final, work)
+        return True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _download_inputs(project: Project, target: Target) -> None:
+    """A stage about to run here needs its upstream outputs' files: download those left on the remote."""
+    store, remote = Store(project.cache_dir), remote_tier(project)
+    for name, ref in target.inputs.items():
+        upstream = project.targets.get(ref.value) if ref.kind == "target" else None
+        if upstream is None or not (read_stamp(project.output_dir(upstream.name)) or {}).get("left_on_remote"):
+            continue
+        with store.lock(_target_lock_name(project, upstream), f"'{upstream.name}'"):
+            stamp = read_stamp(project.output_dir(upstream.name)) or {}
+            if stamp.get("left_on_remote") and not _download_left(project, upstream, stamp, store, remote):
+                shutil.rmtree(project.output_dir(upstream.name), ignore_errors=True)
+                raise StageError(f"target '{target.name}': input {name} ({ref}) was left on the remote cache, "
+                                 "which cannot give it back now; its record is removed: run the build again "
+                                 "to restore or rebuild it")
 
 
 def _remote_push(remote, target: Target, stamp: dict, out_tmp: Path) -> None:
@@ -259,7 +315,7 @@ def _remote_push(remote, target: Target, stamp: dict, out_tmp: Path) -> None:
         raise StageError(f"target '{target.name}': built and in the local cache, but {error}") from None
 
 
-def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
+def _run_pass(project, target, components, key, out_tmp, work, cache, leave: bool) -> dict:
     pool = slot_pool(project)
 
     def waiting() -> None:
@@ -268,8 +324,10 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
     try:
         if executor_kind(project) == "ray":  # the cluster places it: no local slot
             threads = max(1, pool.machine.cpu_threads // pool.machine.cpu_slots)
-            seconds, ran_on = run_on_ray(project, target, components, out_tmp, threads)
+            seconds, ran_on, left = run_on_ray(project, target, components, out_tmp, threads, download=not leave)
         else:
+            left = None
+            _download_inputs(project, target)
             with pool.slot(target.name, target.device, target.gpu_memory_gb, on_wait=waiting) as assignment:
                 say(f"'{target.name}' running on {assignment.device} ({assignment.threads} "
                     f"thread{'s' if assignment.threads > 1 else ''})")
@@ -288,7 +346,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
             f"target '{target.name}': input {', '.join(changed)} changed while the stage ran; "
             "nothing recorded, run the build again"
         )
-    manifest = tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
+    manifest = left or tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
     return {
         "target": target.name,
         "action_key": key,
@@ -299,6 +357,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache) -> dict:
         "ran_on": ran_on,
         "origin": "built",
         "built_at": _now(),
+        **({"left_on_remote": remote_tier(project).url} if left else {}),
     }
 
 

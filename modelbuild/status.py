@@ -3,7 +3,8 @@ complete output, ``why``, the report and ``release`` all ask ``status()``.
 
 A target is **Fresh** when its output folder carries a stamp (``.modelbuild/stamp.json``) whose
 action key is the key computed now, every output file still has the digest the stamp records
-(and nothing else is there), and the output passes the target's quality gates. Otherwise it is
+(and nothing else is there), and the output passes the target's quality gates; or when the
+stamp says its files were left on the remote cache (download.py) and the folder holds nothing else. Otherwise it is
 **Missing** (no stamped output) or **Stale**, with the reasons: what changed in the key (param,
 input file, upstream artifact, library, pass code…), which output files changed, which gates
 fail. Gates are part of the answer but not of the key, so tightening a gate makes a target
@@ -121,6 +122,11 @@ def status(project, target, cache: StatCache, as_built: frozenset[str] = frozens
         current = tree_manifest(out, cache, exclude=(STAMP_DIR,))
     except OSError as error:
         return Stale("output", (f"output unreadable: {error}",), stamp)
+    if stamp.get("left_on_remote"):  # download.py: the files are on the remote cache, by digest
+        if current:
+            return Stale("output", (f"files appeared beside an output left on the remote: {', '.join(sorted(current))}",),
+                         stamp)
+        return Fresh(stamp) if not target.gates else Stale("gates", ("gated output not downloaded",), stamp)
     if current != stamp["manifest"]:
         changed = sorted(rel for rel in set(current) | set(stamp["manifest"])
                          if current.get(rel, {}).get("digest") != stamp["manifest"].get(rel, {}).get("digest"))

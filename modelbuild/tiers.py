@@ -145,12 +145,13 @@ class RemoteTier:
 
     # -- restore ---------------------------------------------------------------------------
 
-    def restore(self, name: str, key: str, dest: Path) -> dict | None:
+    def restore(self, name: str, key: str, dest: Path, download: bool = True) -> dict | None:
         """Fetch the action's outputs into ``dest`` (an empty folder); the entry, or None on a miss.
 
         A remote entry is served only if it is self-consistent (store.entry_problem, as for a
         local one) and every object re-hashes to its digest (remote.fetch); anything else is
-        reported and the caller builds the stage.
+        reported and the caller builds the stage. ``download=False`` (download.py): the entry is
+        served if the remote holds every object it names, and nothing is fetched.
         """
         from .remote import RemoteCorrupt, RemoteUnavailable
 
@@ -167,6 +168,15 @@ class RemoteTier:
                 with self._lock:
                     self._bad[key] = ()
                 return None
+            if not download:
+                lacking = {i["digest"] for i in entry["manifest"].values()} - remote.has_objects(
+                    i["digest"] for i in entry["manifest"].values())
+                if lacking:
+                    say(f"'{name}': remote cache entry {key[:12]}… names {len(lacking)} object(s) the remote "
+                        "does not have: never served; building")
+                    return None
+                say(f"'{name}': on the remote cache (built in {entry['seconds']} s); left there, not downloaded")
+                return entry
             stats = remote.fetch(entry, dest)
         except RemoteCorrupt as error:
             say(f"'{name}': {error}; never served, building")
@@ -180,6 +190,25 @@ class RemoteTier:
             f"{stats['bytes'] / 1e6:.1f} MB downloaded)")
         return entry
 
+    def download(self, name: str, entry: dict, dest: Path) -> bool:
+        """Fetch the outputs an entry names into ``dest`` by their digests (an output left on the
+        remote, now needed here). False, said why, if the remote cannot give them back."""
+        from .remote import RemoteCorrupt, RemoteUnavailable
+
+        remote = self._client()
+        if remote is None:
+            return False
+        try:
+            stats = remote.fetch(entry, dest)
+        except RemoteCorrupt as error:
+            say(f"'{name}': {error}; never served")
+            return False
+        except RemoteUnavailable as error:
+            self._went_down(error)
+            return False
+        say(f"'{name}': downloaded from the remote cache ({stats['bytes'] / 1e6:.1f} MB)")
+        return True
+
     # -- push ------------------------------------------------------------------------------
 
     def push(self, name: str, entry: dict, out_dir: Path) -> None:
@@ -187,7 +216,11 @@ class RemoteTier:
         stage built locally, says so, and queues the key for the next run."""
         if not self.config.push:
             return
-        files = {info["digest"]: out_dir / rel for rel, info in entry["manifest"].items()}
+        if entry.get("left_on_remote"):  # ran on a Ray worker, which pushed the objects: the entry goes up
+            entry = {k: v for k, v in entry.items() if k != "left_on_remote"}
+            files = {}
+        else:
+            files = {info["digest"]: out_dir / rel for rel, info in entry["manifest"].items()}
         self._push(name, entry, files)
 
     def _push(self, name: str, entry: dict, files: dict[str, Path]) -> bool:

@@ -14,7 +14,7 @@ pytest.importorskip("ray")
 from conftest import TINY, new_project  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)
-from test_remote_cache import aws_env  # noqa: E402
+from test_remote_cache import aws_env, files  # noqa: E402
 
 ALL = {"tiny-base", "tiny-travel-adapter", "tiny-travel-cpu-int4", TINY}
 ONE_THREAD = {"MODELBUILD_CPU_THREADS": "1"}  # the test nodes declare one CPU each
@@ -54,7 +54,8 @@ def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cl
     local = new_project(tmp_path / "local")
     local.doit(TINY, env=ONE_THREAD)
     on_ray = new_project(tmp_path / "on-ray")
-    result = on_ray.doit(TINY, env=ray_env(s3_server, cluster.address))
+    env = ray_env(s3_server, cluster.address)
+    result = on_ray.doit(TINY, env=env)
     assert result.executed == ALL, result.out[-3000:]
     for target in ALL:
         assert f"modelbuild: '{target}' running on the Ray cluster (cpu)" in result.out
@@ -63,7 +64,13 @@ def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cl
         assert stamp(on_ray, target)["manifest"] == stamp(local, target)["manifest"], target
         assert stamp(on_ray, target)["action_key"] == stamp(local, target)["action_key"]  # where it ran is no input
         assert stamp(local, target)["ran_on"]["executor"] == "local"
-    assert on_ray.doit(TINY, env=ray_env(s3_server, cluster.address)).executed == set()
+    # minimal download: the driver holds the files it was asked for; the intermediates stay remote
+    assert files(on_ray, TINY) == files(local, TINY)
+    for target in ALL - {TINY}:
+        assert files(on_ray, target) == {} and stamp(on_ray, target)["left_on_remote"] == env["MODELBUILD_REMOTE_CACHE"]
+    assert on_ray.doit(TINY, env=env).executed == set()
+    bundle = on_ray.doit("tiny-travel-cpu-int4", env=env)  # asked for: downloaded, nothing runs
+    assert "running on" not in bundle.out and files(on_ray, "tiny-travel-cpu-int4") == files(local, "tiny-travel-cpu-int4")
 
 
 def test_ray_without_a_remote_cache_or_cluster_is_one_line_before_anything_runs(s3_server, cluster, tmp_path):

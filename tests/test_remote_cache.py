@@ -8,6 +8,7 @@ the smoke stage (the last, a few seconds) another ``max_new_tokens``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from conftest import TINY, copy_project, new_project
 from modelbuild.remote import RemoteStore
 from modelbuild.store import Store
 from s3server import free_ports, make_bucket, s3_server, start_weed, stop_weed  # noqa: F401 (fixture)
+from test_remote import raw_store
 
 ALL = {"tiny-base", "tiny-travel-adapter", "tiny-travel-cpu-int4", TINY}
 SMOKE = 'pass = "smoke"\n'
@@ -114,6 +116,74 @@ def test_a_fresh_clone_with_an_empty_cache_restores_every_stage_from_the_remote(
     assert said(second, "restored from cache") == ALL and "remote" not in second.out and "running on" not in second.out
     assert manifests(b) == manifests(team.a)
     assert b.doit(TINY, env=team.env).up_to_date == ALL
+
+
+def files(project, target) -> dict:
+    """What build/<target> holds besides its stamp: path -> SHA-256 of its bytes."""
+    out = project.path(f"build/{target}")
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and ".modelbuild" not in p.relative_to(out).parts}
+
+
+def test_toplevel_download_fetches_what_was_asked_for_and_the_rest_when_needed(team, tmp_path):
+    env = {**team.env, "MODELBUILD_DOWNLOAD": "toplevel"}
+    bundle, intermediate = "tiny-travel-cpu-int4", ALL - {TINY}
+    b = new_project(tmp_path / "b")
+    first = b.doit(TINY, env=env)
+    team.outputs.append(first.out)
+    assert "running on" not in first.out, first.out[-3000:]
+    assert said(first, r"on the remote cache \(built in [\d.]+ s\); left there, not downloaded") == intermediate
+    assert said(first, "restored from the remote cache") == {TINY}
+    assert manifests(b) == manifests(team.a)  # every stamp: the same keys and digests
+    assert files(b, TINY) == files(team.a, TINY) and all(files(b, t) == {} for t in intermediate)
+    assert {stamp(b, t)["left_on_remote"] for t in intermediate} == {team.url}
+    assert b.doit(TINY, env=env).up_to_date == ALL  # the no-op holds with outputs left remote
+    why = b.modelbuild("why", "tiny-base", env=env)
+    assert f"files left on {team.url}: `doit tiny-base` downloads them" in why.out, why.out
+
+    asked = b.doit(bundle, env=env)  # asked for by name: downloaded, nothing runs
+    assert said(asked, r"downloaded from the remote cache \([\d.]+ MB\)") == {bundle}
+    assert "running on" not in asked.out and files(b, bundle) == files(team.a, bundle)
+    assert stamp(b, bundle)["origin"] == "downloaded from the remote cache" and files(b, "tiny-base") == {}
+
+    # a stage that runs here first downloads the inputs it needs from the remote
+    b.edit("targets/travel.toml", 'vars = { model = "tiny", ', 'vars = { model = "tiny", int4_algorithm = "rtn", ')
+    rebuilt = b.doit(TINY, env=env)
+    assert ran(rebuilt) == {bundle, TINY}, rebuilt.out[-3000:]
+    assert said(rebuilt, "downloaded from the remote cache") == {"tiny-base", "tiny-travel-adapter"}
+    for target in ("tiny-base", "tiny-travel-adapter"):
+        assert files(b, target) == files(team.a, target) and "left_on_remote" not in stamp(b, target)
+
+
+def test_an_output_left_on_a_remote_that_lost_it_is_one_line_then_rebuilt(team, tmp_path, monkeypatch):
+    url = fresh_url(team)
+    seed(url, team.a, monkeypatch, team.server)
+    env = {**team.env, "MODELBUILD_REMOTE_CACHE": url, "MODELBUILD_DOWNLOAD": "toplevel"}
+    base_objects = [RemoteStore.object_key(i["digest"]) for i in stamp(team.a, "tiny-base")["manifest"].values()]
+
+    def lose_the_base():
+        for key in base_objects:
+            obstore.delete(raw_store(url), key)
+
+    d = new_project(tmp_path / "d")
+    d.doit("tiny-travel-adapter", env=env)
+    assert files(d, "tiny-base") == {} and files(d, "tiny-travel-adapter") == files(team.a, "tiny-travel-adapter")
+    lose_the_base()
+    d.edit("targets/travel.toml", 'vars = { model = "tiny", steps = 30,', 'vars = { model = "tiny", steps = 29,')
+    failed = d.doit("tiny-travel-adapter", env=env, check=False)
+    assert failed.returncode != 0 and ran(failed) == set()
+    assert ("target 'tiny-travel-adapter': input base (:tiny-base) was left on the remote cache, which cannot give "
+            "it back now; its record is removed: run the build again to restore or rebuild it") in failed.out
+    assert not d.path("build/tiny-base").exists()
+    again = d.doit("tiny-travel-adapter", env=env)
+    assert ran(again) == {"tiny-base", "tiny-travel-adapter"}
+    assert files(d, "tiny-base") == files(team.a, "tiny-base")  # rebuilt byte-identical, and pushed back
+
+    e = new_project(tmp_path / "e")
+    e.doit("tiny-travel-adapter", env=env)
+    lose_the_base()
+    asked = e.doit("tiny-base", env=env)  # asked for by name: the download fails, so it is rebuilt
+    assert ran(asked) == {"tiny-base"} and files(e, "tiny-base") == files(team.a, "tiny-base")
 
 
 def test_server_down_warns_once_and_builds_locally_or_stops_when_required(team, tmp_path):

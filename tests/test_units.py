@@ -113,3 +113,24 @@ def test_template_substitution(value, variables, expected):
 def test_template_substitution_names_an_unknown_variable_and_its_key():
     with pytest.raises(UserError, match=r"^targets/x.toml: recipe 'r': params.steps\[1\]: unknown variable '\{stpes\}' \(vars: model, steps\)$"):
         substitute({"params": {"steps": [1, "{stpes}"]}}, {"model": "m", "steps": 3}, "targets/x.toml: recipe 'r'")
+
+
+def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line(monkeypatch, tmp_path):
+    """download.toplevel: which outputs a minimal-download run must bring here."""
+    from conftest import new_project
+
+    from modelbuild.download import toplevel
+    from modelbuild.loader import load
+
+    project = load(new_project(tmp_path / "project").root)
+    for argv, wanted in (
+        (["-n", "2", "tiny-base", "X=1"], {"tiny-base"}),
+        (["run", "--process=2", "tiny-base", "tiny-travel-adapter"], {"tiny-base", "tiny-travel-adapter"}),
+        (["-f", "dodo.py", "-v", "2", "tiny-travel-cpu-*"], {t for t in project.targets if t.startswith("tiny-travel-cpu-")}),
+        (["tiny-variants"], set(project.groups["tiny-variants"])),
+        ([], set(project.default_targets)),
+        (["list"], set(project.default_targets)),  # builds nothing; what it would build by default
+        (["--no-such-option", "x"], set(project.targets)),  # unreadable: everything counts as asked for
+    ):
+        monkeypatch.setattr("sys.argv", ["doit", *argv])
+        assert toplevel(project) == wanted, argv
