@@ -145,7 +145,7 @@ def main() -> None:
          f"{downloaded / 1e6:.1f} MB downloaded, byte-identical: {identical}"),
         ("clone B again, build/ deleted (local tier)", local_s, f"{len(from_local)}/{len(stages)} restored from the local cache"),
         ("clone C: empty cache, warm remote, MODELBUILD_DOWNLOAD=toplevel", minimal_s,
-         f"{len(ran_c)} passes run, {len(left)}/{len(stages)} left on the remote, {minimal_bytes / 1e6:.2f} MB "
+         f"{len(ran_c)} passes run, {len(left)}/{len(stages)} left on the remote, {minimal_bytes / 1e3:.1f} kB "
          f"downloaded, same stamps: {minimal_identical}"),
     ]
     print(f"\n{args.target}\n| scenario | wall s | what happened |\n|---|---|---|")
