@@ -66,9 +66,14 @@ def cmd_targets(args) -> int:
 
 def cmd_chat(args) -> int:
     from .genai import Chat, bundle_adapters
+    from .status import read_stamp
 
     bundle = Path(args.bundle)
     if not (bundle / "genai_config.json").is_file():
+        left = (read_stamp(bundle) or {}).get("left_on_remote")
+        if left:
+            raise UserError(f"{bundle}: its files were left on the remote cache {left}; "
+                            f"`doit {bundle.name}` downloads them")
         raise UserError(f"{bundle}: not an onnxruntime-genai bundle (no genai_config.json); build it first with doit")
     known = bundle_adapters(bundle)
     if args.adapter and args.adapter not in known:

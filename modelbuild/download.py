@@ -11,7 +11,9 @@ as an input, or ``release`` packs it. A Ray stage takes a left-on-remote input b
 
 Setting: ``MODELBUILD_DOWNLOAD`` or ``[cache] download`` = ``all`` | ``toplevel``. Default:
 ``toplevel`` with the Ray executor (outputs are made remote there), ``all`` otherwise (a team
-cache restores whole builds, as before). Without a reachable remote everything is local anyway.
+cache restores whole builds, as before). An output already left on a remote that is now off,
+unreachable, or lost or corrupted it, is brought up to date here when a stage needs it (restored
+with every object re-hashed, or rebuilt and pushed back): stage.py, ``_inputs_here``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from . import UserError
 
 MODES = ("all", "toplevel")
 ENV = "MODELBUILD_DOWNLOAD"
-DOIT_COMMANDS = {"auto", "clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep", "strace",
-                 "tabcompletion"}
 
 
 def check_mode(value: object, where: str) -> str:
@@ -43,19 +43,19 @@ def mode(project) -> str:
     return project.cache.get("download") or ("toplevel" if executor_kind(project) == "ray" else "all")
 
 
-@functools.cache
 def _command_line_tasks(argv: tuple[str, ...]) -> tuple[str, ...] | None:
-    """The task names of this ``doit`` run as doit itself parses them; () when none is named;
-    None when it cannot be told (then every output is downloaded)."""
+    """The task names of this ``doit run`` as doit itself parses them; () when none is named;
+    None when it cannot be told, or for another doit command (then every output counts as asked
+    for: ``auto`` and ``strace`` build what they name, the others build nothing)."""
     from doit.cmd_base import DodoTaskLoader, DoitCmdBase
     from doit.cmd_run import Run
     from doit.cmdparse import CmdOption, CmdParse, CmdParseError
 
     args = list(argv)
-    if args and args[0] in DOIT_COMMANDS:
-        return ()  # builds nothing
     if args and args[0] == "run":
         args = args[1:]
+    elif args and not args[0].startswith("-") and args[0] in _doit_commands():
+        return None
     options = [CmdOption(o) for o in (*DoitCmdBase.base_options, *DodoTaskLoader.cmd_options, *Run.cmd_options)]
     try:
         _, positional = CmdParse(options).parse(args)
@@ -64,18 +64,31 @@ def _command_line_tasks(argv: tuple[str, ...]) -> tuple[str, ...] | None:
     return tuple(name for name in positional if "=" not in name)  # NAME=VALUE are doit variables
 
 
-def toplevel(project) -> set[str]:
-    """The targets this doit run was asked for (group members included)."""
-    names = _command_line_tasks(tuple(sys.argv[1:]))
+def _doit_commands() -> set[str]:
+    from doit.doit_cmd import DoitMain
+
+    return {command.get_name() for command in DoitMain.DOIT_CMDS}
+
+
+@functools.cache
+def _toplevel(root, argv: tuple[str, ...], targets: tuple[str, ...], groups: tuple, defaults: tuple) -> frozenset:
+    names = _command_line_tasks(argv)
     if names is None:
-        return set(project.targets)
-    if not names:
-        names = tuple(project.default_targets or project.targets)
+        return frozenset(targets)
     wanted: set[str] = set()
-    for name in names:
-        for match in fnmatch.filter([*project.targets, *project.groups], name) or [name]:
-            wanted.update(project.groups.get(match, [match]))
-    return wanted
+    members = dict(groups)
+    for name in names or defaults or targets:
+        # doit's own selection: a name with "*" is a glob over task names, anything else is literal
+        for match in (fnmatch.filter([*targets, *members], name) if "*" in name else [name]):
+            wanted.update(members.get(match, [match]))
+    return frozenset(wanted)
+
+
+def toplevel(project) -> frozenset[str]:
+    """The targets this doit run was asked for (group members included); worked out once per run."""
+    return _toplevel(project.root, tuple(sys.argv[1:]), tuple(project.targets),
+                     tuple((name, tuple(members)) for name, members in project.groups.items()),
+                     tuple(project.default_targets or ()))
 
 
 def needed_here(project, target) -> bool:

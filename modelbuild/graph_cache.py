@@ -13,7 +13,8 @@ Served only when everything the loading read is as it was, checked on every run:
   module the load imported, and the entry_points.txt that registered the pass (stat identity);
 - the installed distributions: sys.path and the stat identity of each of its folders (installing,
   upgrading or removing a plug-in adds or removes a *.dist-info there);
-- the environment: every MODELBUILD_* variable, the interpreter, the project root;
+- the environment: every MODELBUILD_* variable but those that only steer a run (RUN_ONLY), the
+  interpreter, the project root;
 - this machine (the Ray cluster under the Ray executor), where a device preference list asked it
   something: each question is asked again.
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # passdef.py is imported only on a miss, or when a handle loa
     from .passdef import PassDef
 
 FORMAT = 1  # bump when the shape of the cached data changes
+RUN_ONLY = {"MODELBUILD_DOWNLOAD", "MODELBUILD_FORCE"}  # read by the executor at build time, never by the loader
 FILE = "graph.pickle"
 RACY_NS = 2_000_000_000
 last_outcome = ""  # what the last load did ("hit", "stored", "not stored: ...", "off"): for tests
@@ -140,7 +142,7 @@ def _key(root: Path) -> tuple | None:
                 files.append((name, handle.read()))
     except OSError:
         return None  # load_project says what is wrong
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("MODELBUILD_"))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("MODELBUILD_") and k not in RUN_ONLY)
     paths = [(entry, _identity(entry or ".")) for entry in sys.path]
     return FORMAT, sys.version, sys.executable, str(root), env, paths, files
 

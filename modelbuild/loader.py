@@ -41,7 +41,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     import tomllib
 
     from .devices import check_config, machine_from
-    from .executor import check_executor_table, device_answers
+    from .executor import check_executor_table, device_answers, executor_kind
     from .expand import check_keys, expand_matrix, expand_use, table_of
     from .numerics import branch as cpu_numerics
 
@@ -114,7 +114,8 @@ def load(root: Path | str, record: dict | None = None) -> Project:
 
     for rel, index, use in uses:
         raw_targets.extend(expand_use(rel, index, use, recipes))
-    cpu_numerics(project.devices, f"{devices_from}: devices")  # a branch this CPU lacks: one line, now
+    # a branch this CPU lacks is one line now (under Ray the nodes check it: stages run there)
+    cpu_numerics(project.devices, f"{devices_from}: devices", check_here=executor_kind(project) != "ray")
 
     discovered = functools.cache(lambda: device_answers(project, lambda: machine_from(project.devices)))  # only if asked
 

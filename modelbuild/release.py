@@ -53,6 +53,9 @@ def lock_manifest(project: Project, name: str) -> dict:
         if not isinstance(state, Fresh):
             raise UserError(f"target '{stage}' is not up to date ({state.text}); build it first")
         stamp = state.stamp
+        if stamp.get("left_on_remote"):
+            raise UserError(f"target '{stage}': its files were left on the remote cache; "
+                            f"build it here first (MODELBUILD_DOWNLOAD=all doit {name})")
         components = stamp["components"]
         inputs = {key: {"ref": str(ref), "digest": components["inputs"][key]}
                   for key, ref in project.targets[stage].inputs.items()}

@@ -33,7 +33,7 @@ from .gates import gate_results
 from .project import Project
 from .stage import key_components, stat_cache
 from .report_render import NOT_BUILT, number, render_html, render_markdown, render_png
-from .status import Missing, Stale, read_stamp, status
+from .status import Fresh, Missing, Stale, read_stamp, status
 from .store import Store
 
 EVALUATE = "evaluate"
@@ -114,6 +114,8 @@ def evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str
                 "measured, but failed its gate at build time, so not put in build/ (numbers from the cache)"
         return "not built", None, f"no output in build/{name}" if not out.exists() else f"build/{name} has no stamp"
     path = out / METRICS
+    if isinstance(state, Fresh) and state.stamp.get("left_on_remote"):
+        return "not built", None, f"left on {state.stamp['left_on_remote']}: `doit {name}` downloads it"
     if not path.is_file():
         return "not built", None, f"build/{name} has no {METRICS}"
     try:

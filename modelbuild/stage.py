@@ -168,7 +168,8 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
         "pass_code": pass_def.code_digest(),
         "params": target.params,
         "device": target.device,
-        "cpu_numerics": cpu_numerics(project.devices),  # the CPU code branch floats ran on (numerics.py)
+        # the CPU code branch floats ran on (numerics.py); under Ray the nodes check their CPU
+        "cpu_numerics": cpu_numerics(project.devices, check_here=executor_kind(project) != "ray"),
         "libraries": {name: library_version(name) for name in ("modelbuild", *pass_def.libraries)},
         "inputs": inputs,
         **({"resolved": resolved} if resolved else {}),
@@ -183,18 +184,20 @@ def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
         and not _left_but_needed(project, target, state.stamp)
 
 
-def _left_but_needed(project: Project, target: Target, stamp: dict) -> bool:
+def _left_but_needed(project: Project, target: Target, stamp: dict, here: bool = False) -> bool:
     """Up to date with its files on the remote, but this run needs them here (download.py)."""
-    return bool(stamp.get("left_on_remote")) and needed_here(project, target)
+    return bool(stamp.get("left_on_remote")) and (here or needed_here(project, target))
 
 
-def build(project: Project, target: Target) -> dict:
+def build(project: Project, target: Target, here: bool = False) -> dict:
     """Bring the target's output up to date, the cheapest way that is correct.
 
     Under a lock on the action (shared by every process using the cache) and one on the
     output folder: reuse an intact output already stamped with this key (a run killed after the
     stage finished), else restore the action's outputs from the cache, else run the pass.
     MODELBUILD_FORCE=1 skips both shortcuts: the pass runs (``doit forget T`` + force = rerun T).
+    ``here``: the files must end up in build/ even if this doit run did not ask for the target
+    (a stage about to run needs them, and the remote could not give them by digest).
     """
     force = os.environ.get("MODELBUILD_FORCE") == "1"
     cache = stat_cache(project)
@@ -214,7 +217,7 @@ def build(project: Project, target: Target) -> dict:
         if isinstance(state, Stale) and state.why == "gates":
             shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
             raise StageError(f"{target.file}: target '{target.name}': {'; '.join(state.reasons)}")
-        if isinstance(state, Fresh) and _left_but_needed(project, target, state.stamp):
+        if isinstance(state, Fresh) and _left_but_needed(project, target, state.stamp, here):
             if _download_left(project, target, state.stamp, store, remote):
                 return {"action_key": key}
         elif isinstance(state, Fresh):
@@ -235,7 +238,7 @@ def build(project: Project, target: Target) -> dict:
                     say(f"'{target.name}': {problem}; rebuilding")
                     shutil.rmtree(out_tmp)
                     out_tmp.mkdir()
-                leave = remote is not None and not needed_here(project, target)
+                leave = remote is not None and not here and not needed_here(project, target)
                 entry = None if force or remote is None else _remote_restore(remote, target, key, out_tmp, leave)
                 if entry is not None and leave:  # on the remote, re-hashed there by whoever needs it
                     stamp = {**entry, "origin": "left on the remote cache", "left_on_remote": remote.url,
@@ -271,7 +274,10 @@ def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool
 def _download_left(project: Project, target: Target, stamp: dict, store: Store, remote) -> bool:
     """Bring an output left on the remote into build/ (the caller holds the target's lock): from
     the local cache when it has the action, else from the remote by the stamp's digests, every
-    file re-hashed. False (said why) when neither can: the caller restores or builds it anew."""
+    file re-hashed. False (said why) when neither can: the caller restores or builds it anew.
+
+    The files move into the existing folder and the stamp is replaced last: the stamp, which is
+    all that dependents' keys read, never disappears while other stages of this run look at it."""
     entry = {k: v for k, v in stamp.items() if k not in ("left_on_remote", "origin", "restored_at")}
     final = project.output_dir(target.name)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}~", suffix=".tmp", dir=project.build_dir))
@@ -282,18 +288,35 @@ def _download_left(project: Project, target: Target, stamp: dict, store: Store, 
         if local is None or store.materialize(local, out_tmp) is not None:
             shutil.rmtree(out_tmp)
             out_tmp.mkdir()
-            if remote is None or not remote.download(target.name, entry, out_tmp):
-                return False
+            try:
+                if remote is None or not remote.download(target.name, entry, out_tmp):
+                    return False
+            except RemoteRequired as error:
+                raise StageError(f"target '{target.name}': {error}") from None
             store.record(out_tmp, entry)
-        write_stamp(out_tmp, {**entry, "origin": "downloaded from the remote cache", "restored_at": _now()})
-        _swap_into_place(out_tmp, final, work)
+        downloaded = {**entry, "origin": "downloaded from the remote cache", "restored_at": _now()}
+        if target.gates:  # a gate declared since the output was left: checked now, on its files
+            failed = gate_failures(target, out_tmp)
+            if failed:
+                shutil.rmtree(final)
+                raise StageError(f"{target.file}: target '{target.name}': quality gate failed: {'; '.join(failed)}")
+            downloaded["gates"] = check_gates(target, out_tmp)
+        for rel in entry["manifest"]:
+            (final / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(out_tmp / rel, final / rel)
+        write_stamp(work, downloaded)
+        os.replace(work / STAMP_DIR / "stamp.json", final / STAMP_DIR / "stamp.json")
         return True
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _download_inputs(project: Project, target: Target) -> None:
-    """A stage about to run here needs its upstream outputs' files: download those left on the remote."""
+def _inputs_here(project: Project, target: Target, on_ray: bool) -> None:
+    """A stage is about to run: its upstream outputs left on the remote must be usable. Here, their
+    files come down; on Ray, the worker fetches them by digest, so the remote must still hold
+    them. One that cannot be had that way (the remote lost or corrupted it, or is off) is brought
+    up to date now as a needed target: restored with every object re-hashed, or rebuilt and pushed
+    back, so the remote is repaired and this run goes on."""
     store, remote = Store(project.cache_dir), remote_tier(project)
     for name, ref in target.inputs.items():
         upstream = project.targets.get(ref.value) if ref.kind == "target" else None
@@ -301,11 +324,32 @@ def _download_inputs(project: Project, target: Target) -> None:
             continue
         with store.lock(_target_lock_name(project, upstream), f"'{upstream.name}'"):
             stamp = read_stamp(project.output_dir(upstream.name)) or {}
-            if stamp.get("left_on_remote") and not _download_left(project, upstream, stamp, store, remote):
-                shutil.rmtree(project.output_dir(upstream.name), ignore_errors=True)
-                raise StageError(f"target '{target.name}': input {name} ({ref}) was left on the remote cache, "
-                                 "which cannot give it back now; its record is removed: run the build again "
-                                 "to restore or rebuild it")
+            if not stamp.get("left_on_remote"):
+                continue
+            if on_ray and _remote_holds(remote, upstream, stamp):
+                continue
+            if not on_ray and _download_left(project, upstream, stamp, store, remote):
+                continue
+            shutil.rmtree(project.output_dir(upstream.name), ignore_errors=True)
+        say(f"'{target.name}': input {name} ({ref}) cannot be had from the remote cache; "
+            f"bringing '{upstream.name}' up to date here")
+        build(project, upstream, here=True)
+
+
+def _remote_holds(remote, target: Target, stamp: dict) -> bool:
+    """Does the remote hold every object of a left output (for a Ray worker to fetch)?"""
+    from .remote import RemoteError
+
+    try:
+        client = remote.client() if remote is not None else None
+    except RemoteRequired as error:
+        raise StageError(f"target '{target.name}': {error}") from None
+    digests = {info["digest"] for info in stamp["manifest"].values()}
+    try:
+        return client is not None and client.has_objects(digests) == digests
+    except RemoteError as error:  # unreachable now: the caller brings the output up to date another way
+        say(f"'{target.name}': the remote cache cannot say whether it holds the output ({error})")
+        return False
 
 
 def _remote_push(remote, target: Target, stamp: dict, out_tmp: Path) -> None:
@@ -324,10 +368,11 @@ def _run_pass(project, target, components, key, out_tmp, work, cache, leave: boo
     try:
         if executor_kind(project) == "ray":  # the cluster places it: no local slot
             threads = max(1, pool.machine.cpu_threads // pool.machine.cpu_slots)
+            _inputs_here(project, target, on_ray=True)
             seconds, ran_on, left = run_on_ray(project, target, components, out_tmp, threads, download=not leave)
         else:
             left = None
-            _download_inputs(project, target)
+            _inputs_here(project, target, on_ray=False)
             with pool.slot(target.name, target.device, target.gpu_memory_gb, on_wait=waiting) as assignment:
                 say(f"'{target.name}' running on {assignment.device} ({assignment.threads} "
                     f"thread{'s' if assignment.threads > 1 else ''})")

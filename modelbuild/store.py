@@ -152,7 +152,8 @@ class Store:
             clone_or_copy(out_dir / rel, Path(tmp))
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
-        write_json_atomic(self.actions / f"{stamp['action_key']}.json", stamp)
+        entry = {k: v for k, v in stamp.items() if k != "left_on_remote"}  # where this checkout's files are: no part of an action
+        write_json_atomic(self.actions / f"{stamp['action_key']}.json", entry)
 
     def materialize(self, entry: dict, dest: Path) -> str | None:
         """Copy an action's outputs into ``dest``; None on success, else why it could not.

@@ -23,6 +23,7 @@ Faults, per doit process:
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -227,22 +228,24 @@ class RemoteTier:
         from .remote import RemoteUnavailable
 
         key = entry["action_key"]
+        only_entry = None if files else entry  # a Ray-built output: its objects are on the remote already
         try:
             remote = self._client()
         except RemoteRequired:
-            self._queue(key)
+            self._queue(key, only_entry)
             raise
         if remote is None:
-            self._queue(key)  # unreachable this run: the next run pushes it
+            self._queue(key, only_entry)  # unreachable this run: the next run pushes it
             return False
         with self._lock:
             replace = self._bad.get(key, ())
         try:
             stats = remote.push(entry, files, replace=replace)
         except RemoteUnavailable as error:
-            self._queue(key)
+            self._queue(key, only_entry)
+            where = "its outputs on the remote, its entry queued" if only_entry else "in the local cache"
             say(f"'{name}': push to the remote cache {self.url} failed: {error.reason}; the stage is built and "
-                "in the local cache, the next run pushes it")
+                f"{where}, the next run pushes it")
             self._went_down(error, warn=False)
             return False
         with self._lock:
@@ -255,21 +258,55 @@ class RemoteTier:
     def _pending_dir(self) -> Path:
         return self.store.root / PENDING
 
-    def _queue(self, key: str) -> None:
+    def _queue(self, key: str, entry: dict | None = None) -> None:
+        """Remember a push to finish: the key (its entry and objects are in the local cache), or the
+        entry itself when its objects are only on the remote (an output a Ray worker left there)."""
         self._pending_dir().mkdir(parents=True, exist_ok=True)
-        (self._pending_dir() / key).touch()
+        marker = self._pending_dir() / key
+        if entry is None:
+            marker.touch()
+        else:
+            marker.write_text(json.dumps(entry, sort_keys=True))
 
     def push_pending(self) -> None:
-        """Push the stages whose push an earlier run could not finish, from the local cache."""
+        """Push the stages whose push an earlier run could not finish: from the local cache, or (an
+        entry whose objects a Ray worker left on the remote) the entry alone once the remote holds them."""
         for marker in sorted(self._pending_dir().glob("*")):
             entry = self.store.lookup(marker.name)
-            files = {} if entry is None else {info["digest"]: self.store.object_path(info["digest"])
-                                              for info in entry["manifest"].values()}
-            if entry is None or not all(p.exists() and hash_file(p) == d for d, p in files.items()):
+            if entry is None:
+                from .remote import RemoteUnavailable
+
+                entry = _queued_entry(marker)
+                remote = self._client() if entry else None
+                digests = {i["digest"] for i in entry["manifest"].values()} if entry else set()
+                try:
+                    held = remote.has_objects(digests) if remote is not None else digests
+                except RemoteUnavailable as error:
+                    self._went_down(error)
+                    return
+                if entry is None or held != digests:
+                    marker.unlink(missing_ok=True)  # nothing left to push from here
+                    continue
+                if not self._push(entry.get("target", marker.name[:12]), entry, {}):
+                    return
+                continue
+            files = {info["digest"]: self.store.object_path(info["digest"]) for info in entry["manifest"].values()}
+            if not all(p.exists() and hash_file(p) == d for d, p in files.items()):
                 marker.unlink(missing_ok=True)  # gone from the local cache since: nothing to push
                 continue
             if not self._push(entry.get("target", marker.name[:12]), entry, files):
                 return
+
+
+def _queued_entry(marker: Path) -> dict | None:
+    """The entry a pending marker holds (see RemoteTier._queue), if it holds a valid one."""
+    try:
+        entry = json.loads(marker.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("action_key") != marker.name or entry_problem(marker.name, entry):
+        return None
+    return entry
 
 
 _tiers: dict[Path, RemoteTier | None] = {}

@@ -48,6 +48,24 @@ def test_a_stage_trains_the_same_bytes_whatever_mkl_branch_the_caller_would_pick
     assert again["manifest"] == first["manifest"]  # adapter weights and the loss curve, byte for byte
 
 
+def test_the_pass_process_runs_on_the_branch_the_key_records(tmp_path):
+    """MKL, torch and oneDNN are told the branch, whatever the caller's environment says."""
+    project = new_project(tmp_path / "project")
+    for path in project.path("targets").glob("*.toml"):
+        path.unlink()
+    project.path("targets/probe.toml").write_text('[target.probe]\npass = "device-probe"\nparams = { seconds = 0 }\n')
+    for chosen in (None, "compatible"):
+        env = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        if chosen:
+            env["MODELBUILD_CPU_NUMERICS"] = chosen
+        project.doit("probe", env=env)
+        branch = stamp(project, "probe")["components"]["cpu_numerics"]
+        assert branch == (chosen or widest())
+        _, mkl, aten, onednn = BRANCHES[branch]
+        seen = json.loads(project.path("build/probe/device.json").read_text())["environment"]
+        assert (seen["MKL_CBWR"], seen["ATEN_CPU_CAPABILITY"], seen["ONEDNN_MAX_CPU_ISA"]) == (f"{mkl},STRICT", aten, onednn)
+
+
 def test_another_branch_is_another_key_and_why_says_so(tmp_path):
     project = new_project(tmp_path / "project")
     project.doit(ADAPTER)

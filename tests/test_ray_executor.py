@@ -5,15 +5,20 @@ come out byte-identical to a local build, every stamp naming the Ray executor. N
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
+import obstore
 import pytest
 
 pytest.importorskip("ray")
 
 from conftest import TINY, new_project  # noqa: E402
+from modelbuild.numerics import BRANCHES  # noqa: E402
+from modelbuild.remote import RemoteStore  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)
+from test_remote import raw_store  # noqa: E402
 from test_remote_cache import aws_env, files  # noqa: E402
 
 ALL = {"tiny-base", "tiny-travel-adapter", "tiny-travel-cpu-int4", TINY}
@@ -50,7 +55,7 @@ def ray_env(server, address: str) -> dict:
             "MODELBUILD_EXECUTOR": "ray", "RAY_ADDRESS": address}
 
 
-def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cluster, tmp_path):
+def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cluster, tmp_path, monkeypatch):
     local = new_project(tmp_path / "local")
     local.doit(TINY, env=ONE_THREAD)
     on_ray = new_project(tmp_path / "on-ray")
@@ -71,6 +76,17 @@ def test_the_tiny_recipe_on_ray_is_byte_identical_to_a_local_build(s3_server, cl
     assert on_ray.doit(TINY, env=env).executed == set()
     bundle = on_ray.doit("tiny-travel-cpu-int4", env=env)  # asked for: downloaded, nothing runs
     assert "running on" not in bundle.out and files(on_ray, "tiny-travel-cpu-int4") == files(local, "tiny-travel-cpu-int4")
+
+    # a left input the remote has lost: the run rebuilds it on Ray (and pushes it back), then goes on
+    for name, value in aws_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    for info in stamp(on_ray, "tiny-base")["manifest"].values():
+        obstore.delete(raw_store(env["MODELBUILD_REMOTE_CACHE"]), RemoteStore.object_key(info["digest"]))
+    on_ray.edit("targets/travel.toml", 'vars = { model = "tiny", steps = 30,', 'vars = { model = "tiny", steps = 29,')
+    again = on_ray.doit("tiny-travel-adapter", env=env)
+    assert "'tiny-travel-adapter': input base (:tiny-base) cannot be had from the remote cache" in again.out
+    assert set(re.findall(r"'(\S+)' running on the Ray cluster", again.out)) == {"tiny-base", "tiny-travel-adapter"}
+    assert files(on_ray, "tiny-base") == files(local, "tiny-base")
 
 
 def test_ray_without_a_remote_cache_or_cluster_is_one_line_before_anything_runs(s3_server, cluster, tmp_path):
@@ -99,6 +115,9 @@ def test_a_cuda_stage_goes_to_the_gpu_node_though_the_driver_has_no_gpu(s3_serve
     seen = json.loads(project.path("build/on-gpu/device.json").read_text())
     assert ran_on["executor"] == "ray" and ran_on["device"].startswith("cuda:") and ran_on["gpu_ids"]
     assert seen["environment"]["CUDA_VISIBLE_DEVICES"] == ",".join(ran_on["gpu_ids"])
+    branch = stamp(project, "on-gpu")["components"]["cpu_numerics"]  # pinned on the node as the key says
+    assert seen["environment"]["MKL_CBWR"] == f"{BRANCHES[branch][1]},STRICT"
+    assert seen["environment"]["ATEN_CPU_CAPABILITY"] == BRANCHES[branch][2]
     project.path("targets/probe.toml").write_text('[target.pinned]\npass = "device-probe"\ndevice = "cuda:1"\n')
     refused = project.doit("pinned", env=env, check=False)
     assert refused.returncode != 0

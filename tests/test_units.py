@@ -129,7 +129,8 @@ def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line
         (["-f", "dodo.py", "-v", "2", "tiny-travel-cpu-*"], {t for t in project.targets if t.startswith("tiny-travel-cpu-")}),
         (["tiny-variants"], set(project.groups["tiny-variants"])),
         ([], set(project.default_targets)),
-        (["list"], set(project.default_targets)),  # builds nothing; what it would build by default
+        (["list"], set(project.targets)),  # another doit command: everything counts as asked for
+        (["tiny-base?"], {"tiny-base?"}),  # only "*" is a pattern to doit
         (["--no-such-option", "x"], set(project.targets)),  # unreadable: everything counts as asked for
     ):
         monkeypatch.setattr("sys.argv", ["doit", *argv])

@@ -20,7 +20,7 @@ from pathlib import Path
 from modelbuild.passdef import PassDef, param, require
 
 SEEN_VARIABLES = ("CUDA_VISIBLE_DEVICES", "MODELBUILD_DEVICE", "MODELBUILD_THREADS", "MODELBUILD_SIMULATED_GPUS",
-                  "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                  "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
