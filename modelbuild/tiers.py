@@ -159,6 +159,9 @@ class RemoteTier:
         remote = self._client()
         if remote is None:
             return None
+        with self._lock:
+            if key in self._bad:  # found bad earlier in this run (a download by digest): no second try
+                return None
         try:
             entry = remote.lookup(key)
             if entry is None:
@@ -203,6 +206,8 @@ class RemoteTier:
             stats = remote.fetch(entry, dest)
         except RemoteCorrupt as error:
             say(f"'{name}': {error}; never served")
+            with self._lock:  # a rebuild's push replaces these objects, repairing the remote
+                self._bad[entry["action_key"]] = error.digests
             return False
         except RemoteUnavailable as error:
             self._went_down(error)
