@@ -9,7 +9,8 @@ from either cache tier never involves Ray. Only a stage that must run becomes a 
 (ray_exec.py): its inputs travel through the remote cache by digest, it runs the pass in a
 process of its own on whichever node has its resources, pushes its outputs, and the driver
 fetches them (re-hashed) into the stage's temporary folder, where they are stamped exactly as a
-local build's. The remote cache is therefore required with Ray, and checked at load together
+local build's; or, when nothing here needs them (download.py), stamps their manifest and leaves
+them on the remote, where the next stage's worker reads them by digest. The remote cache is therefore required with Ray, and checked at load together
 with the cluster's address: a build that cannot run there is one line before anything starts.
 """
 

@@ -2,18 +2,19 @@
 
 Whether a stage is up to date is decided in one place, status.py. The key hashes everything
 that can change the output: pass name, version and source (with the modelbuild modules it
-imports), resolved params, device, the pinned CPU code branch, Python version and platform, the versions of the libraries
-the pass declares, what its params only name (a hub branch's commit), the content digest of
-every input file and the manifest digest of every upstream artifact. Upstream artifacts enter
+imports), resolved params, device, the pinned CPU code branch (numerics.py), Python version
+and platform, the versions of the libraries the pass declares, what its params only name (a hub
+branch's commit), the content digest of every input file and the manifest digest of every
+upstream artifact. Upstream artifacts enter
 the key by the digest of what they contain, not by their key, so an upstream rebuild that
 produces byte-identical output does not rerun anything downstream (early cutoff).
 
 Bringing a stage up to date, under a per-action lock shared through the cache: reuse an intact
 output already stamped with the key; else restore the action's outputs from the content-addressed
 cache (store.py), then from the remote cache when one is configured (tiers.py, which also pushes
-what ran); else run the pass in its own process (heavy imports, memory and device state die
-with it), on a device slot of this machine or as a Ray task (executor.py), into a temporary
-folder beside ``build/``. Only a complete output is stamped (key + manifest) and renamed into
+what ran; an output nothing here needs may stay there, download.py); else run the pass in its
+own process (heavy imports, memory and device state die with it), on a device slot of this
+machine or as a Ray task (executor.py), into a temporary folder beside ``build/``. Only a complete output is stamped (key + manifest) and renamed into
 place, so a failure or a kill leaves the previous output, which no longer matches the new key,
 or nothing.
 """

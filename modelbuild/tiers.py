@@ -3,7 +3,8 @@
 ``stage.build()`` asks the local ``cache/`` first (store.py); on a local miss it asks the remote
 tier here (an S3 bucket, remote.py), which downloads and re-hashes every object, and the stage's
 outputs then fill the local tier. A stage that ran pushes its outputs, objects first and the
-action entry last. Nothing here decides whether a stage is up to date (status.py does).
+action entry last (an output a Ray worker left on the remote: the entry alone). Nothing here
+decides whether a stage is up to date (status.py does), nor which outputs come down (download.py).
 
 Configuration: ``MODELBUILD_REMOTE_CACHE=s3://bucket/prefix`` (``off``: no remote) or a ``[cache]``
 table in one targets/*.toml (``remote``, ``push = true``, ``required = false``; validated in
