@@ -223,11 +223,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_devices(args) -> int:
+    from . import numerics
     from .devices import machine_from
     from .project import load_project
 
     project = load_project(args.project)
     print(machine_from(project.devices).describe())
+    print(f"CPU numerics: {numerics.branch(project.devices)} (the widest this CPU has: {numerics.widest()})")
     return 0
 
 

@@ -74,6 +74,8 @@ def test_another_branch_is_another_key_and_why_says_so(tmp_path):
     if other not in BRANCHES or other == widest():
         pytest.skip("this CPU has one branch only")
 
+    shown = project.modelbuild("devices", env={"MODELBUILD_CPU_NUMERICS": other})
+    assert f"CPU numerics: {other} (the widest this CPU has: {widest()})" in shown.out, shown.out
     why = project.modelbuild("why", ADAPTER, env={"MODELBUILD_CPU_NUMERICS": other})
     assert f"cpu numerics: {widest()} -> {other}" in why.out, why.out
     built = project.doit(ADAPTER, env={"MODELBUILD_CPU_NUMERICS": other})
