@@ -19,7 +19,6 @@ with every object re-hashed, or rebuilt and pushed back): stage.py, ``_inputs_he
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 import sys
 
@@ -70,25 +69,21 @@ def _doit_commands() -> set[str]:
     return {command.get_name() for command in DoitMain.DOIT_CMDS}
 
 
-@functools.cache
-def _toplevel(root, argv: tuple[str, ...], targets: tuple[str, ...], groups: tuple, defaults: tuple) -> frozenset:
-    names = _command_line_tasks(argv)
-    if names is None:
-        return frozenset(targets)
-    wanted: set[str] = set()
-    members = dict(groups)
-    for name in names or defaults or targets:
-        # doit's own selection: a name with "*" is a glob over task names, anything else is literal
-        for match in (fnmatch.filter([*targets, *members], name) if "*" in name else [name]):
-            wanted.update(members.get(match, [match]))
-    return frozenset(wanted)
+_asked: dict[tuple, frozenset[str]] = {}  # (project root, argv) -> targets: worked out once per run
 
 
 def toplevel(project) -> frozenset[str]:
-    """The targets this doit run was asked for (group members included); worked out once per run."""
-    return _toplevel(project.root, tuple(sys.argv[1:]), tuple(project.targets),
-                     tuple((name, tuple(members)) for name, members in project.groups.items()),
-                     tuple(project.default_targets or ()))
+    """The targets this doit run was asked for (group members included)."""
+    argv = tuple(sys.argv[1:])
+    if (project.root, argv) not in _asked:
+        names = _command_line_tasks(argv)
+        wanted: set[str] = set()
+        for name in project.targets if names is None else names or project.default_targets or project.targets:
+            # doit's own selection: a name with "*" is a glob over task names, anything else is literal
+            for match in fnmatch.filter([*project.targets, *project.groups], name) if "*" in name else [name]:
+                wanted.update(project.groups.get(match, [match]))
+        _asked[project.root, argv] = frozenset(wanted)
+    return _asked[project.root, argv]
 
 
 def needed_here(project, target) -> bool:

@@ -264,6 +264,11 @@ class RemoteStore:
         digests = set(digests)
         return self._has(digests) if digests else set()
 
+    def lacking(self, manifest: dict) -> set[str]:
+        """The digests of a manifest's files that the remote does not hold."""
+        digests = {info["digest"] for info in manifest.values()}
+        return digests - self.has_objects(digests)
+
     def lookup(self, key: str) -> dict | None:
         """The action entry for ``key``, or None (absent or unreadable: a miss, never a crash)."""
         data = self._get(f"actions/{key}.json")

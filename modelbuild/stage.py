@@ -42,7 +42,7 @@ from .executor import check_executor, executor_kind, run_on_ray
 from .gates import check_gates, gate_failures
 from .numerics import branch as cpu_numerics
 from .project import Project, Ref, Target
-from .status import STAMP_DIR, Fresh, Stale, read_stamp, status, write_stamp
+from .status import STAMP_DIR, Fresh, Stale, action_entry, read_stamp, status, write_stamp
 from .store import Store
 from .tiers import RemoteRequired, check_remote, remote_tier
 
@@ -279,7 +279,7 @@ def _download_left(project: Project, target: Target, stamp: dict, store: Store, 
 
     The files move into the existing folder and the stamp is replaced last: the stamp, which is
     all that dependents' keys read, never disappears while other stages of this run look at it."""
-    entry = {k: v for k, v in stamp.items() if k not in ("left_on_remote", "origin", "restored_at")}
+    entry = {k: v for k, v in action_entry(stamp).items() if k not in ("origin", "restored_at")}
     final = project.output_dir(target.name)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}~", suffix=".tmp", dir=project.build_dir))
     try:
@@ -345,9 +345,8 @@ def _remote_holds(remote, target: Target, stamp: dict) -> bool:
         client = remote.client() if remote is not None else None
     except RemoteRequired as error:
         raise StageError(f"target '{target.name}': {error}") from None
-    digests = {info["digest"] for info in stamp["manifest"].values()}
     try:
-        return client is not None and client.has_objects(digests) == digests
+        return client is not None and not client.lacking(stamp["manifest"])
     except RemoteError as error:  # unreachable now: the caller brings the output up to date another way
         say(f"'{target.name}': the remote cache cannot say whether it holds the output ({error})")
         return False

@@ -36,6 +36,12 @@ def read_stamp(out_dir: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) and isinstance(stamp.get("manifest"), dict) else None
 
 
+def action_entry(stamp: dict) -> dict:
+    """A stamp as a cache entry: without ``left_on_remote``, which says where this checkout keeps
+    the files (download.py), no part of the action."""
+    return {k: v for k, v in stamp.items() if k != "left_on_remote"}
+
+
 def write_stamp(out_dir: Path, stamp: dict) -> None:
     (Path(out_dir) / STAMP_DIR).mkdir(exist_ok=True)
     (Path(out_dir) / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))

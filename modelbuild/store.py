@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import say
 from .digest import hash_file, hash_json
+from .status import action_entry
 
 FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, xfs, ...)
 
@@ -152,8 +153,7 @@ class Store:
             clone_or_copy(out_dir / rel, Path(tmp))
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
-        entry = {k: v for k, v in stamp.items() if k != "left_on_remote"}  # where this checkout's files are: no part of an action
-        write_json_atomic(self.actions / f"{stamp['action_key']}.json", entry)
+        write_json_atomic(self.actions / f"{stamp['action_key']}.json", action_entry(stamp))
 
     def materialize(self, entry: dict, dest: Path) -> str | None:
         """Copy an action's outputs into ``dest``; None on success, else why it could not.

@@ -33,6 +33,7 @@ from pathlib import Path
 from . import UserError, say
 from .digest import hash_file
 from .project import Project, check_remote_url
+from .status import action_entry
 from .store import Store, entry_problem
 
 ENV_URL, ENV_PUSH, ENV_REQUIRED = "MODELBUILD_REMOTE_CACHE", "MODELBUILD_REMOTE_PUSH", "MODELBUILD_REMOTE_REQUIRED"
@@ -174,8 +175,7 @@ class RemoteTier:
                     self._bad[key] = ()
                 return None
             if not download:
-                lacking = {i["digest"] for i in entry["manifest"].values()} - remote.has_objects(
-                    i["digest"] for i in entry["manifest"].values())
+                lacking = remote.lacking(entry["manifest"])
                 if lacking:
                     say(f"'{name}': remote cache entry {key[:12]}… names {len(lacking)} object(s) the remote "
                         "does not have: never served; building")
@@ -224,8 +224,7 @@ class RemoteTier:
         if not self.config.push:
             return
         if entry.get("left_on_remote"):  # ran on a Ray worker, which pushed the objects: the entry goes up
-            entry = {k: v for k, v in entry.items() if k != "left_on_remote"}
-            files = {}
+            entry, files = action_entry(entry), {}
         else:
             files = {info["digest"]: out_dir / rel for rel, info in entry["manifest"].items()}
         self._push(name, entry, files)
@@ -284,13 +283,12 @@ class RemoteTier:
 
                 entry = _queued_entry(marker)
                 remote = self._client() if entry else None
-                digests = {i["digest"] for i in entry["manifest"].values()} if entry else set()
                 try:
-                    held = remote.has_objects(digests) if remote is not None else digests
+                    lacking = remote.lacking(entry["manifest"]) if remote is not None else set()
                 except RemoteUnavailable as error:
                     self._went_down(error)
                     return
-                if entry is None or held != digests:
+                if entry is None or lacking:
                     marker.unlink(missing_ok=True)  # nothing left to push from here
                     continue
                 if not self._push(entry.get("target", marker.name[:12]), entry, {}):
