@@ -14,7 +14,7 @@ the agreement is reported. ``--bare`` also measures the
 builder's own int4 (``create_model`` of the base, no adapter, the whole-graph quantizer) on
 the same base; at 32 layers that needs ~66 GB, so only use it with a few layers.
 
-Writes bench/results/phi35_build[-L<layers>].json.
+Writes bench/results/phi35_build[-L<layers>][-<algorithm>].json (no suffix: 32 layers, k_quant_mixed).
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ def main() -> int:
     print(json.dumps(report, indent=1))
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "phi35_build.json" if args.layers == 32 else f"phi35_build-L{args.layers}.json"
+    name = "phi35_build" + ("" if args.layers == 32 else f"-L{args.layers}")
+    name += "" if args.algorithm == "k_quant_mixed" else f"-{args.algorithm}"
+    name += ".json"
     (out / name).write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

@@ -226,13 +226,19 @@ def test_a_tied_head_with_block_offsets_keeps_its_float_lookup(activations):
 
 
 def test_fitting_in_column_chunks_changes_nothing(monkeypatch):
-    """Large heads are fitted COLUMNS_PER_FIT output columns at a time to bound memory."""
+    """Large weights are fitted (and their block offsets found) ELEMENTS_PER_FIT weights at a time
+    to bound memory: the codes, scales and zero points are those of the whole weight at once."""
     from modelbuild.ml import source_grid
 
     weight = np.concatenate([_q4_1(np.random.default_rng(5)), np.random.default_rng(6).normal(size=(K, 7)).astype(np.float32)], axis=1)
-    whole = source_grid.fit_grid(weight, BLOCK, refit=False)
-    monkeypatch.setattr(source_grid, "COLUMNS_PER_FIT", 10)
-    chunked = source_grid.fit_columns(weight, BLOCK, refit=False)
-    for field in ("codes", "scales", "zero_points"):
-        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
-    assert (chunked.on_grid, chunked.blocks) == (whole.on_grid, whole.blocks) == (N * K // BLOCK, (N + 7) * K // BLOCK)
+    for offsets in (False, True):
+        whole = source_grid.fit_grid(weight, BLOCK, refit=False)
+        if offsets:
+            whole = source_grid.with_block_offsets(whole, weight, BLOCK)
+        monkeypatch.setattr(source_grid, "ELEMENTS_PER_FIT", 10 * K)  # 10 columns at a time
+        chunked = source_grid.fit_columns(weight, BLOCK, refit=False, block_offsets=offsets)
+        monkeypatch.undo()
+        for field in ("codes", "scales", "zero_points"):
+            np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+        assert (chunked.on_grid, chunked.blocks) == (whole.on_grid, whole.blocks) == (N * K // BLOCK, (N + 7) * K // BLOCK)
+    assert chunked.codes.shape[1] > K // BLOCK  # the offsets' blocks are there

@@ -106,7 +106,11 @@ def fuse_lora(model, only: list[str] | None = None) -> dict:
         nodes, dead = _fuse_group(x, group, consumers, inits, array, model)
         first = min(order[id(n)] for u in group for n in (u.base, u.a, u.b, u.add))
         new_nodes[first] = nodes
-        removed |= {id(n) for u in group for n in (u.base, u.a, u.b, u.add)}
+        group_nodes = {id(n) for u in group for n in (u.base, u.a, u.b, u.add)}
+        for name in dead & inits.keys():  # copied into the packed weights: free the float bytes now,
+            if all(id(reader) in group_nodes for reader in consumers.get(name, [])):  # not at the end
+                inits[name].ClearField("raw_data")
+        removed |= group_nodes
         dead_tensors |= dead
         stats["modules"].append(_fused_module(group))
 

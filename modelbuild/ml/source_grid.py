@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 from modelbuild.ml.graph import topological_order
 
-COLUMNS_PER_FIT = 4096  # output columns fitted at a time: the float64 work arrays of a 49k-row LM head stay small
+# Weights fitted at a time (output columns x K): each float64 work array of a chunk is 32 MB, and
+# the ~15 of them a fit holds stay near 0.5 GB for any weight (Phi-3.5's down_proj, a 49k-row head).
+ELEMENTS_PER_FIT = 1 << 22
 GRID_TOLERANCE = 1e-3  # |w/d - integer| in units of the step: fp16 scales give ~1e-6
 SOURCE_SHARE = 0.99  # a weight whose blocks are this much on an 8-bit grid (and not a 4-bit one) stays 8-bit
 
@@ -142,14 +144,20 @@ def fit_grid(weight_kn, block_size: int = 32, activation_sq=None, bits: int = 4,
     return Encoded(codes.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), bits, int(mask.sum()), n * b)
 
 
-def fit_columns(weight_kn, block_size: int = 32, activation_sq=None, bits: int = 4, refit: bool = True) -> Encoded:
-    """``fit_grid`` over ``COLUMNS_PER_FIT`` output columns at a time (the same result; the peak
-    memory of one chunk instead of the whole weight)."""
+def fit_columns(weight_kn, block_size: int = 32, activation_sq=None, bits: int = 4, refit: bool = True,
+                block_offsets: bool = False) -> Encoded:
+    """``fit_grid`` (and ``with_block_offsets``, if asked) over chunks of output columns of about
+    ``ELEMENTS_PER_FIT`` weights: every column is fitted on its own, so the result is the same,
+    with the peak memory of one chunk instead of several float64 copies of the whole weight."""
     import numpy as np
 
-    n = np.asarray(weight_kn).shape[1]
-    parts = [fit_grid(weight_kn[:, start:start + COLUMNS_PER_FIT], block_size, activation_sq, bits, refit)
-             for start in range(0, n, COLUMNS_PER_FIT)]
+    k, n = np.asarray(weight_kn).shape
+    columns = max(1, ELEMENTS_PER_FIT // k)
+    parts = []
+    for start in range(0, n, columns):
+        chunk = weight_kn[:, start:start + columns]
+        part = fit_grid(chunk, block_size, activation_sq, bits, refit)
+        parts.append(with_block_offsets(part, chunk, block_size) if block_offsets else part)
     if len(parts) == 1:
         return parts[0]
     zero_points = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
@@ -252,23 +260,29 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
     indicators: dict[int, str] = {}  # K -> block-sum indicator initializer
     replaced: dict[str, object] = {}  # node name -> MatMulNBits node
     added, record = [], {"grid_blocks": 0, "blocks": 0, "offset_nodes": 0, "bits": {}}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     for done, node in enumerate([n for n in graph.node if n.name in weights], 1):
         weight = numpy_helper.to_array(initializers[weights[node.name]])
+        if readers[weights[node.name]] == 1:  # read by this node only: its float bytes can go now
+            initializers[weights[node.name]].ClearField("raw_data")
         k = weight.shape[0]
         bits = 8 if node.name in int8 else 4
         squares = None if activation_sq is None else activation_sq.get(node.input[0])
         offsets = bits == 4 and block_offsets and k % block_size == 0
-        encoded = fit_columns(weight, block_size, squares, bits, refit=not offsets)
+        encoded = fit_columns(weight, block_size, squares, bits, refit=not offsets, block_offsets=offsets)
         if bits == 4 and encoded.on_grid < SOURCE_SHARE * encoded.blocks:
             wider = fit_columns(weight, block_size, squares, 8)
             if wider.on_grid >= SOURCE_SHARE * wider.blocks:  # an 8-bit source grid (Q8_0): keep it, exactly
                 encoded, bits, offsets = wider, 8, False
+        del weight
         record["grid_blocks"] += encoded.on_grid
         record["blocks"] += encoded.blocks
         record["bits"][node.name] = bits
         source, width = node.input[0], k
         if offsets:
-            encoded = with_block_offsets(encoded, weight, block_size)
             if k not in indicators:
                 indicators[k] = f"block_sums_K{k}_B{block_size}"
                 added.append(numpy_helper.from_array(block_sum_columns(k, block_size), indicators[k]))
