@@ -6,7 +6,13 @@ random weights, one decode token, one onnxruntime thread, CPU time per run:
 
 - fp32 MatMuls with the weights as initializers (what a merged-in constant would get),
 - the same with the weights as graph inputs bound per run (how switchable adapters arrive),
-- 8-bit MatMulNBits (block 32) at accuracy level 4 and 0 (what int8 LoRA weights would cost).
+- 8-bit MatMulNBits (block 32) at accuracy level 4 and 0, as initializers (prepacked: what int8
+  LoRA weights would cost if they were constants) and, at level 4, as graph inputs;
+- int8 weights as graph inputs through DynamicQuantizeMatMul (activations quantized per run).
+
+Switchable adapter weights arrive as graph inputs, so the low-precision kernels that count are the
+graph-input ones: onnxruntime prepacks MatMulNBits only for constant weights and dequantizes an
+input B on every run.
 
 gate/up is written block-diagonal here (the bundle stacks it without zeros): an upper bound on
 the bytes, the same number of MatMuls.
@@ -57,6 +63,11 @@ def lora_graph(kind: str, accuracy: int, rng) -> object:
                 if kind == "fp32":
                     inits.append(numpy_helper.from_array(w, name))
                     nodes.append(helper.make_node("MatMul", [x, name], [y]))
+                elif kind == "dynamic_int8":  # int8 per output column, activations quantized per run
+                    scale = np.maximum(np.abs(w).max(0), 1e-12) / 127
+                    q = np.round(w / scale).clip(-127, 127).astype(np.int8)
+                    inits += [numpy_helper.from_array(q, name), numpy_helper.from_array(scale.astype(np.float32), f"{name}_s")]
+                    nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, name, f"{name}_s"], [y], domain="com.microsoft"))
                 else:
                     q, s, z = quantize_8bit(w)
                     inits += [numpy_helper.from_array(q, name), numpy_helper.from_array(s, f"{name}_s"),
@@ -98,20 +109,25 @@ def main() -> None:
     def session(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    fp32 = lora_graph("fp32", 0, rng)
-    results["fp32_initializers_ms"] = cpu_ms(session(fp32), feeds, args.runs)
-    weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
-    for init in list(fp32.graph.initializer):
-        fp32.graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, list(init.dims)))
-    del fp32.graph.initializer[:]
-    as_inputs = session(fp32)
-    binding = as_inputs.io_binding()
-    for name, value in {**feeds, **weights}.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
-    binding.bind_output("out")
-    results["fp32_graph_inputs_ms"] = cpu_ms(as_inputs, feeds, args.runs, binding)
+    def with_weights_as_inputs(model) -> float:
+        """CPU ms with every weight a graph input bound once (how og.Adapters feeds an adapter)."""
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        for init in model.graph.initializer:
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        del model.graph.initializer[:]
+        as_inputs = session(model)
+        binding = as_inputs.io_binding()
+        for name, value in {**feeds, **weights}.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        binding.bind_output("out")
+        return cpu_ms(as_inputs, feeds, args.runs, binding)
+
+    results["fp32_initializers_ms"] = cpu_ms(session(lora_graph("fp32", 0, rng)), feeds, args.runs)
+    results["fp32_graph_inputs_ms"] = with_weights_as_inputs(lora_graph("fp32", 0, rng))
     for accuracy in (4, 0):
         results[f"int8_matmulnbits_acc{accuracy}_ms"] = cpu_ms(session(lora_graph("int8", accuracy, rng)), feeds, args.runs)
+    results["int8_matmulnbits_acc4_graph_inputs_ms"] = with_weights_as_inputs(lora_graph("int8", 4, rng))
+    results["int8_dynamic_quantize_matmul_graph_inputs_ms"] = with_weights_as_inputs(lora_graph("dynamic_int8", 0, rng))
     results = {k: round(v, 3) for k, v in results.items()}
     results["lora_matmuls"] = 2 * len(GROUPS) * LAYERS
     results["fp32_weight_mb"] = round(sum(4 * r * (k + n) for k, r, n in GROUPS) * LAYERS / 1e6, 2)
