@@ -15,7 +15,8 @@ from the same rounds are compared):
   cpu ms     plain onnxruntime, one thread, process CPU time of one decode step (``--past``
              tokens of KV cache): less sensitive to other load than wall time.
 
-and reports the graph (nodes, LoRA ops, MatMulNBits, LoRA weight bytes read per token) and the
+Each ratio to the merged bundle is given twice: of the medians, and "paired" (the median of the
+per-round ratios, which cancels the machine's drift between rounds). The bench then reports the graph (nodes, LoRA ops, MatMulNBits, LoRA weight bytes read per token) and the
 logits with the adapter: fused vs unfused, vs merged, vs no adapter.
 
     PYTHONPATH=. .venv/bin/python bench/adapter_speed.py \\
@@ -209,7 +210,9 @@ def measure(algorithm: str, args) -> dict:
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "bundles": results,
         "ratios_vs_merged": {name: {"tokens_per_s": round(results[name]["tokens_per_s_median"] / merged_speed, 3),
-                                    "cpu_speed_1_thread": round(merged_cpu / results[name]["cpu_ms_per_step_median"], 3)}
+                                    "tokens_per_s_paired": paired(speed[name], speed["merged"]),
+                                    "cpu_speed_1_thread": round(merged_cpu / results[name]["cpu_ms_per_step_median"], 3),
+                                    "cpu_speed_1_thread_paired": paired(cpu["merged"], cpu[name])}
                              for name in ("unfused", "fused")},
         "logits_with_adapter": {
             "fused_vs_unfused": logit_agreement(with_adapter["unfused"], with_adapter["fused"]),
@@ -220,6 +223,13 @@ def measure(algorithm: str, args) -> dict:
         "same_greedy_tokens": {"fused_vs_unfused": tokens["fused"] == tokens["unfused"],
                                "fused_vs_merged": tokens["fused"] == tokens["merged"]},
     }
+
+
+def paired(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the per-round ratios: the machine's speed drifts between rounds (here up to
+    20 % over a run), and a ratio taken within one round cancels that drift where the ratio of
+    the two medians does not."""
+    return round(statistics.median(a / b for a, b in zip(numerators, denominators)), 3)
 
 
 def genai_build_default(name: str) -> float:
@@ -270,11 +280,14 @@ def main() -> None:
 
     for algorithm, result in by_algorithm.items():
         print(f"\nint4 {algorithm}, block {args.block_size} (load {result['load_average_before_after']})")
-        print(f"{'bundle':10s} {'tok/s':>8s} {'ratio':>6s} {'cpu ms':>7s} {'ratio':>6s} {'nodes':>6s} {'LoRA ops':>8s} {'NBits':>6s} {'LoRA MB':>8s}")
+        print(f"{'bundle':10s} {'tok/s':>8s} {'ratio':>6s} {'paired':>6s} {'cpu ms':>7s} {'ratio':>6s} {'paired':>6s} "
+              f"{'nodes':>6s} {'LoRA ops':>8s} {'NBits':>6s} {'LoRA MB':>8s}")
         merged = result["bundles"]["merged"]
         for name, r in result["bundles"].items():
+            ratios = result["ratios_vs_merged"].get(name, {"tokens_per_s_paired": 1.0, "cpu_speed_1_thread_paired": 1.0})
             print(f"{name:10s} {r['tokens_per_s_median']:8.1f} {r['tokens_per_s_median'] / merged['tokens_per_s_median']:6.3f} "
-                  f"{r['cpu_ms_per_step_median']:7.2f} {merged['cpu_ms_per_step_median'] / r['cpu_ms_per_step_median']:6.3f} "
+                  f"{ratios['tokens_per_s_paired']:6.3f} {r['cpu_ms_per_step_median']:7.2f} "
+                  f"{merged['cpu_ms_per_step_median'] / r['cpu_ms_per_step_median']:6.3f} {ratios['cpu_speed_1_thread_paired']:6.3f} "
                   f"{r['nodes']:6d} {r['lora_ops']:8d} {r['matmulnbits']:6d} {r['lora_weight_mb_per_token']:8.2f}")
         for key, value in result["logits_with_adapter"].items():
             print(f"  {key:30s} {value}")
