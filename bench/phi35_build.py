@@ -85,6 +85,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.make_only and not args.work:
         parser.error("--make-only needs --work")
+    if args.bare and args.algorithm == "source_grid":
+        parser.error("--bare runs the builder's own int4, which has no source_grid")
     with tempfile.TemporaryDirectory(prefix="phi35-build-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         base, adapter = work / f"phi35-L{args.layers}-base", work / f"phi35-L{args.layers}-adapter"

@@ -41,6 +41,68 @@ def external_data_files(model) -> list[str]:
     })
 
 
+def load_decoder_lazily(path: Path):
+    """(the decoder graph with its weights left in their external-data files, ``read``):
+    ``read(initializer)`` gives a weight as an array mapped from its file (np.memmap: page cache,
+    which the kernel can drop) or, for one stored inline, decoded. A rewrite of a 15 GB fp32
+    decoder (Phi-3.5-mini) then holds only what it adds: loaded whole, plus the packed weights
+    LoRA fusion adds, it needed more than this machine's 24 GB."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    files: dict[str, object] = {}
+
+    def read(init):
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(init)
+        location, offset, length = _external(init)
+        if location not in files:
+            files[location] = np.memmap(path.parent / location, dtype=np.uint8, mode="r")
+        data = files[location][offset:] if length is None else files[location][offset:offset + length]
+        return data.view(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).reshape(tuple(init.dims))
+
+    return model, read
+
+
+def save_decoder_streaming(model, path: Path, read) -> None:
+    """``save_decoder``'s layout (initializers of 1 KiB or more, in graph order, in one
+    ``<model>.data`` beside the model), written one weight at a time from wherever ``read`` finds
+    it, so no second copy of the decoder is made; the new data file replaces the old one, which
+    the mapped weights were read from, only once it is complete."""
+    import os
+
+    import numpy as np
+    import onnx
+
+    data_name = path.name + ".data"
+    partial = path.parent / f"{data_name}.partial"
+    with open(partial, "wb") as out:
+        for init in model.graph.initializer:
+            external = init.data_location == onnx.TensorProto.EXTERNAL
+            if not external and (not init.HasField("raw_data") or len(init.raw_data) < 1024):
+                continue  # stays inline, as onnx.save leaves it
+            offset = out.tell()
+            if external:
+                out.write(memoryview(np.ascontiguousarray(read(init))).cast("B"))
+            else:
+                out.write(init.raw_data)
+            init.ClearField("raw_data")
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", offset), ("length", out.tell() - offset)):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, str(value)
+    os.replace(partial, path.parent / data_name)
+    path.write_bytes(model.SerializeToString())
+
+
+def _external(init) -> tuple[str, int, int | None]:
+    info = {entry.key: entry.value for entry in init.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+
+
 def save_decoder(model, path: Path, data_name: str) -> None:
     """Every initializer of 1 KiB or more into one external-data file beside the model."""
     import onnx

@@ -66,13 +66,15 @@ def lora_op_count(model) -> int:
     return sum(1 for n in model.graph.node if any(m in n.name for m in LORA_MARKERS) or "/lora/" in n.name)
 
 
-def fuse_lora(model, only: list[str] | None = None) -> dict:
-    """Fuse, in place, the LoRA paths of ``model`` (an onnx.ModelProto with its initializers
-    loaded) that share an input and whose bases pack into one MatMul; with ``only``, just the
-    groups of those fused module names (to lay another build out like a bundle). Returns the
-    fused module names and the node counts before/after."""
+def fuse_lora(model, only: list[str] | None = None, read=None) -> dict:
+    """Fuse, in place, the LoRA paths of ``model`` (an onnx.ModelProto) that share an input and
+    whose bases pack into one MatMul; with ``only``, just the groups of those fused module names
+    (to lay another build out like a bundle). ``read(initializer)`` gives a weight's array
+    (default: decoded from the loaded model; ``bundle.load_decoder_lazily`` maps it from disk).
+    Returns the fused module names and the node counts before/after."""
     from onnx import numpy_helper
 
+    read = read or numpy_helper.to_array
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
@@ -82,7 +84,7 @@ def fuse_lora(model, only: list[str] | None = None) -> dict:
             consumers.setdefault(name, []).append(node)
 
     def array(name):
-        return numpy_helper.to_array(inits[name])
+        return read(inits[name])
 
     units = []
     for add in graph.node:
@@ -106,11 +108,7 @@ def fuse_lora(model, only: list[str] | None = None) -> dict:
         nodes, dead = _fuse_group(x, group, consumers, inits, array, model)
         first = min(order[id(n)] for u in group for n in (u.base, u.a, u.b, u.add))
         new_nodes[first] = nodes
-        group_nodes = {id(n) for u in group for n in (u.base, u.a, u.b, u.add)}
-        for name in dead & inits.keys():  # copied into the packed weights: free the float bytes now,
-            if all(id(reader) in group_nodes for reader in consumers.get(name, [])):  # not at the end
-                inits[name].ClearField("raw_data")
-        removed |= group_nodes
+        removed |= {id(n) for u in group for n in (u.base, u.a, u.b, u.add)}
         dead_tensors |= dead
         stats["modules"].append(_fused_module(group))
 

@@ -240,7 +240,8 @@ def with_block_offsets(encoded: Encoded, weight_kn, block_size: int) -> Encoded:
 
 
 def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int = 32, accuracy_level: int = 4,
-                     block_offsets: bool = True, activation_sq: dict | None = None, on_step=lambda done, total: None) -> dict:
+                     block_offsets: bool = True, activation_sq: dict | None = None, on_step=lambda done, total: None,
+                     read=None) -> dict:
     """Replace the MatMuls ``weights`` (node name -> its constant [K, N] weight) of ``model`` in
     place by MatMulNBits: ``int8`` nodes and weights on an 8-bit source grid (not a 4-bit one)
     8-bit, the rest 4-bit, each keeping its source grid
@@ -249,10 +250,13 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
     shared by the nodes reading it). ``activation_sq``: input name -> mean square per input
     column, for the scale refit. A float lookup of a tied LM head (Transpose(head weight) ->
     Gather) is re-pointed at the quantized head (GatherBlockQuantized), so the float copy goes.
+    ``read(initializer)`` gives a weight's array (default: decoded from the loaded model;
+    ``bundle.load_decoder_lazily`` maps it from disk, one weight at a time).
     Returns a record: blocks kept on their source grid, nodes with offsets, bits per node."""
     import onnx
     from onnx import numpy_helper
 
+    read = read or numpy_helper.to_array
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     int8 = set(int8)
@@ -260,14 +264,8 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
     indicators: dict[int, str] = {}  # K -> block-sum indicator initializer
     replaced: dict[str, object] = {}  # node name -> MatMulNBits node
     added, record = [], {"grid_blocks": 0, "blocks": 0, "offset_nodes": 0, "bits": {}}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
     for done, node in enumerate([n for n in graph.node if n.name in weights], 1):
-        weight = numpy_helper.to_array(initializers[weights[node.name]])
-        if readers[weights[node.name]] == 1:  # read by this node only: its float bytes can go now
-            initializers[weights[node.name]].ClearField("raw_data")
+        weight = read(initializers[weights[node.name]])
         k = weight.shape[0]
         bits = 8 if node.name in int8 else 4
         squares = None if activation_sq is None else activation_sq.get(node.input[0])
@@ -277,7 +275,6 @@ def quantize_decoder(model, weights: dict[str, str], *, int8=(), block_size: int
             wider = fit_columns(weight, block_size, squares, 8)
             if wider.on_grid >= SOURCE_SHARE * wider.blocks:  # an 8-bit source grid (Q8_0): keep it, exactly
                 encoded, bits, offsets = wider, 8, False
-        del weight
         record["grid_blocks"] += encoded.on_grid
         record["blocks"] += encoded.blocks
         record["bits"][node.name] = bits

@@ -39,7 +39,7 @@ from modelbuild import UserError
 from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle
 from modelbuild.hf import probe_ids, torch_logits
 from modelbuild.ml.builder import run_builder
-from modelbuild.ml.bundle import save_decoder
+from modelbuild.ml.bundle import load_decoder_lazily, save_decoder_streaming
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.lora_graph import fuse_lora
 from modelbuild.passdef import Input, PassDef, param, require
@@ -150,9 +150,9 @@ def _lora_exclusions(base: Path) -> str:
     )
 
 
-def _lora_weights(model) -> dict[str, object]:
-    """LoRA MatMul weight initializers by name (the second input of every LoRA MatMul node)."""
-    from onnx import numpy_helper
+def _lora_weights(model, read) -> dict[str, object]:
+    """LoRA MatMul weights by initializer name (the second input of every LoRA MatMul node), in memory."""
+    import numpy as np
 
     initializers = {init.name: init for init in model.graph.initializer}
     weights = {}
@@ -160,7 +160,7 @@ def _lora_weights(model) -> dict[str, object]:
         if "/lora_A/" in node.name or "/lora_B/" in node.name:
             if node.op_type != "MatMul" or node.input[1] not in initializers:
                 raise UserError(f"LoRA node {node.name} was quantized or fused ({node.op_type}); cannot keep it switchable")
-            weights[node.input[1]] = numpy_helper.to_array(initializers[node.input[1]])
+            weights[node.input[1]] = np.array(read(initializers[node.input[1]]))
     return weights
 
 
@@ -168,12 +168,11 @@ def _make_switchable(model_path: Path, fuse: bool) -> tuple[dict[str, object], d
     """Turn LoRA weights into graph inputs with zero defaults (after fusing the LoRA paths that
     share an input, if ``fuse``); return the original weights and the fusion counts."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_path))
-    fusion = fuse_lora(model) if fuse else {}
-    weights = _lora_weights(model)
+    model, read = load_decoder_lazily(model_path)
+    fusion = fuse_lora(model, read=read) if fuse else {}
+    weights = _lora_weights(model, read)
     if not weights:
         raise UserError("the built model has no LoRA subgraph: was the adapter applied?")
     for init in model.graph.initializer:
@@ -182,16 +181,8 @@ def _make_switchable(model_path: Path, fuse: bool) -> tuple[dict[str, object], d
     for name, array in sorted(weights.items()):
         elem = helper.np_dtype_to_tensor_dtype(array.dtype)
         model.graph.input.append(helper.make_tensor_value_info(name, elem, list(array.shape)))
-    _save_in_place(model, model_path)
+    save_decoder_streaming(model, model_path, read)
     return weights, fusion
-
-
-def _save_in_place(model, model_path: Path) -> None:
-    """Overwrite the built decoder and its one external-data file (the builder's layout); the old
-    data file goes first, since onnx appends to an existing one."""
-    data_name = model_path.name + ".data"
-    (model_path.parent / data_name).unlink(missing_ok=True)
-    save_decoder(model, model_path, data_name)
 
 
 def _write_adapter(weights: dict, path: Path) -> None:
@@ -208,15 +199,14 @@ def _write_adapter(weights: dict, path: Path) -> None:
 def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path, expected: dict, fused: list | None) -> dict:
     """An adapter's LoRA weights in the bundle's layout, from an fp32 build of base + adapter
     (with the bundle's ``fused`` LoRA groups fused by the same code)."""
-    import onnx
-
     out = scratch / "fp32-extract"
     shutil.rmtree(out, ignore_errors=True)
     run_builder(base, out, "fp32", device, [f"adapter_path={adapter}"], scratch)
-    model = onnx.load(str(out / "model.onnx"))
+    model, read = load_decoder_lazily(out / "model.onnx")
     if fused:
-        fuse_lora(model, only=fused)
-    weights = _lora_weights(model)
+        fuse_lora(model, only=fused, read=read)
+    weights = _lora_weights(model, read)
+    del model, read  # the mapped data file, before it goes
     shutil.rmtree(out, ignore_errors=True)
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise UserError(
@@ -283,16 +273,14 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 def _quantize_source_grid(model_path: Path, params: Params) -> dict:
     """The fp32 build's MatMuls (not LoRA, not adapter-switched weights) -> MatMulNBits keeping
     the base's source grid; returns what it kept (blocks on their grid, bits per node)."""
-    import onnx
-
     from modelbuild.ml.lora_graph import LORA_MARKERS
     from modelbuild.ml.precision import quantizable_matmuls
     from modelbuild.ml.source_grid import quantize_decoder
 
-    model = onnx.load(str(model_path))
+    model, read = load_decoder_lazily(model_path)
     record = quantize_decoder(model, quantizable_matmuls(model, LORA_MARKERS), block_size=params.block_size,
-                              accuracy_level=params.accuracy_level)
-    _save_in_place(model, model_path)
+                              accuracy_level=params.accuracy_level, read=read)
+    save_decoder_streaming(model, model_path, read)
     bits = list(record.pop("bits").values())
     return {**record, "int4_nodes": bits.count(4), "int8_nodes": bits.count(8)}
 
