@@ -13,11 +13,16 @@ CPU time, ``--past`` tokens of KV cache) of:
                 lora_B MatMul and its Add become one Gemm (C = the base output) and gate/up's
                 B is block-diagonal: 4 fewer ops per layer, 2 Reshapes more around attention
 
-The variants take turns step by step (``--steps`` turns), so a drift of the machine's speed hits
-them alike; each ratio is the median of the per-turn ratios to merged. So fused - rank1 is what
-the LoRA weights' bytes cost, rank1 - no_lora what its ops cost, no_lora - merged what packing
-the bases saved. Random LoRA weights of the bundle's shapes are fed as inputs: speed does not
-depend on their values.
+The variants take turns step by step (``--steps`` turns, the order rotating each turn), so a
+drift of the machine's speed hits them alike; each ratio is the median of the per-turn ratios to
+merged. So fused - rank1 is what 7/8 of the LoRA weights' bytes (and their multiply-adds) cost,
+rank1 - no_lora what the LoRA ops cost at 1/8 of the bytes, no_lora - merged what packing the
+bases saved. Random LoRA weights of the bundle's shapes are fed as inputs (speed does not depend
+on their values); gemm_2d gets the same ones as fused (gate/up's laid out block-diagonally) and
+must give the same logits, as no_lora must give fused's without an adapter: the record says how
+close they came. (gemm_2d sums gate/up's LoRA product in another order than fused's batched
+MatMul; the int4 MatMulNBits quantize their input to 8 bits per block, so a last-bit difference
+can flip a rounding and grow over 30 layers: its logits match by correlation, not to the bit.)
 
     PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py [--work /tmp/adapter_speed/source_grid]
 
@@ -63,21 +68,23 @@ def input_shape(value) -> list[int]:
 
 
 def rank1(model) -> None:
-    """Every LoRA rank cut to an eighth (rank 8 -> 1): [K, G*r] -> [K, G], [G*r, N] -> [G, N],
-    [G, r, N] -> [G, 1, N]; gate/up's Reshape to [.., G, 1, r] follows."""
+    """Every LoRA rank cut to an eighth (rank 8 -> 1): [K, G*r] -> [K, G*r/8], [G*r, N] ->
+    [G*r/8, N], [G, r, N] -> [G, r/8, N]; gate/up's Reshape to [.., G, 1, r] follows."""
     for name, value in list(lora_inputs(model).items()):
         shape = input_shape(value)
+        if (shape[1] if ".lora_A." in name or len(shape) == 3 else shape[0]) % 8:
+            raise SystemExit(f"{name}: rank not a multiple of 8 ({shape}); rank1 cuts it to an eighth")
         if ".lora_A." in name:
             shape[1] //= 8
         elif len(shape) == 2:
             shape[0] //= 8
         else:
-            shape[1] = 1
+            shape[1] //= 8
         set_input_shape(model, name, shape)
     for init in model.graph.initializer:
         if init.name.endswith(".lora.shape_in"):
             shape = numpy_helper.to_array(init).copy()
-            shape[-1] = 1
+            shape[-1] //= 8
             init.CopyFrom(numpy_helper.from_array(shape, init.name))
 
 
@@ -121,7 +128,7 @@ def gemm_2d(model, hidden: int, vocab: int) -> None:
         if node.name.endswith(("/lora/Reshape_in", "/lora/Reshape_out")):
             rename[node.output[0]] = node.input[0]
             continue
-        if node.op_type == "Concat":
+        if node.op_type == "Concat" and node.name.endswith("/block_sums/Concat"):  # [x, block sums]: any rank
             for attribute in node.attribute:
                 if attribute.name == "axis":
                     attribute.i = -1
@@ -162,15 +169,31 @@ def gemm_2d(model, hidden: int, vocab: int) -> None:
             set_input_shape(model, name, [shape[0] * shape[1], shape[0] * shape[2]])
 
 
-def session(model_path: Path, config: dict, past: int, rng):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    run = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+def block_diagonal(stacked):
+    """[G, r, N] -> [G*r, G*N] with the G blocks on the diagonal (gemm_2d's gate/up B)."""
+    groups, rank, width = stacked.shape
+    out = np.zeros((groups * rank, groups * width), stacked.dtype)
+    for g in range(groups):
+        out[g * rank:(g + 1) * rank, g * width:(g + 1) * width] = stacked[g]
+    return out
+
+
+def decode_feeds(config: dict, past: int, rng) -> dict:
+    """One decode step's inputs after ``past`` tokens: the same for every variant."""
     feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
     for layer in range(config["num_hidden_layers"]):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
                 (1, config["num_key_value_heads"], past, config["head_size"])).astype(np.float32)
+    return feeds
+
+
+def session(model_path: Path, decode: dict, rng):
+    """A one-thread session and its feeds: ``decode`` plus random LoRA weights of its shapes."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    run = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(decode)
     for value in run.get_overridable_initializers():  # the LoRA weights: inputs with zero defaults
         if ".lora_" in value.name:
             feeds[value.name] = (rng.standard_normal(value.shape) * 0.01).astype(np.float32)
@@ -197,16 +220,28 @@ def main() -> None:
             paths[name] = Path(tmp) / name / "model.onnx"
             paths[name].parent.mkdir()
             onnx.save(model, str(paths[name]), save_as_external_data=True, location="model.onnx.data")
-        runs = {name: session(path, config, args.past, rng) for name, path in paths.items()}
+        decode = decode_feeds(config, args.past, rng)
+        runs = {name: session(path, decode, rng) for name, path in paths.items()}
         nodes = {name: len(onnx.load(str(path), load_external_data=False).graph.node) for name, path in paths.items()}
         lora_mb = {name: round(sum(int(np.prod(v.shape)) * 4 for k, v in feeds.items() if ".lora_" in k) / 1e6, 2)
                    for name, (_, feeds) in runs.items()}
         for run, feeds in runs.values():
             for _ in range(10):
                 run.run(["logits"], feeds)
+        fused_feeds = runs["fused"][1]
+        runs["gemm_2d"][1].update({k: block_diagonal(v) if v.ndim == 3 else v for k, v in fused_feeds.items() if ".lora_" in k})
+        logits = {name: runs[name][0].run(["logits"], runs[name][1])[0] for name in ("fused", "gemm_2d")}
+        without = {k: v for k, v in fused_feeds.items() if ".lora_" not in k}  # the zero defaults: no adapter
+        same_function = {"gemm_2d_vs_fused": float(np.abs(logits["gemm_2d"] - logits["fused"]).max()),
+                         "gemm_2d_vs_fused_correlation": float(np.corrcoef(logits["gemm_2d"].ravel(), logits["fused"].ravel())[0, 1]),
+                         "no_lora_vs_fused_without_adapter": float(np.abs(
+                             runs["no_lora"][0].run(["logits"], runs["no_lora"][1])[0] - runs["fused"][0].run(["logits"], without)[0]).max()),
+                         "logit_scale": float(np.abs(logits["fused"]).max())}
+        names = list(runs)
         times = {name: [] for name in runs}
-        for _ in range(args.steps):
-            for name, (run, feeds) in runs.items():
+        for turn in range(args.steps):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                run, feeds = runs[name]
                 started = time.thread_time_ns()
                 run.run(["logits"], feeds)
                 times[name].append((time.thread_time_ns() - started) / 1e6)
@@ -215,12 +250,14 @@ def main() -> None:
                       "nodes": nodes[name], "lora_weight_mb_per_token": lora_mb[name]} for name, t in times.items()}
     record = {"what": "one-thread decode-step CPU time of SmolLM2 int4 bundle variants, interleaved step by step",
               "command": "PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py " + " ".join(sys.argv[1:]),
-              "bundles": str(args.work), "steps": args.steps, "past": args.past, "variants": results}
+              "bundles": str(args.work), "steps": args.steps, "past": args.past, "variants": results,
+              "max_abs_logit_difference": same_function}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{'variant':10s} {'cpu ms':>7s} {'speed':>6s} {'nodes':>6s} {'LoRA MB':>8s}")
     for name, r in results.items():
         print(f"{name:10s} {r['cpu_ms_median']:7.2f} {r['speed_vs_merged_paired']:6.3f} {r['nodes']:6d} {r['lora_weight_mb_per_token']:8.2f}")
+    print("logits of the rewrites that compute the same function:", same_function)
     print(f"wrote {OUT}")
 
 

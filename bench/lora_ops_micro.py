@@ -5,7 +5,8 @@ B [24, 960]; o: [576, 8], [8, 576]; gate/up: [576, 16], [16, 3072]; down: [1536,
 random weights, one decode token, one onnxruntime thread, CPU time per run:
 
 - fp32 MatMuls with the weights as initializers (what a merged-in constant would get),
-- the same with the weights as graph inputs bound per run (how switchable adapters arrive),
+- the same with the weights as graph inputs, bound once through io_binding (how switchable
+  adapters arrive),
 - 8-bit MatMulNBits (block 32) at accuracy level 4 and 0, as initializers (prepacked: what int8
   LoRA weights would cost if they were constants) and, at level 4, as graph inputs;
 - int8 weights as graph inputs through DynamicQuantizeMatMul (activations quantized per run).
