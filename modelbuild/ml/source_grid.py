@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from modelbuild.ml.graph import topological_order
 
 # Weights fitted at a time (output columns x K): each float64 work array of a chunk is 32 MB, and
-# the ~15 of them a fit holds stay near 0.5 GB for any weight (Phi-3.5's down_proj, a 49k-row head).
+# the ~15 of them a fit holds stay near 0.5 GB for any K up to 4M (Phi-3.5's down_proj has 8192).
 ELEMENTS_PER_FIT = 1 << 22
 GRID_TOLERANCE = 1e-3  # |w/d - integer| in units of the step: fp16 scales give ~1e-6
 SOURCE_SHARE = 0.99  # a weight whose blocks are this much on an 8-bit grid (and not a 4-bit one) stays 8-bit
