@@ -46,6 +46,9 @@ from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench/results/adapter_overhead.json"
+sys.path.insert(0, str(REPO / "bench"))
+
+from adapter_speed import decode_feeds, paired  # noqa: E402  (one decode input for every variant)
 
 
 def lora_inputs(model) -> dict:
@@ -178,16 +181,6 @@ def block_diagonal(stacked):
     return out
 
 
-def decode_feeds(config: dict, past: int, rng) -> dict:
-    """One decode step's inputs after ``past`` tokens: the same for every variant."""
-    feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
-    for layer in range(config["num_hidden_layers"]):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
-                (1, config["num_key_value_heads"], past, config["head_size"])).astype(np.float32)
-    return feeds
-
-
 def session(model_path: Path, decode: dict, rng):
     """A one-thread session and its feeds: ``decode`` plus random LoRA weights of its shapes."""
     options = ort.SessionOptions()
@@ -246,7 +239,7 @@ def main() -> None:
                 run.run(["logits"], feeds)
                 times[name].append((time.thread_time_ns() - started) / 1e6)
     results = {name: {"cpu_ms_median": round(statistics.median(t), 3),
-                      "speed_vs_merged_paired": round(statistics.median(m / x for m, x in zip(times["merged"], t)), 3),
+                      "speed_vs_merged_paired": paired(times["merged"], t),
                       "nodes": nodes[name], "lora_weight_mb_per_token": lora_mb[name]} for name, t in times.items()}
     record = {"what": "one-thread decode-step CPU time of SmolLM2 int4 bundle variants, interleaved step by step",
               "command": "PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py " + " ".join(sys.argv[1:]),

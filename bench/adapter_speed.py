@@ -89,6 +89,18 @@ def graph_stats(bundle: Path) -> dict:
     }
 
 
+def decode_feeds(config: dict, past: int, rng) -> dict:
+    """One decode step's inputs after ``past`` tokens of random KV cache (``config``: genai_config's decoder)."""
+    import numpy as np
+
+    feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
+    for layer in range(config["num_hidden_layers"]):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
+                (1, config["num_key_value_heads"], past, config["head_size"])).astype(np.float32)
+    return feeds
+
+
 class Decoder:
     """One bundle loaded in onnxruntime-genai (for tok/s) and in plain onnxruntime (for CPU ms)."""
 
@@ -115,12 +127,7 @@ class Decoder:
             self.lora = ort.LoraAdapter()
             self.lora.Load(str(bundle_adapters(bundle)[adapter]))
             self.run_options.add_active_adapter(self.lora)
-        rng = np.random.default_rng(0)
-        self.feeds = {"input_ids": np.array([[42]], np.int64), "attention_mask": np.ones((1, past + 1), np.int64)}
-        for layer in range(config["num_hidden_layers"]):
-            for kind in ("key", "value"):
-                self.feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
-                    (1, config["num_key_value_heads"], past, config["head_size"])).astype(np.float32)
+        self.feeds = decode_feeds(config, past, np.random.default_rng(0))
 
     @staticmethod
     def prompt_ids(bundle: Path, tokenizer=None) -> list[int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from modelbuild import UserError
 
 GENAI_CONFIG = "genai_config.json"
+INLINE_BELOW = 1024  # bytes: a smaller initializer stays in the model file, a larger one goes to its data file
 NOT_COPIED = (".modelbuild", "modelbuild.json")  # the upstream stamp and genai-build's own record
 
 
@@ -67,7 +68,7 @@ def load_decoder_lazily(path: Path):
 
 
 def save_decoder_streaming(model, path: Path, read) -> None:
-    """``save_decoder``'s layout (initializers of 1 KiB or more, in graph order, in one
+    """``save_decoder``'s layout (initializers of ``INLINE_BELOW`` bytes or more, in graph order, in one
     ``<model>.data`` beside the model), written one weight at a time from wherever ``read`` finds
     it, so no second copy of the decoder is made; the new data file replaces the old one, which
     the mapped weights were read from, only once it is complete."""
@@ -81,7 +82,7 @@ def save_decoder_streaming(model, path: Path, read) -> None:
     with open(partial, "wb") as out:
         for init in model.graph.initializer:
             external = init.data_location == onnx.TensorProto.EXTERNAL
-            if not external and (not init.HasField("raw_data") or len(init.raw_data) < 1024):
+            if not external and (not init.HasField("raw_data") or len(init.raw_data) < INLINE_BELOW):
                 continue  # stays inline, as onnx.save leaves it
             offset = out.tell()
             if external:
@@ -104,12 +105,12 @@ def _external(init) -> tuple[str, int, int | None]:
 
 
 def save_decoder(model, path: Path, data_name: str) -> None:
-    """Every initializer of 1 KiB or more into one external-data file beside the model."""
+    """Every initializer of ``INLINE_BELOW`` bytes or more into one external-data file beside the model."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024, convert_attribute=False)
+                    location=data_name, size_threshold=INLINE_BELOW, convert_attribute=False)
 
 
 def copy_rest(bundle: Path, out_dir: Path, model_files: set[str]) -> None:
