@@ -1,7 +1,8 @@
-"""genai-build's LoRA fusion (modelbuild/ml/lora_graph.py): fewer ops per token, the same
-function, adapters still switchable. Real doit builds of the tiny random Phi3, fused (int4's
-default; ``fuse_lora = "always"`` for fp32) against unfused (``"never"``; fp32's default), plus
-the surgery on small synthetic graphs."""
+"""genai-build's LoRA fusion (modelbuild/ml/lora_graph.py, then modelbuild/ml/lora_gemm.py's
+2-D decoder): fewer ops per token, the same function, adapters still switchable. Real doit builds
+of the tiny random Phi3, fused (int4's default; ``fuse_lora = "always"`` for fp32) against
+unfused (``"never"``; fp32's default) and fused on 3-D tensors (``lora_gemm = false``), plus the
+surgery on small synthetic graphs."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter" }} }}
 params = {{ precision = "int4", fuse_lora = "never" }}
 
+[target.tiny-int4-3d]
+pass = "genai-build"
+inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter" }} }}
+params = {{ precision = "int4", lora_gemm = false }}
+
 [target.tiny-int4-two]
 pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter", other = ":tiny-adapter-b" }} }}
@@ -41,7 +47,7 @@ pass = "genai-build"
 inputs = {{ base = ":tiny-base", adapters = {{ travel = ":tiny-travel-adapter", other = ":tiny-adapter-b" }} }}
 params = {{ precision = "fp32" }}  # fp32 keeps one MatMul per projection by default
 """
-BUILT = ["tiny-travel-cpu-int4", "tiny-int4-unfused", "tiny-int4-two", "tiny-fp32-fused", "tiny-fp32-unfused"]
+BUILT = ["tiny-travel-cpu-int4", "tiny-int4-unfused", "tiny-int4-3d", "tiny-int4-two", "tiny-fp32-fused", "tiny-fp32-unfused"]
 IDS = np.array([[5, 17, 42, 99, 300, 7, 8, 250]], dtype=np.int64)
 
 
@@ -73,27 +79,36 @@ def logits(project, target, adapter=None):
 
 
 def test_fusion_cuts_the_ops_of_every_lora_layer(built):
-    fused, unfused = graph(built, "tiny-travel-cpu-int4"), graph(built, "tiny-int4-unfused")
+    fused_3d, unfused = graph(built, "tiny-int4-3d"), graph(built, "tiny-int4-unfused")
+    fused = graph(built, "tiny-travel-cpu-int4")
     for layer in (0, 1):
-        before, after = ops_per_layer(unfused, layer), ops_per_layer(fused, layer)
+        before, after = ops_per_layer(unfused, layer), ops_per_layer(fused_3d, layer)
         assert before["MatMul"] == 14 and before["Add"] == 7 and before["MatMulNBits"] == 7
         # gate/up always share one MatMulNBits and one LoRA A/B pair; q/k/v too where k_quant_mixed
         # gave them one bit width (else they stay as they are)
-        qkv = any(n.name == f"/model/layers.{layer}/attn/qkv_proj/lora_A/MatMul" for n in fused.graph.node)
+        qkv = any(n.name == f"/model/layers.{layer}/attn/qkv_proj/lora_A/MatMul" for n in fused_3d.graph.node)
         assert (after["MatMul"], after["Add"], after["MatMulNBits"]) == ((8, 4, 4) if qkv else (12, 6, 6)), after
         assert sum(after.values()) < sum(before.values())
-    assert lora_ops(fused) < lora_ops(unfused)
+        # on 2-D tensors each B MatMul and its Add are one Gemm; gate/up's Reshapes go, and the
+        # attention reads each of its q/k/v inputs through a Reshape to 3-D and gives 2-D back
+        gemm = ops_per_layer(fused, layer)
+        assert (gemm["MatMul"], gemm["Gemm"], gemm["Add"]) == ((4, 4, 0) if qkv else (6, 6, 0)), gemm
+        assert (gemm["Reshape"], gemm["Flatten"]) == ((1, 1) if qkv else (3, 1)), gemm
+        assert sum(gemm.values()) < sum(after.values()) or not qkv
+    assert lora_ops(fused) < lora_ops(fused_3d) < lora_ops(unfused)
     # Packed q/k/v reach the attention packed, as the builder makes them without LoRA.
     fp32 = graph(built, "tiny-fp32-fused")
     gqa = [n for n in fp32.graph.node if n.op_type == "GroupQueryAttention"]
     assert gqa and all(list(n.input[1:3]) == ["", ""] for n in gqa)
-    # The LoRA MatMuls keep their markers and read switchable float graph inputs.
+    # The LoRA MatMuls / Gemms keep their markers and read switchable float graph inputs.
     lora = [n for n in fused.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name]
     inputs = {i.name: i for i in fused.graph.input}
-    assert lora and all(n.op_type == "MatMul" and n.input[1] in inputs for n in lora)
+    assert lora and all(n.op_type in ("MatMul", "Gemm") and n.input[1] in inputs for n in lora)
     assert all(inputs[n.input[1]].type.tensor_type.elem_type == 1 for n in lora)  # float
-    record = json.loads(built.path("build/tiny-travel-cpu-int4/modelbuild.json").read_text())
-    assert record["lora_fusion"]["groups"] >= 2 and record["lora_fusion"]["nodes"][1] < record["lora_fusion"]["nodes"][0]
+    record = json.loads(built.path("build/tiny-travel-cpu-int4/modelbuild.json").read_text())["lora_fusion"]
+    assert record["groups"] >= 2 and record["nodes"][1] < record["nodes"][0]
+    assert record["gemm"]["gemms"] == sum(n.op_type == "Gemm" for n in fused.graph.node) > 0
+    assert json.loads(built.path("build/tiny-int4-3d/modelbuild.json").read_text())["lora_fusion"]["gemm"] is None
     assert json.loads(built.path("build/tiny-fp32-fused/modelbuild.json").read_text())["lora_fusion"]["groups"] == 4
 
 
@@ -107,16 +122,17 @@ def test_fused_bundle_computes_what_the_unfused_one_does(built):
     assert np.abs(travel - other).max() > 1e-2
 
 
-def test_fused_int4_bundle_follows_the_unfused_one(built):
+@pytest.mark.parametrize("target", ["tiny-travel-cpu-int4", "tiny-int4-3d"])
+def test_fused_int4_bundle_follows_the_unfused_one(built, target):
     """int4 (k_quant_mixed: some v_proj int8, so those q/k/v cannot share one MatMulNBits and stay
-    unfused): with the adapter the fused logits stay next to the unfused ones, far closer than the
-    adapter's own effect; without it they are the base's."""
-    fused, unfused = logits(built, "tiny-travel-cpu-int4", "travel"), logits(built, "tiny-int4-unfused", "travel")
+    unfused): with the adapter the fused logits (2-D and 3-D) stay next to the unfused ones, far
+    closer than the adapter's own effect; without it they are the base's."""
+    fused, unfused = logits(built, target, "travel"), logits(built, "tiny-int4-unfused", "travel")
     base = logits(built, "tiny-int4-unfused")
     effect = np.abs(unfused - base).max()
     assert effect > 1e-2
     assert np.abs(fused - unfused).max() < 0.05 * effect
-    assert np.abs(logits(built, "tiny-travel-cpu-int4") - base).max() < 1e-3
+    assert np.abs(logits(built, target) - base).max() < 1e-3
 
 
 def test_fused_fp32_bundle_matches_torch_peft(built):

@@ -46,7 +46,7 @@ def test_int4_base_is_quantized_and_lora_stays_float(built_tiny):
     ops = {node.op_type for node in model.graph.node}
     assert "MatMulNBits" in ops
     lora_nodes = [n for n in model.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name]
-    assert lora_nodes and all(n.op_type == "MatMul" for n in lora_nodes)
+    assert lora_nodes and all(n.op_type in ("MatMul", "Gemm") for n in lora_nodes)  # Gemm: B and its Add (lora_gemm.py)
     lora_inputs = {i.name for i in model.graph.input if ".lora_" in i.name}
     assert lora_inputs == {n.input[1] for n in lora_nodes}
 

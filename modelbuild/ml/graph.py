@@ -1,6 +1,16 @@
-"""ONNX graph edits shared by the rewrites in modelbuild/ml (lora_graph, source_grid)."""
+"""ONNX graph edits shared by the rewrites in modelbuild/ml (lora_graph, lora_gemm, source_grid)."""
 
 from __future__ import annotations
+
+
+def producers_and_consumers(graph) -> tuple[dict, dict]:
+    """(tensor -> the node that writes it, tensor -> the nodes that read it)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return producer, consumers
 
 
 def topological_order(nodes, available: set) -> list:

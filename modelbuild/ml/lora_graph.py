@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from modelbuild.ml.graph import topological_order
+from modelbuild.ml.graph import producers_and_consumers, topological_order
 
 LORA_MARKERS = ("/lora_A/", "/lora_B/")
 # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias. With equal attributes (but N) they
@@ -77,11 +77,7 @@ def fuse_lora(model, only: list[str] | None = None, read=None) -> dict:
     read = read or numpy_helper.to_array
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, consumers = producers_and_consumers(graph)
 
     def array(name):
         return read(inits[name])

@@ -9,9 +9,10 @@ stay switchable at run time instead of being baked in:
    active the bundle is exactly the base model;
 3. in int4/int8 bundles (``fuse_lora``), before step 2, the LoRA paths that share an input
    (q/k/v, gate/up) are fused (modelbuild/ml/lora_graph.py): one A MatMul, one B MatMul and one
-   packed base MatMul per group instead of one each per projection. The builder's LoRA graph
-   costs SmolLM2-135M int4 ~16 % of its decode speed against the merged bundle, fused ~11 %
-   (bench/adapter_speed.py: most of what is left is streaming the fp32 LoRA weights);
+   packed base MatMul per group instead of one each per projection; then (``lora_gemm``) the
+   decoder runs on [tokens, hidden] so that each B MatMul and its Add are one Gemm
+   (modelbuild/ml/lora_gemm.py). What each costs SmolLM2-135M int4 against the merged bundle:
+   bench/adapter_speed.py and bench/adapter_overhead.py, README;
 4. each adapter's LoRA weights, laid out exactly as the builder lays them out (packed QKV split,
    B pre-scaled by alpha/r) and then fused by the same code as the graph, are written as a named
    ``adapters/<name>.onnx_adapter`` that ``og.Adapters`` loads. The first adapter's weights come
@@ -41,6 +42,7 @@ from modelbuild.hf import probe_ids, torch_logits
 from modelbuild.ml.builder import run_builder
 from modelbuild.ml.bundle import load_decoder_lazily, save_decoder_streaming
 from modelbuild.ml.console import quiet_stdout
+from modelbuild.ml.lora_gemm import lora_as_gemm
 from modelbuild.ml.lora_graph import fuse_lora
 from modelbuild.passdef import Input, PassDef, param, require
 
@@ -80,6 +82,9 @@ class Params:
         "(q/k/v, gate/up; modelbuild/ml/lora_graph.py): 'quantized' in int4/int8 bundles (fp32/fp16 ones keep one "
         "MatMul per projection for quantize-onnx and precision-search, which choose per projection), or always, or never",
         choices=("quantized", "always", "never"))
+    lora_gemm: bool = param(
+        True, "with fused LoRA: the decoder runs on [tokens, hidden] so that each LoRA B MatMul and its Add are one "
+        "Gemm (modelbuild/ml/lora_gemm.py: 4 ops fewer per layer; left 3-D where an op on the way is not row-wise)")
     extra_options: dict = param({}, "further model-builder extra_options, passed through as key=value strings")
     check_prompt: str = param("Hello! Who are you?", "prompt generated from, with and without each adapter, to verify the bundle")
     max_logit_diff: float = param(
@@ -158,20 +163,23 @@ def _lora_weights(model, read) -> dict[str, object]:
     weights = {}
     for node in model.graph.node:
         if "/lora_A/" in node.name or "/lora_B/" in node.name:
-            if node.op_type != "MatMul" or node.input[1] not in initializers:
+            if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in initializers:
                 raise UserError(f"LoRA node {node.name} was quantized or fused ({node.op_type}); cannot keep it switchable")
             weights[node.input[1]] = np.array(read(initializers[node.input[1]]))
     return weights
 
 
-def _make_switchable(model_path: Path, fuse: bool) -> tuple[dict[str, object], dict]:
+def _make_switchable(model_path: Path, fuse: bool, gemm: bool) -> tuple[dict[str, object], dict]:
     """Turn LoRA weights into graph inputs with zero defaults (after fusing the LoRA paths that
-    share an input, if ``fuse``); return the original weights and the fusion counts."""
+    share an input, if ``fuse``, and making each B and its Add one Gemm, if ``gemm`` too); return
+    the original weights and the fusion counts."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     model, read = load_decoder_lazily(model_path)
     fusion = fuse_lora(model, read=read) if fuse else {}
+    if fuse and gemm:
+        fusion["gemm"] = lora_as_gemm(model, read)  # None: the graph stays 3-D
     weights = _lora_weights(model, read)
     if not weights:
         raise UserError("the built model has no LoRA subgraph: was the adapter applied?")
@@ -196,15 +204,18 @@ def _write_adapter(weights: dict, path: Path) -> None:
     adapter.export_adapter(str(path))
 
 
-def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path, expected: dict, fused: list | None) -> dict:
+def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path, expected: dict, fused: list | None,
+                          gemm: bool) -> dict:
     """An adapter's LoRA weights in the bundle's layout, from an fp32 build of base + adapter
-    (with the bundle's ``fused`` LoRA groups fused by the same code)."""
+    (with the bundle's ``fused`` LoRA groups fused, and its Gemm layout if ``gemm``, by the same code)."""
     out = scratch / "fp32-extract"
     shutil.rmtree(out, ignore_errors=True)
     run_builder(base, out, "fp32", device, [f"adapter_path={adapter}"], scratch)
     model, read = load_decoder_lazily(out / "model.onnx")
     if fused:
         fuse_lora(model, only=fused, read=read)
+    if gemm and lora_as_gemm(model, read) is None:
+        raise UserError(f"adapter {adapter.name}: its fp32 build's graph cannot take the bundle's Gemm layout")
     weights = _lora_weights(model, read)
     del model, read  # the mapped data file, before it goes
     shutil.rmtree(out, ignore_errors=True)
@@ -243,12 +254,13 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             first_name, _ = next(names)
             status.update("making the LoRA weights switchable")
             fuse = params.fuse_lora == "always" or (params.fuse_lora == "quantized" and params.precision in ("int4", "int8"))
-            first_weights, fusion = _make_switchable(out_dir / "model.onnx", fuse)
+            first_weights, fusion = _make_switchable(out_dir / "model.onnx", fuse, params.lora_gemm)
             _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
             for name, path in names:
                 status.update(f"adapter '{name}': fp32 build for its LoRA layout")
                 with quiet_stdout():
-                    weights = _adapter_weights_fp32(base, path, device, scratch, first_weights, fusion.get("modules"))
+                    weights = _adapter_weights_fp32(base, path, device, scratch, first_weights, fusion.get("modules"),
+                                                    bool(fusion.get("gemm")))
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         grid = {}
         if precision != params.precision:
@@ -264,7 +276,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "source_grid": grid,
         "device": device,
         "adapters": sorted(adapters),
-        "lora_fusion": {"groups": len(fusion["modules"]), "nodes": [fusion["nodes_before"], fusion["nodes_after"]]} if fusion else {},
+        "lora_fusion": {"groups": len(fusion["modules"]), "nodes": [fusion["nodes_before"], fusion["nodes_after"]],
+                        "gemm": fusion.get("gemm")} if fusion else {},
         "verified_tokens": counts,
         "vs_torch_fp32": agreement,
     }, indent=1, sort_keys=True) + "\n")
