@@ -1,28 +1,31 @@
-"""Where the switchable adapter's decode cost goes inside the bundle: bytes, ops, or packing (issue #11).
+"""Where the switchable adapter's decode cost goes, and what the rewrites that might cut it do (issue #11).
 
-Takes the merged and fused bundles that ``bench/adapter_speed.py`` built (``--work``, default
-/tmp/adapter_speed/source_grid) and times one decode step (plain onnxruntime, one thread, thread
-CPU time, ``--past`` tokens of KV cache) of:
+Takes the bundles that ``bench/adapter_speed.py`` built (``--work``, default
+/tmp/adapter_speed/source_grid), writes each rewrite of fused_3d below as a bundle with the travel
+adapter in its layout, and measures every variant twice: one decode step in plain onnxruntime on one thread (thread CPU
+time, ``--past`` tokens of KV cache, the variants taking turns step by step for ``--steps``
+turns), and onnxruntime-genai tokens/s with its default threads (``--rounds`` rounds of
+``--tokens`` greedy tokens, the order rotating each round). Each ratio to merged is the median of
+the per-turn (per-round) ratios, so a drift of the machine's speed hits every variant alike.
 
-  merged        the merged bundle (no LoRA)
-  fused         the switchable bundle as genai-build makes it (lora_graph.fuse_lora)
-  rank1         fused with every LoRA rank cut to an eighth (the travel adapter's rank 8 -> 1): the
-                same ops, 1/8 of the LoRA bytes
-  no_lora       fused with the LoRA paths removed: its packed bases alone
-  gemm_2d       fused rewritten to run the decoder on 2-D [tokens, hidden] tensors, so that each
-                lora_B MatMul and its Add become one Gemm (C = the base output) and gate/up's
-                B is block-diagonal: 4 fewer ops per layer, 2 Reshapes more around attention
+  merged    the merged bundle (no LoRA)
+  fused     the switchable bundle as genai-build makes it: LoRA paths fused (lora_graph.py), the
+            decoder on [tokens, hidden] so each lora_B MatMul and its Add are one Gemm (lora_gemm.py)
+  fused_3d  the same without the Gemm rewrite (``lora_gemm = false``)
+  rank1     fused_3d with every LoRA rank cut to an eighth (rank 8 -> 1): the same ops, 1/8 of the
+            LoRA bytes (random weights: decode speed does not depend on their values)
+  no_lora   fused_3d with the LoRA paths removed: its packed bases alone
+  int8_dq   fused_3d's LoRA MatMuls as DynamicQuantizeMatMul with int8 weights (a scale per
+            column): a quarter of the bytes, activations quantized per run
+  fp16      fused_3d with fp16 LoRA weights, each LoRA path casting its input to fp16 and back
 
-The variants take turns step by step (``--steps`` turns, the order rotating each turn), so a
-drift of the machine's speed hits them alike; each ratio is the median of the per-turn ratios to
-merged. So fused - rank1 is what 7/8 of the LoRA weights' bytes (and their multiply-adds) cost,
-rank1 - no_lora what the LoRA ops cost at 1/8 of the bytes, no_lora - merged what packing the
-bases saved. Random LoRA weights of the bundle's shapes are fed as inputs (speed does not depend
-on their values); gemm_2d gets the same ones as fused (gate/up's laid out block-diagonally) and
-must give the same logits, as no_lora must give fused's without an adapter: the record says how
-close they came. (gemm_2d sums gate/up's LoRA product in another order than fused's batched
-MatMul; the int4 MatMulNBits quantize their input to 8 bits per block, so a last-bit difference
-can flip a rounding and grow over 30 layers: its logits match by correlation, not to the bit.)
+So fused_3d - rank1 is what 7/8 of the LoRA bytes cost, rank1 - no_lora what the LoRA ops cost,
+no_lora - merged what packing the bases saved, fused_3d - fused what the Gemm rewrite saved. The inputs are bound once as OrtValues, as
+onnxruntime-genai binds them. The record also gives each rewrite's logits against fused's with
+the same adapter on the chat prompt against fused_3d's (fused sums in another order, and the int4
+MatMulNBits quantize their input to 8 bits per block, so a last-bit difference can flip a
+rounding: they match by correlation, not to the bit) and no_lora's against fused_3d's without an
+adapter (exact).
 
     PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py [--work /tmp/adapter_speed/source_grid]
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,11 +48,14 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from modelbuild.ml.lora_gemm import block_diagonal  # gate/up's B as one 2-D matrix, as the bundle lays it out
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench/results/adapter_overhead.json"
 sys.path.insert(0, str(REPO / "bench"))
 
-from adapter_speed import decode_feeds, paired  # noqa: E402  (one decode input for every variant)
+from adapter_speed import Decoder, decode_feeds, paired  # noqa: E402  (one decode input, one og decoder for every variant)
+from adapter_speed import logits as prompt_logits  # noqa: E402
 
 
 def lora_inputs(model) -> dict:
@@ -114,143 +121,208 @@ def no_lora(model) -> None:
         graph.initializer.remove(init)
 
 
-def gemm_2d(model, hidden: int, vocab: int) -> None:
-    """Run the decoder on [tokens, hidden]: the embedding output and each attention output are
-    flattened to 2-D, the packed q/k/v back to 3-D for GroupQueryAttention and the logits at the
-    end; every lora_B MatMul + Add becomes Gemm(t, B, C=base), gate/up's stacked B block-diagonal."""
+def retype_input(model, name: str, new_name: str, elem: int, shape: list[int]) -> None:
+    """Replace the LoRA weight input ``name`` by ``new_name`` (type ``elem``, ``shape``, zero default)."""
     graph = model.graph
-    del graph.value_info[:]
-    qkv_width = next(input_shape(v)[-1] for n, v in lora_inputs(model).items() if "qkv_proj.lora_B" in n)
-    for name, value in (("flat.shape", [-1, hidden]), ("qkv.width", [qkv_width]), ("vocab", [vocab])):
-        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
-    nodes = [helper.make_node("Shape", ["input_ids"], ["batch_seq"], name="/flat/Shape"),
-             helper.make_node("Concat", ["batch_seq", "qkv.width"], ["qkv.shape"], name="/flat/qkv_shape", axis=0),
-             helper.make_node("Concat", ["batch_seq", "vocab"], ["logits.shape"], name="/flat/logits_shape", axis=0)]
-    rename = {}
+    graph.input.remove(lora_inputs(model)[name])
+    for init in [i for i in graph.initializer if i.name == name]:
+        graph.initializer.remove(init)
+    graph.input.append(helper.make_tensor_value_info(new_name, elem, shape))
+    zero = np.zeros(shape, helper.tensor_dtype_to_np_dtype(elem))
+    graph.initializer.append(numpy_helper.from_array(zero, new_name))
+
+
+def int8_dq(model) -> None:
+    """Every LoRA MatMul as DynamicQuantizeMatMul: int8 weights (a scale per column) as inputs,
+    activations quantized per run; gate/up's stacked B block-diagonal, its Reshapes dropped."""
+    graph = model.graph
+    inputs = {name: input_shape(value) for name, value in lora_inputs(model).items()}
+    rename, nodes = {}, []
     for node in graph.node:
         if node.name.endswith(("/lora/Reshape_in", "/lora/Reshape_out")):
             rename[node.output[0]] = node.input[0]
             continue
-        if node.op_type == "Concat" and node.name.endswith("/block_sums/Concat"):  # [x, block sums]: any rank
-            for attribute in node.attribute:
-                if attribute.name == "axis":
-                    attribute.i = -1
-        node.input[:] = [rename.get(x, x) for x in node.input]
+        if node.op_type == "MatMul" and node.input[1] in inputs:
+            shape = inputs[node.input[1]]
+            if len(shape) == 3:
+                shape = [shape[0] * shape[1], shape[0] * shape[2]]
+            weight = node.input[1]
+            retype_input(model, weight, weight + ".int8", onnx.TensorProto.INT8, shape)
+            graph.input.append(helper.make_tensor_value_info(weight + ".scale", onnx.TensorProto.FLOAT, [shape[1]]))
+            graph.initializer.append(numpy_helper.from_array(np.zeros(shape[1], np.float32), weight + ".scale"))
+            node = helper.make_node("DynamicQuantizeMatMul", [node.input[0], weight + ".int8", weight + ".scale"],
+                                    list(node.output), name=node.name + "/int8", domain="com.microsoft")
         nodes.append(node)
-        embedding = node.name.startswith("/model/embed_tokens/") and node.op_type in ("Gather", "GatherBlockQuantized")
-        if embedding or node.op_type == "GroupQueryAttention":
-            flat = node.output[0] + "/flat"
-            nodes.append(helper.make_node("Reshape", [node.output[0], "flat.shape"], [flat], name=node.name + "/flat"))
-            rename[node.output[0]] = flat
-    consumers = {}
     for node in nodes:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    final, dropped = [], set()
-    for node in nodes:
-        if id(node) in dropped:
-            continue
-        if node.op_type == "MatMul" and "/lora_B/" in node.name:
-            add = consumers[node.output[0]][0]
-            dropped.add(id(add))
-            base = next(x for x in add.input if x != node.output[0])
-            if "/qkv_proj/" in node.name:
-                final.append(helper.make_node("Gemm", [node.input[0], node.input[1], base], [add.output[0] + "/flat"], name=node.name + "/Gemm"))
-                final.append(helper.make_node("Reshape", [add.output[0] + "/flat", "qkv.shape"], [add.output[0]], name=node.name + "/3d"))
-            else:
-                final.append(helper.make_node("Gemm", [node.input[0], node.input[1], base], [add.output[0]], name=node.name + "/Gemm"))
-            continue
-        if node.op_type == "MatMulNBits" and node.output[0] == "logits":
-            node.output[0] = "logits/flat"
-        final.append(node)
-    final.append(helper.make_node("Reshape", ["logits/flat", "logits.shape"], ["logits"], name="/flat/logits"))
+        node.input[:] = [rename.get(x, x) for x in node.input]
     del graph.node[:]
-    graph.node.extend(final)
-    for name, value in list(lora_inputs(model).items()):
-        shape = input_shape(value)
-        if len(shape) == 3:  # [G, r, N] -> block-diagonal [G*r, G*N]
-            set_input_shape(model, name, [shape[0] * shape[1], shape[0] * shape[2]])
+    graph.node.extend(nodes)
+    del graph.value_info[:]
 
 
-def block_diagonal(stacked):
-    """[G, r, N] -> [G*r, G*N] with the G blocks on the diagonal (gemm_2d's gate/up B)."""
-    groups, rank, width = stacked.shape
-    out = np.zeros((groups * rank, groups * width), stacked.dtype)
-    for g in range(groups):
-        out[g * rank:(g + 1) * rank, g * width:(g + 1) * width] = stacked[g]
+def int8_weights(weights: dict) -> dict:
+    """The adapter's weights for int8_dq: per-column symmetric int8 and the scales."""
+    out = {}
+    for name, value in weights.items():
+        value = block_diagonal(value) if value.ndim == 3 else value
+        scale = (np.maximum(np.abs(value).max(0), 1e-30) / 127).astype(np.float32)
+        out[name + ".int8"] = np.round(value / scale).clip(-127, 127).astype(np.int8)
+        out[name + ".scale"] = scale
     return out
 
 
-def session(model_path: Path, decode: dict, rng):
-    """A one-thread session and its feeds: ``decode`` plus random LoRA weights of its shapes."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    run = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    feeds = dict(decode)
-    for value in run.get_overridable_initializers():  # the LoRA weights: inputs with zero defaults
-        if ".lora_" in value.name:
-            feeds[value.name] = (rng.standard_normal(value.shape) * 0.01).astype(np.float32)
-    return run, feeds
+def fp16(model) -> None:
+    """fp16 LoRA weights: each LoRA path casts its input to fp16 and its product back to fp32."""
+    graph = model.graph
+    for name, value in lora_inputs(model).items():
+        retype_input(model, name, name, onnx.TensorProto.FLOAT16, input_shape(value))
+    producer = {out: n for n in graph.node for out in n.output}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and "/lora_A/" in node.name:
+            cast = helper.make_node("Cast", [node.input[0]], [node.name + "/fp16"], name=node.name + "/Cast", to=onnx.TensorProto.FLOAT16)
+            nodes.append(cast)
+            node.input[0] = cast.output[0]
+        if node.op_type == "Add" and node.name.endswith("/lora/Add"):
+            delta = next(x for x in node.input if "/lora_B/" in producer[x].name or "/lora/Reshape_out" in producer[x].name)
+            cast = helper.make_node("Cast", [delta], [delta + "/fp32"], name=node.name + "/Cast", to=onnx.TensorProto.FLOAT)
+            nodes.append(cast)
+            node.input[list(node.input).index(delta)] = cast.output[0]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+
+
+def rank1_weights(model):
+    """Random weights of rank1's shapes (decode speed does not depend on their values)."""
+    rng = np.random.default_rng(1)
+    return lambda weights: {name: (rng.standard_normal(input_shape(value)) * 0.01).astype(np.float32)
+                            for name, value in lora_inputs(model).items()}
+
+
+REWRITES = {  # name: (edit of the fused_3d model, the travel adapter's weights for it)
+    "rank1": (rank1, None),  # weights: rank1_weights, once the model is edited
+    "no_lora": (no_lora, lambda weights: {}),
+    "int8_dq": (int8_dq, int8_weights),
+    "fp16": (fp16, lambda weights: {k: v.astype(np.float16) for k, v in weights.items()}),
+}
+
+
+def write_bundle(source: Path, model, weights: dict, out: Path) -> None:
+    """``source``'s bundle with ``model`` and, if any, ``weights`` as its travel adapter."""
+    import onnxruntime as ort
+
+    from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX
+
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.onnx*", ADAPTER_DIR))
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    if weights:
+        adapter = ort.AdapterFormat()
+        adapter.set_adapter_version(1)
+        adapter.set_model_version(1)
+        arrays = {k: np.ascontiguousarray(v) for k, v in sorted(weights.items())}  # alive while the OrtValues are
+        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+        (out / ADAPTER_DIR).mkdir()
+        adapter.export_adapter(str(out / ADAPTER_DIR / f"travel{ADAPTER_SUFFIX}"))
+
+
+class OneThread:
+    """A one-thread onnxruntime session of a bundle, its inputs bound once as OrtValues (as
+    onnxruntime-genai binds them: a dict of numpy feeds would add ~1.5 µs per LoRA input per run
+    of Python-side conversion, ~0.4 ms for SmolLM2's 240)."""
+
+    def __init__(self, bundle: Path, decode: dict, weights: dict):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        self.session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self.arrays = {k: np.ascontiguousarray(v) for k, v in {**decode, **weights}.items()}  # the OrtValues' memory
+        self.values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.arrays.items()}
+        for name, value in self.values.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_output("logits")
+
+    def step_ms(self) -> float:
+        started = time.thread_time_ns()
+        self.session.run_with_iobinding(self.binding)
+        return (time.thread_time_ns() - started) / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapter_speed/source_grid"))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=400, help="one-thread turns")
+    parser.add_argument("--rounds", type=int, default=11, help="og rounds (0: no og measurement)")
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--past", type=int, default=64)
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
-    merged, fused = args.work / "merged", args.work / "fused"
-    genai = json.loads((fused / "genai_config.json").read_text())["model"]
+    from modelbuild.genai import bundle_adapters, logit_agreement
+
+    bundles = {name: args.work / name for name in ("merged", "fused", "fused_3d")}
+    fused_3d = bundles["fused_3d"]
+    genai = json.loads((fused_3d / "genai_config.json").read_text())["model"]
     config = {**genai["decoder"], "vocab_size": genai["vocab_size"]}
-    rng = np.random.default_rng(0)
+    weights = {"merged": {}}
+    for name in ("fused", "fused_3d"):
+        adapter = ort.AdapterFormat.read_adapter(str(bundle_adapters(bundles[name])["travel"]))
+        weights[name] = {k: np.array(v.numpy()) for k, v in adapter.get_parameters().items()}  # copies: the views die with the adapter
+        del adapter
+    decode = decode_feeds(config, args.past, np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"merged": merged / "model.onnx", "fused": fused / "model.onnx"}
-        for name, edit in (("rank1", rank1), ("no_lora", no_lora),
-                           ("gemm_2d", lambda m: gemm_2d(m, config["hidden_size"], config["vocab_size"]))):
-            model = onnx.load(str(fused / "model.onnx"))
+        for name, (edit, adapt) in REWRITES.items():
+            model = onnx.load(str(fused_3d / "model.onnx"))
             edit(model)
-            paths[name] = Path(tmp) / name / "model.onnx"
-            paths[name].parent.mkdir()
-            onnx.save(model, str(paths[name]), save_as_external_data=True, location="model.onnx.data")
-        decode = decode_feeds(config, args.past, rng)
-        runs = {name: session(path, decode, rng) for name, path in paths.items()}
-        nodes = {name: len(onnx.load(str(path), load_external_data=False).graph.node) for name, path in paths.items()}
-        lora_mb = {name: round(sum(int(np.prod(v.shape)) * 4 for k, v in feeds.items() if ".lora_" in k) / 1e6, 2)
-                   for name, (_, feeds) in runs.items()}
-        for run, feeds in runs.values():
-            for _ in range(10):
-                run.run(["logits"], feeds)
-        fused_feeds = runs["fused"][1]
-        runs["gemm_2d"][1].update({k: block_diagonal(v) if v.ndim == 3 else v for k, v in fused_feeds.items() if ".lora_" in k})
-        logits = {name: runs[name][0].run(["logits"], runs[name][1])[0] for name in ("fused", "gemm_2d")}
-        without = {k: v for k, v in fused_feeds.items() if ".lora_" not in k}  # the zero defaults: no adapter
-        same_function = {"gemm_2d_vs_fused": float(np.abs(logits["gemm_2d"] - logits["fused"]).max()),
-                         "gemm_2d_vs_fused_correlation": float(np.corrcoef(logits["gemm_2d"].ravel(), logits["fused"].ravel())[0, 1]),
-                         "no_lora_vs_fused_without_adapter": float(np.abs(
-                             runs["no_lora"][0].run(["logits"], runs["no_lora"][1])[0] - runs["fused"][0].run(["logits"], without)[0]).max()),
-                         "logit_scale": float(np.abs(logits["fused"]).max())}
+            weights[name] = (adapt or rank1_weights(model))(weights["fused_3d"])
+            bundles[name] = Path(tmp) / name
+            write_bundle(fused_3d, model, weights[name], bundles[name])
+        nodes = {name: len(onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node)
+                 for name, path in bundles.items()}
+        ids = Decoder.prompt_ids(fused_3d)  # the chat prompt's logits, with the adapter, against fused_3d's
+        reference = prompt_logits(fused_3d, ids, "travel")
+        same_function = {name: logit_agreement(reference, prompt_logits(bundles[name], ids, "travel"))
+                         for name in ("fused", "int8_dq", "fp16")}
+        same_function["no_lora_vs_fused_3d_without_adapter"] = logit_agreement(
+            prompt_logits(fused_3d, ids, None), prompt_logits(bundles["no_lora"], ids, None))
+        runs = {name: OneThread(path, decode, weights[name]) for name, path in bundles.items()}
         names = list(runs)
-        times = {name: [] for name in runs}
+        cpu = {name: [] for name in names}
+        for _ in range(10):
+            for run in runs.values():
+                run.step_ms()
         for turn in range(args.steps):
             for name in names[turn % len(names):] + names[:turn % len(names)]:
-                run, feeds = runs[name]
-                started = time.thread_time_ns()
-                run.run(["logits"], feeds)
-                times[name].append((time.thread_time_ns() - started) / 1e6)
-    results = {name: {"cpu_ms_median": round(statistics.median(t), 3),
-                      "speed_vs_merged_paired": paired(times["merged"], t),
-                      "nodes": nodes[name], "lora_weight_mb_per_token": lora_mb[name]} for name, t in times.items()}
-    record = {"what": "one-thread decode-step CPU time of SmolLM2 int4 bundle variants, interleaved step by step",
+                cpu[name].append(runs[name].step_ms())
+        del runs
+        speed = {name: [] for name in names}
+        if args.rounds:
+            decoders = {name: Decoder(path, "travel" if weights[name] else None, args.past) for name, path in bundles.items()}
+            for decoder in decoders.values():
+                decoder.tokens_per_s(8)
+            for round_ in range(args.rounds):
+                for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                    speed[name].append(round(decoders[name].tokens_per_s(args.tokens)[0], 2))
+            del decoders
+    lora_mb = {name: round(sum(v.nbytes for v in w.values()) / 1e6, 2) for name, w in weights.items()}
+    results = {name: {"cpu_ms_median": round(statistics.median(cpu[name]), 3),
+                      "cpu_speed_vs_merged_paired": paired(cpu["merged"], cpu[name]),
+                      **({"tokens_per_s_median": statistics.median(speed[name]), "tokens_per_s": speed[name],
+                          "tokens_per_s_vs_merged_paired": paired(speed[name], speed["merged"])} if args.rounds else {}),
+                      "nodes": nodes[name], "lora_weight_mb_per_token": lora_mb[name]} for name in names}
+    record = {"what": "SmolLM2 int4 bundle variants (switchable LoRA graph rewrites) against the merged bundle: "
+                      "one-thread decode-step CPU time interleaved step by step, og tokens/s in rotating rounds",
               "command": "PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py " + " ".join(sys.argv[1:]),
-              "bundles": str(args.work), "steps": args.steps, "past": args.past, "variants": results,
-              "max_abs_logit_difference": same_function}
+              "bundles": str(args.work), "steps": args.steps, "rounds": args.rounds, "past": args.past,
+              "variants": results, "logits_vs_fused_3d_with_adapter": same_function}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{'variant':10s} {'cpu ms':>7s} {'speed':>6s} {'nodes':>6s} {'LoRA MB':>8s}")
+    print(f"{'variant':10s} {'cpu ms':>7s} {'speed':>6s} {'tok/s':>6s} {'speed':>6s} {'nodes':>6s} {'LoRA MB':>8s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['cpu_ms_median']:7.2f} {r['speed_vs_merged_paired']:6.3f} {r['nodes']:6d} {r['lora_weight_mb_per_token']:8.2f}")
-    print("logits of the rewrites that compute the same function:", same_function)
+        print(f"{name:10s} {r['cpu_ms_median']:7.2f} {r['cpu_speed_vs_merged_paired']:6.3f} "
+              f"{r.get('tokens_per_s_median', 0):6.1f} {r.get('tokens_per_s_vs_merged_paired', 0):6.3f} "
+              f"{r['nodes']:6d} {r['lora_weight_mb_per_token']:8.2f}")
+    print("logits against fused_3d with the adapter:", json.dumps(same_function))
     print(f"wrote {OUT}")
 
 

@@ -4,8 +4,9 @@ Builds with genai-build (the pass itself, same int4 algorithm and block size for
 
   merged     the merged model (travel adapter folded into the weights), no adapter input
   unfused    base + switchable travel adapter, ``fuse_lora = "never"`` (the builder's LoRA graph)
-  fused      base + switchable travel adapter, ``fuse_lora = "always"`` (int4's default,
-             modelbuild/ml/lora_graph.py)
+  fused_3d   base + switchable travel adapter, ``fuse_lora = "always"``, ``lora_gemm = false``
+             (modelbuild/ml/lora_graph.py alone)
+  fused      the same with ``lora_gemm = true``: int4's default bundle (modelbuild/ml/lora_gemm.py)
 
 then, in ``--rounds`` rounds whose order rotates each round (the machine is shared: only numbers
 from the same rounds are compared):
@@ -16,8 +17,8 @@ from the same rounds are compared):
              tokens of KV cache): less sensitive to other load than wall time.
 
 Each ratio to the merged bundle is given twice: of the medians, and "paired" (the median of the
-per-round ratios, which cancels the machine's drift between rounds). The bench then reports the graph (nodes, LoRA ops, MatMulNBits, LoRA weight bytes read per token) and the
-logits with the adapter: fused vs unfused, vs merged, vs no adapter.
+per-round ratios, which cancels the machine's drift between rounds). The bench then reports the graph (nodes, LoRA ops, MatMulNBits, the base's and the LoRA's weight
+bytes read per token) and the logits with the adapter: fused vs unfused, vs merged, vs no adapter.
 
     PYTHONPATH=. .venv/bin/python bench/adapter_speed.py \\
         --base build/smollm2-base --adapter build/smollm2-travel-adapter --merged build/smollm2-travel-merged
@@ -45,23 +46,23 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = "What should I pack for a week in Iceland?"
 
 
-def build(name: str, base: Path, adapter: Path | None, work: Path, args, fuse: bool) -> Path:
+def build(name: str, base: Path, adapter: Path | None, work: Path, args, fuse: bool, gemm: bool = False) -> Path:
     """One bundle through genai-build (``args``: algorithm, block_size); reused when built
-    before with the same settings and, for the fused one, the same lora_graph.py."""
+    before with the same settings and, for the fused ones, the same lora_graph.py and lora_gemm.py."""
     from modelbuild.ml.console import quiet_stdout
     from modelbuild.passes import genai_build
 
     out = work / name
     stamp = {"base": str(base.resolve()), "adapter": str(adapter.resolve()) if adapter else None, "fuse": fuse,
-             "algorithm": args.algorithm, "block_size": args.block_size,
-             "code": (REPO / "modelbuild/ml/lora_graph.py").read_text() if fuse else None}
+             "gemm": gemm, "algorithm": args.algorithm, "block_size": args.block_size,
+             "code": [(REPO / f"modelbuild/ml/{m}.py").read_text() for m in ("lora_graph", "lora_gemm")] if fuse else None}
     stamp_file = work / f"{name}.stamp.json"
     if (out / "modelbuild.json").is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     params = genai_build.Params(precision="int4", int4_algorithm=args.algorithm, block_size=args.block_size,
-                                fuse_lora="always" if fuse else "never", min_correlation=args.min_correlation,
+                                fuse_lora="always" if fuse else "never", lora_gemm=gemm, min_correlation=args.min_correlation,
                                 min_top1=args.min_top1)
     started = time.time()
     with quiet_stdout():
@@ -77,7 +78,11 @@ def graph_stats(bundle: Path) -> dict:
 
     model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
-    sizes = {i.name: int(np.prod(i.dims)) * 4 for i in model.graph.initializer}
+    sizes = {i.name: int(np.prod(i.dims)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+             for i in model.graph.initializer}
+    # the base weights every decode step reads in full: each MatMulNBits' codes, scales and zero
+    # points (the embedding table is gathered, a row per token, and not counted)
+    base = {name for n in model.graph.node if n.op_type == "MatMulNBits" for name in n.input[1:] if name in sizes}
     lora = [n for n in model.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name or "/lora/" in n.name]
     layers = max(int(n.name.split("/layers.")[1].split("/")[0]) for n in model.graph.node if "/layers." in n.name) + 1
     return {
@@ -85,7 +90,9 @@ def graph_stats(bundle: Path) -> dict:
         "lora_ops": len(lora),
         "lora_ops_per_layer": len(lora) / layers,
         "matmulnbits": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
-        "lora_weight_mb_per_token": round(sum(sizes[n.input[1]] for n in lora if n.op_type == "MatMul" and n.input[1] in inputs) / 1e6, 2),
+        "lora_weight_mb_per_token": round(sum(sizes[n.input[1]] for n in lora if n.op_type in ("MatMul", "Gemm")
+                                              and n.input[1] in inputs) / 1e6, 2),
+        "base_weight_mb_per_token": round(sum(sizes[name] for name in base) / 1e6, 2),
     }
 
 
@@ -183,7 +190,8 @@ def measure(algorithm: str, args) -> dict:
     bundles = {
         "merged": (build("merged", args.merged, None, work, settings, False), None),
         "unfused": (build("unfused", args.base, args.adapter, work, settings, False), "travel"),
-        "fused": (build("fused", args.base, args.adapter, work, settings, True), "travel"),
+        "fused_3d": (build("fused_3d", args.base, args.adapter, work, settings, True), "travel"),
+        "fused": (build("fused", args.base, args.adapter, work, settings, True, gemm=True), "travel"),
     }
     load_before = os.getloadavg()
     decoders = {name: Decoder(path, adapter, args.past) for name, (path, adapter) in bundles.items()}
@@ -220,9 +228,10 @@ def measure(algorithm: str, args) -> dict:
                                     "tokens_per_s_paired": paired(speed[name], speed["merged"]),
                                     "cpu_speed_1_thread": round(merged_cpu / results[name]["cpu_ms_per_step_median"], 3),
                                     "cpu_speed_1_thread_paired": paired(cpu["merged"], cpu[name])}
-                             for name in ("unfused", "fused")},
+                             for name in ("unfused", "fused_3d", "fused")},
         "logits_with_adapter": {
             "fused_vs_unfused": logit_agreement(with_adapter["unfused"], with_adapter["fused"]),
+            "fused_vs_fused_3d": logit_agreement(with_adapter["fused_3d"], with_adapter["fused"]),
             "fused_vs_merged": logit_agreement(with_adapter["merged"], with_adapter["fused"]),
             "unfused_vs_merged": logit_agreement(with_adapter["merged"], with_adapter["unfused"]),
             "fused_without_adapter_vs_with": logit_agreement(with_adapter["fused"], fused_off),
@@ -288,14 +297,15 @@ def main() -> None:
     for algorithm, result in by_algorithm.items():
         print(f"\nint4 {algorithm}, block {args.block_size} (load {result['load_average_before_after']})")
         print(f"{'bundle':10s} {'tok/s':>8s} {'ratio':>6s} {'paired':>6s} {'cpu ms':>7s} {'ratio':>6s} {'paired':>6s} "
-              f"{'nodes':>6s} {'LoRA ops':>8s} {'NBits':>6s} {'LoRA MB':>8s}")
+              f"{'nodes':>6s} {'LoRA ops':>8s} {'NBits':>6s} {'base MB':>8s} {'LoRA MB':>8s}")
         merged = result["bundles"]["merged"]
         for name, r in result["bundles"].items():
             ratios = result["ratios_vs_merged"].get(name, {"tokens_per_s_paired": 1.0, "cpu_speed_1_thread_paired": 1.0})
             print(f"{name:10s} {r['tokens_per_s_median']:8.1f} {r['tokens_per_s_median'] / merged['tokens_per_s_median']:6.3f} "
                   f"{ratios['tokens_per_s_paired']:6.3f} {r['cpu_ms_per_step_median']:7.2f} "
                   f"{merged['cpu_ms_per_step_median'] / r['cpu_ms_per_step_median']:6.3f} {ratios['cpu_speed_1_thread_paired']:6.3f} "
-                  f"{r['nodes']:6d} {r['lora_ops']:8d} {r['matmulnbits']:6d} {r['lora_weight_mb_per_token']:8.2f}")
+                  f"{r['nodes']:6d} {r['lora_ops']:8d} {r['matmulnbits']:6d} {r['base_weight_mb_per_token']:8.2f} "
+                  f"{r['lora_weight_mb_per_token']:8.2f}")
         for key, value in result["logits_with_adapter"].items():
             print(f"  {key:30s} {value}")
     print(f"wrote {args.out}")
