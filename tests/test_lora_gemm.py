@@ -1,6 +1,6 @@
 """modelbuild/ml/lora_gemm.py on synthetic decoders: the 2-D rewrite keeps the function (batch and
 sequence > 1, stacked and block-diagonal B), cuts the LoRA ops, keeps the graph's inputs, outputs
-and LM head node, and leaves a graph with an op it does not know alone. (Real builds with it:
+and LM head node, and leaves a graph with an op, operand or output it cannot vouch for alone. (Real builds with it:
 tests/test_lora_graph.py.)"""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_the_2d_decoder_computes_the_same_logits_with_fewer_lora_ops(widths, ran
     expected, ops_before = _logits(model), lora_op_count(model)
     record = lora_as_gemm(model, numpy_helper.to_array)
     checker.check_model(model)
-    assert record["gemms"] == 1  # (4 nodes are added once: Shape, Concat, Flatten, the head's Reshape)
+    assert record["gemms"] == 1 and "left_3d" not in record  # (4 nodes are added once: Shape, Concat, Flatten, the head's Reshape)
     assert lora_op_count(model) == ops_before - (3 if b.ndim == 3 else 1)  # the Add (and 2 Reshapes) gone
     got = _logits(model)
     assert got.shape == expected.shape == (2, 3, VOCAB)
@@ -90,13 +90,51 @@ def test_the_2d_decoder_computes_the_same_logits_with_fewer_lora_ops(widths, ran
     assert [i.name for i in model.graph.input] == ["input_ids"] and [o.name for o in model.graph.output] == ["logits"]
 
 
-def test_an_op_it_does_not_know_leaves_the_graph_alone():
-    """Softmax normalises over an axis the rewrite cannot vouch for: nothing changes."""
+def _hidden_output(model):
+    from onnx import TensorProto, helper
+
+    model.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 24]))
+
+
+def _rank2_constant(model):
+    from onnx import numpy_helper
+
+    from modelbuild.ml.graph import producers_and_consumers
+
+    _, consumers = producers_and_consumers(model.graph)
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((1, 24), np.float32), "bias2d"))
+    model.graph.node.append(_node("Add", ["h", "bias2d"], ["h_biased"]))
+    consumers["h"][0].input[0] = "h_biased"
+
+
+def _split_on_axis_0(model):
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    next(a for a in split.attribute if a.name == "axis").i = 0
+
+
+def _node(op, inputs, outputs):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=f"/extra/{op}")
+
+
+@pytest.mark.parametrize("case, edit, tail_op, why", [
+    ("softmax", None, "Softmax", "Softmax is not an op that works row by row"),
+    ("hidden state as a graph output", _hidden_output, "Relu", "graph output h is a hidden state"),
+    ("rank-2 constant", _rank2_constant, "Relu", "input bias2d is neither on the hidden path nor a rank <= 1 constant"),
+    ("split on axis 0", _split_on_axis_0, "Relu", "Split is not an op that works row by row"),
+])
+def test_what_it_cannot_vouch_for_leaves_the_graph_alone(case, edit, tail_op, why):
+    """All or nothing: an op, operand or output the 2-D graph would change -> the graph stays
+    byte for byte, and the record says which node stopped it."""
     from onnx import numpy_helper
 
     from modelbuild.ml.lora_gemm import lora_as_gemm
 
-    model = _decoder((16, 16), (4, 4), tail_op="Softmax")
+    model = _decoder((8, 16), (4, 4), tail_op=tail_op)
+    if edit is not None:
+        edit(model)
     before = model.SerializeToString()
-    assert lora_as_gemm(model, numpy_helper.to_array) is None
+    record = lora_as_gemm(model, numpy_helper.to_array)
+    assert set(record) == {"left_3d"} and why in record["left_3d"], (case, record)
     assert model.SerializeToString() == before

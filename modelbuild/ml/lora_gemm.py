@@ -1,10 +1,10 @@
 """Two ops fewer per LoRA path: the decoder on 2-D tensors, each lora_B MatMul and its Add one Gemm.
 
-After :func:`lora_graph.fuse_lora` a switchable LoRA path still costs three ops (A MatMul, B
-MatMul, the Add onto the base output), and gate/up's stacked B two Reshapes more. On a decode
-step every one of them is tiny, so their count is what costs: onnxruntime-genai spreads the int4
-base MatMuls over its threads while these run on one, and SmolLM2-135M's switchable bundle spent
-~10-15 % of the merged bundle's decode speed on them (``bench/adapter_overhead.py``).
+After :func:`lora_graph.fuse_lora` a switchable LoRA path still costs three ops per token (A
+MatMul, B MatMul, the Add onto the base output), and gate/up's stacked B two Reshapes more.
+What the switchable adapter costs a decode step is the fp32 LoRA weights it reads and these
+tiny ops, which run on one thread while onnxruntime-genai spreads the int4 base MatMuls over
+all of them (``bench/adapter_overhead.py`` measures both halves). This module cuts the ops.
 
 ONNX's Gemm computes ``A @ B + C`` in one op, but only on 2-D tensors, and the builder's decoder
 carries its hidden state as [batch, sequence, hidden]. Every op on that path except attention
@@ -14,14 +14,18 @@ works row by row on the last axis, so the decoder can carry it as [tokens, hidde
               -> Reshape [batch, seq, -1] -> GroupQueryAttention -> Flatten -> ...
               -> Reshape [batch, seq, -1] -> LM head -> logits (as before)
 
-gate/up's stacked B [G, r, N] becomes one block-diagonal B [G*r, G*N] (its zeros are read, its
-two Reshapes go). Per layer of a fused Llama-style decoder that is 4 ops fewer; the graph's
-inputs, outputs and the LM head's node are unchanged, and the function is the same up to
-summation order (the int4 MatMulNBits round their input to 8 bits per block, so a last-bit
-difference can flip one rounding: logits match by correlation, ``tests/test_lora_gemm.py``).
+gate/up's stacked B [G, r, N] becomes one block-diagonal B [G*r, G*N]: its two Reshapes go and
+its zeros are read (SmolLM2: 11.6 -> 14.6 MB of LoRA weights per token; a small net gain,
+README). Per layer of a fused Llama-style decoder that is 4 ops fewer. The graph's inputs and
+outputs and the LM head node's name and op stay; without an adapter (B = 0) the logits are the
+3-D graph's to the bit, with one the function is the same up to summation order (the int4
+MatMulNBits round their input to 8 bits per block, so a last-bit difference can flip one
+rounding: tests/test_lora_gemm.py, tests/test_lora_graph.py).
 
 The rewrite is all or nothing: it runs only where every op on the hidden path is one it knows to
-be rank-free (:data:`ROW_OPS`), else it leaves the graph alone and says so.
+be row-wise (:data:`ROW_OPS`), every other operand of those ops a weight or a rank <= 1 constant
+and no graph output a hidden state; else it leaves the graph alone and returns why
+(genai-build records it in modelbuild.json).
 """
 
 from __future__ import annotations
@@ -32,15 +36,15 @@ from modelbuild.ml.graph import producers_and_consumers, topological_order
 ROW_OPS = {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
            "LayerNormalization", "MatMul", "MatMulNBits", "Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh",
            "Relu", "Erf", "Gelu", "FastGelu", "QuickGelu", "Softplus", "Cast", "Split", "Concat"}
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
+LAST_AXIS_ONLY = {"Split": 0, "Concat": None, "LayerNormalization": -1, "SimplifiedLayerNormalization": -1}  # default axis
 LORA_RESHAPES = ("/lora/Reshape_in", "/lora/Reshape_out")
-LAST_AXIS_ONLY = {"Split", "Concat", "LayerNormalization"}
 
 
-def lora_as_gemm(model, read) -> dict | None:
+def lora_as_gemm(model, read) -> dict:
     """Rewrite ``model`` (an onnx.ModelProto whose LoRA weights are still initializers) in place
-    to run on [tokens, hidden]; ``read(initializer)`` gives a weight's array. Returns what it did,
-    or None (graph unchanged) where the hidden path holds an op it cannot vouch for."""
+    to run on [tokens, hidden]; ``read(initializer)`` gives a weight's array. Returns what it did
+    ({"gemms", "nodes_before", "nodes_after"}) or, with the graph unchanged, why it did not
+    ({"left_3d": the first node on the hidden path it cannot vouch for})."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -51,38 +55,38 @@ def lora_as_gemm(model, read) -> dict | None:
                   and len(n.input) > 1 and n.input[1] == "input_ids"]
     head = producer.get("logits")
     if len(embeddings) != 1 or head is None or head.op_type not in ("MatMul", "MatMulNBits"):
-        return None
-    path = _hidden_path(embeddings[0].output[0], head, consumers, inits)
-    if path is None:
-        return None
-    attention, on_path = path
-    before = len(graph.node)
-
+        return {"left_3d": "no single input_ids embedding, or no MatMul(NBits) LM head writing 'logits'"}
+    walk = _hidden_path(embeddings[0].output[0], head, consumers)
+    if isinstance(walk, str):
+        return {"left_3d": walk}
+    attention, on_path, hidden = walk
+    reason = _foreign_operand(graph, on_path, hidden, inits) or _graph_output_on_path(graph, hidden)
+    if reason:
+        return {"left_3d": reason}
     plans = []  # every lora_B MatMul and what it becomes, found before anything changes
     for node in graph.node:
-        if node.op_type != "MatMul" or "/lora_B/" not in node.name or node.input[1] not in inits:
-            continue
-        plan = _gemm_plan(node, producer, consumers)
-        if plan is None:
-            return None
-        plans.append(plan)
+        if node.op_type == "MatMul" and "/lora_B/" in node.name and node.input[1] in inits:
+            plan = _gemm_plan(node, producer, consumers) if id(node) in on_path else None
+            if plan is None:
+                return {"left_3d": f"{node.name}: its product does not go straight into one Add on the hidden path"}
+            plans.append(plan)
     planned = {id(r) for plan in plans for r in plan[4]}
-    if any(n.op_type == "Reshape" and n.name.endswith(LORA_RESHAPES) and id(n) not in planned
-           for n in graph.node if id(n) in on_path):
-        return None  # a LoRA Reshape that no Gemm replaces would still expect 3-D
-    dropped, replaced = set(), {}
+    stray = [n.name for n in graph.node if id(n) in on_path and n.op_type == "Reshape" and id(n) not in planned]
+    if stray:
+        return {"left_3d": f"{stray[0]}: a LoRA Reshape that no Gemm replaces"}
+
+    before = len(graph.node)
+    dropped, replaced, new_weights = set(), {}, {}
     for node, a, add, base, reshapes in plans:
-        weight = inits[node.input[1]]  # gate/up's stacked B -> block-diagonal
-        if len(weight.dims) == 3:
-            weight.CopyFrom(numpy_helper.from_array(block_diagonal(np.asarray(read(weight))), weight.name))
+        weight = inits[node.input[1]]
+        if len(weight.dims) == 3:  # gate/up's stacked B -> block-diagonal
+            new_weights[weight.name] = block_diagonal(np.asarray(read(weight)))
         name = node.name.replace("/lora_B/MatMul", "/lora_B/Gemm")
         replaced[id(add)] = helper.make_node("Gemm", [a, node.input[1], base], list(add.output), name=name)
         dropped |= {id(node)} | {id(r) for r in reshapes}
-
     nodes = [helper.make_node("Shape", ["input_ids"], ["/lora_gemm/batch_seq"], name="/lora_gemm/Shape"),
              helper.make_node("Concat", ["/lora_gemm/batch_seq", "/lora_gemm/minus_one"], ["/lora_gemm/shape_3d"],
                               name="/lora_gemm/Concat", axis=0)]
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "/lora_gemm/minus_one"))
     rename = {}
     for node in graph.node:
         if id(node) in dropped:
@@ -92,10 +96,9 @@ def lora_as_gemm(model, read) -> dict | None:
         if node.op_type in LAST_AXIS_ONLY and id(node) in on_path:
             _set_axis_last(node)
         if node.op_type == "GroupQueryAttention" or node is head:
-            slots = range(3) if node is not head else range(1)
-            for slot in slots:
+            for slot in range(3) if node is not head else range(1):
                 if slot < len(node.input) and node.input[slot]:
-                    three_d = f"{node.input[slot]}/3d"
+                    three_d = f"{node.name}/input_{slot}/3d"
                     nodes.append(helper.make_node("Reshape", [node.input[slot], "/lora_gemm/shape_3d"], [three_d],
                                                   name=f"{node.name}/input_{slot}/Reshape_3d"))
                     node.input[slot] = three_d
@@ -104,8 +107,13 @@ def lora_as_gemm(model, read) -> dict | None:
             flat = f"{node.output[0]}/2d"
             nodes.append(helper.make_node("Flatten", [node.output[0]], [flat], name=f"{node.name}/Flatten_2d", axis=2))
             rename[node.output[0]] = flat
+    known = {i.name for i in graph.input} | set(inits) | {"/lora_gemm/minus_one"}
+    ordered = topological_order(nodes, known)  # before the graph changes: a failure leaves it whole
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "/lora_gemm/minus_one"))
+    for name, value in new_weights.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
     del graph.node[:]
-    graph.node.extend(topological_order(nodes, {i.name for i in graph.input} | {i.name for i in graph.initializer}))
+    graph.node.extend(ordered)
     still_read = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name.endswith((".lora.shape_in", ".lora.shape_out"))]:
         if init.name not in still_read:
@@ -134,15 +142,15 @@ def _gemm_plan(node, producer: dict, consumers: dict):
     return node, a, add, add.input[1] if add.input[0] == out else add.input[0], reshapes
 
 
-def _hidden_path(start: str, head, consumers: dict, inits: dict):
+def _hidden_path(start: str, head, consumers: dict):
     """(the attention nodes, ids of every node on the hidden path from the embedding to the LM
-    head) or None if one of them is not a row op with rank-free other inputs."""
+    head, the hidden tensors) or, where a node on it is not a row op, why not."""
     attention, on_path, seen = [], set(), set()
     frontier = [start]
     while frontier:
         tensor = frontier.pop()
-        if tensor in seen:
-            continue
+        if not tensor or tensor in seen:
+            continue  # "": an omitted optional output
         seen.add(tensor)
         for node in consumers.get(tensor, []):
             if node is head or id(node) in on_path:
@@ -152,24 +160,44 @@ def _hidden_path(start: str, head, consumers: dict, inits: dict):
                 attention.append(node)
                 frontier.append(node.output[0])  # its present key/value outputs are 4-D and stay
                 continue
-            if node.op_type == "Reshape" and node.name.endswith(LORA_RESHAPES):
-                frontier.extend(node.output)  # gate/up's stacked-B Reshapes: the Gemm plan drops them
-                continue
-            if node.op_type not in ROW_OPS or not _rank_free(node, inits):
-                return None
+            lora_reshape = node.op_type == "Reshape" and node.name.endswith(LORA_RESHAPES)  # the Gemm plan drops it
+            if not lora_reshape and (node.op_type not in ROW_OPS or not _last_axis(node)):
+                return f"{node.name}: {node.op_type} is not an op that works row by row on the last axis"
             frontier.extend(node.output)
-    return attention, on_path
+    return attention, on_path, seen
 
 
-def _rank_free(node, inits: dict) -> bool:
-    """An elementwise op's constant operands must broadcast the same against [b, s, h] and [t, h]
-    (rank <= 1); a Split / Concat / LayerNormalization must work on the last axis."""
-    if node.op_type in ELEMENTWISE:
-        return all(name not in inits or len(inits[name].dims) <= 1 for name in node.input)
-    if node.op_type in LAST_AXIS_ONLY:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0 if node.op_type != "LayerNormalization" else -1)
-        return axis in (-1, 2)
-    return True
+def _last_axis(node) -> bool:
+    if node.op_type not in LAST_AXIS_ONLY:
+        return True
+    axis = next((a.i for a in node.attribute if a.name == "axis"), LAST_AXIS_ONLY[node.op_type])
+    return axis in (-1, 2)
+
+
+def _foreign_operand(graph, on_path: set, hidden: set, inits: dict) -> str | None:
+    """Every operand of a row op on the path must be a hidden tensor, a constant that broadcasts
+    the same against [b, s, h] and [t, h] (rank <= 1), or a weight (a MatMul's second input, a
+    MatMulNBits' packed blocks): anything else (a 3-D tensor made off the path) would not fit."""
+    for node in graph.node:
+        if id(node) not in on_path or node.op_type == "GroupQueryAttention":
+            continue
+        for slot, name in enumerate(node.input):
+            if not name or name in hidden:
+                continue
+            weight = (node.op_type == "MatMul" and slot == 1) or node.op_type == "MatMulNBits" or (
+                node.op_type == "Reshape" and slot == 1)
+            if name in inits and (weight or len(inits[name].dims) <= 1):
+                continue
+            return f"{node.name}: input {name} is neither on the hidden path nor a rank <= 1 constant"
+    return None
+
+
+def _graph_output_on_path(graph, hidden: set) -> str | None:
+    """A graph output on the path (e.g. the builder's hidden_states) would come out 2-D."""
+    for value in graph.output:
+        if value.name in hidden:
+            return f"graph output {value.name} is a hidden state"
+    return None
 
 
 def _set_axis_last(node) -> None:
@@ -187,4 +215,3 @@ def block_diagonal(stacked):
     for g in range(groups):
         out[g * rank:(g + 1) * rank, g * width:(g + 1) * width] = stacked[g]
     return out
-

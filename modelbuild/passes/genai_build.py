@@ -179,7 +179,7 @@ def _make_switchable(model_path: Path, fuse: bool, gemm: bool) -> tuple[dict[str
     model, read = load_decoder_lazily(model_path)
     fusion = fuse_lora(model, read=read) if fuse else {}
     if fuse and gemm:
-        fusion["gemm"] = lora_as_gemm(model, read)  # None: the graph stays 3-D
+        fusion["gemm"] = lora_as_gemm(model, read)  # {"left_3d": why} where the graph stays 3-D
     weights = _lora_weights(model, read)
     if not weights:
         raise UserError("the built model has no LoRA subgraph: was the adapter applied?")
@@ -214,8 +214,10 @@ def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path,
     model, read = load_decoder_lazily(out / "model.onnx")
     if fused:
         fuse_lora(model, only=fused, read=read)
-    if gemm and lora_as_gemm(model, read) is None:
-        raise UserError(f"adapter {adapter.name}: its fp32 build's graph cannot take the bundle's Gemm layout")
+    if gemm:
+        layout = lora_as_gemm(model, read)
+        if "left_3d" in layout:
+            raise UserError(f"adapter {adapter.name}: its fp32 build cannot take the bundle's Gemm layout ({layout['left_3d']})")
     weights = _lora_weights(model, read)
     del model, read  # the mapped data file, before it goes
     shutil.rmtree(out, ignore_errors=True)
@@ -260,7 +262,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 status.update(f"adapter '{name}': fp32 build for its LoRA layout")
                 with quiet_stdout():
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights, fusion.get("modules"),
-                                                    bool(fusion.get("gemm")))
+                                                    "gemms" in (fusion.get("gemm") or {}))
                 _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         grid = {}
         if precision != params.precision:
