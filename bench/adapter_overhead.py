@@ -20,12 +20,12 @@ the per-turn (per-round) ratios, so a drift of the machine's speed hits every va
   fp16      fused_3d with fp16 LoRA weights, each LoRA path casting its input to fp16 and back
 
 So fused_3d - rank1 is what 7/8 of the LoRA bytes cost, rank1 - no_lora what the LoRA ops cost,
-no_lora - merged what packing the bases saved, fused_3d - fused what the Gemm rewrite saved. The inputs are bound once as OrtValues, as
-onnxruntime-genai binds them. The record also gives each rewrite's logits against fused's with
-the same adapter on the chat prompt against fused_3d's (fused sums in another order, and the int4
-MatMulNBits quantize their input to 8 bits per block, so a last-bit difference can flip a
-rounding: they match by correlation, not to the bit) and no_lora's against fused_3d's without an
-adapter (exact).
+no_lora - merged what packing the bases saved, fused_3d - fused what the Gemm rewrite saved. The
+inputs are bound once as OrtValues, as onnxruntime-genai binds them. The record also gives the
+chat prompt's logits of fused, int8_dq and fp16 against fused_3d's, all with the travel adapter
+(fused sums in another order, and the int4 MatMulNBits quantize their input to 8 bits per block,
+so a last-bit difference can flip a rounding: they match by correlation, not to the bit), and
+no_lora's against fused_3d's without an adapter (exact).
 
     PYTHONPATH=. .venv/bin/python bench/adapter_overhead.py [--work /tmp/adapter_speed/source_grid]
 
@@ -211,8 +211,6 @@ REWRITES = {  # name: (edit of the fused_3d model, the travel adapter's weights 
 
 def write_bundle(source: Path, model, weights: dict, out: Path) -> None:
     """``source``'s bundle with ``model`` and, if any, ``weights`` as its travel adapter."""
-    import onnxruntime as ort
-
     from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX
 
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.onnx*", ADAPTER_DIR))

@@ -84,7 +84,7 @@ def graph_stats(bundle: Path) -> dict:
     # points (the embedding table is gathered, a row per token, and not counted)
     base = {name for n in model.graph.node if n.op_type == "MatMulNBits" for name in n.input[1:] if name in sizes}
     lora = [n for n in model.graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name or "/lora/" in n.name]
-    layers = max(int(n.name.split("/layers.")[1].split("/")[0]) for n in model.graph.node if "/layers." in n.name) + 1
+    layers = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
     return {
         "nodes": len(model.graph.node),
         "lora_ops": len(lora),
@@ -235,6 +235,7 @@ def measure(algorithm: str, args) -> dict:
             "fused_vs_merged": logit_agreement(with_adapter["merged"], with_adapter["fused"]),
             "unfused_vs_merged": logit_agreement(with_adapter["merged"], with_adapter["unfused"]),
             "fused_without_adapter_vs_with": logit_agreement(with_adapter["fused"], fused_off),
+            "fused_vs_fused_3d_without_adapter": logit_agreement(logits(bundles["fused_3d"][0], ids, None), fused_off),
         },
         "same_greedy_tokens": {"fused_vs_unfused": tokens["fused"] == tokens["unfused"],
                                "fused_vs_merged": tokens["fused"] == tokens["merged"]},
