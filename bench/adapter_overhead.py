@@ -48,7 +48,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from modelbuild.ml.lora_gemm import block_diagonal  # gate/up's B as one 2-D matrix, as the bundle lays it out
+from modelbuild.ml.graph import producers_and_consumers
+from modelbuild.ml.lora_gemm import LORA_RESHAPES, block_diagonal  # gate/up's B as one 2-D matrix, as the bundle lays it out
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench/results/adapter_overhead.json"
@@ -139,7 +140,7 @@ def int8_dq(model) -> None:
     inputs = {name: input_shape(value) for name, value in lora_inputs(model).items()}
     rename, nodes = {}, []
     for node in graph.node:
-        if node.name.endswith(("/lora/Reshape_in", "/lora/Reshape_out")):
+        if node.name.endswith(LORA_RESHAPES):
             rename[node.output[0]] = node.input[0]
             continue
         if node.op_type == "MatMul" and node.input[1] in inputs:
@@ -176,7 +177,7 @@ def fp16(model) -> None:
     graph = model.graph
     for name, value in lora_inputs(model).items():
         retype_input(model, name, name, onnx.TensorProto.FLOAT16, input_shape(value))
-    producer = {out: n for n in graph.node for out in n.output}
+    producer, _ = producers_and_consumers(graph)
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and "/lora_A/" in node.name:
@@ -211,18 +212,12 @@ REWRITES = {  # name: (edit of the fused_3d model, the travel adapter's weights 
 
 def write_bundle(source: Path, model, weights: dict, out: Path) -> None:
     """``source``'s bundle with ``model`` and, if any, ``weights`` as its travel adapter."""
-    from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX
+    from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, write_adapter
 
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.onnx*", ADAPTER_DIR))
     onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     if weights:
-        adapter = ort.AdapterFormat()
-        adapter.set_adapter_version(1)
-        adapter.set_model_version(1)
-        arrays = {k: np.ascontiguousarray(v) for k, v in sorted(weights.items())}  # alive while the OrtValues are
-        adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-        (out / ADAPTER_DIR).mkdir()
-        adapter.export_adapter(str(out / ADAPTER_DIR / f"travel{ADAPTER_SUFFIX}"))
+        write_adapter(weights, out / ADAPTER_DIR / f"travel{ADAPTER_SUFFIX}")
 
 
 class OneThread:

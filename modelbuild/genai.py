@@ -13,6 +13,20 @@ ADAPTER_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 
 
+def write_adapter(weights: dict, path: Path) -> None:
+    """``weights`` (name -> array) as an ``.onnx_adapter`` file that ``og.Adapters`` loads."""
+    import numpy as np
+    import onnxruntime as ort
+
+    arrays = {name: np.ascontiguousarray(weights[name]) for name in sorted(weights)}  # alive while the OrtValues are
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in arrays.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adapter.export_adapter(str(path))
+
+
 def bundle_adapters(bundle: Path) -> dict[str, Path]:
     """name -> .onnx_adapter file of a bundle built by genai-build."""
     folder = Path(bundle) / ADAPTER_DIR

@@ -87,7 +87,7 @@ def lora_as_gemm(model, read) -> dict:
     nodes = [helper.make_node("Shape", ["input_ids"], ["/lora_gemm/batch_seq"], name="/lora_gemm/Shape"),
              helper.make_node("Concat", ["/lora_gemm/batch_seq", "/lora_gemm/minus_one"], ["/lora_gemm/shape_3d"],
                               name="/lora_gemm/Concat", axis=0)]
-    rename = {}
+    rename, flatten_after = {}, {id(embeddings[0])} | {id(n) for n in attention}
     for node in graph.node:
         if id(node) in dropped:
             continue
@@ -103,7 +103,7 @@ def lora_as_gemm(model, read) -> dict:
                                                   name=f"{node.name}/input_{slot}/Reshape_3d"))
                     node.input[slot] = three_d
         nodes.append(node)
-        if node is embeddings[0] or any(node is n for n in attention):
+        if id(node) in flatten_after:
             flat = f"{node.output[0]}/2d"
             nodes.append(helper.make_node("Flatten", [node.output[0]], [flat], name=f"{node.name}/Flatten_2d", axis=2))
             rename[node.output[0]] = flat

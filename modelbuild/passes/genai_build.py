@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle
+from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle, write_adapter
 from modelbuild.hf import probe_ids, torch_logits
 from modelbuild.ml.builder import run_builder
 from modelbuild.ml.bundle import load_decoder_lazily, save_decoder_streaming
@@ -193,17 +193,6 @@ def _make_switchable(model_path: Path, fuse: bool, gemm: bool) -> tuple[dict[str
     return weights, fusion
 
 
-def _write_adapter(weights: dict, path: Path) -> None:
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat()
-    adapter.set_adapter_version(1)
-    adapter.set_model_version(1)
-    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in sorted(weights)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    adapter.export_adapter(str(path))
-
-
 def _adapter_weights_fp32(base: Path, adapter: Path, device: str, scratch: Path, expected: dict, fused: list | None,
                           gemm: bool) -> dict:
     """An adapter's LoRA weights in the bundle's layout, from an fp32 build of base + adapter
@@ -257,13 +246,13 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             status.update("making the LoRA weights switchable")
             fuse = params.fuse_lora == "always" or (params.fuse_lora == "quantized" and params.precision in ("int4", "int8"))
             first_weights, fusion = _make_switchable(out_dir / "model.onnx", fuse, params.lora_gemm)
-            _write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
+            write_adapter(first_weights, out_dir / ADAPTER_DIR / f"{first_name}{ADAPTER_SUFFIX}")
             for name, path in names:
                 status.update(f"adapter '{name}': fp32 build for its LoRA layout")
                 with quiet_stdout():
                     weights = _adapter_weights_fp32(base, path, device, scratch, first_weights, fusion.get("modules"),
                                                     "gemms" in (fusion.get("gemm") or {}))
-                _write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
+                write_adapter(weights, out_dir / ADAPTER_DIR / f"{name}{ADAPTER_SUFFIX}")
         grid = {}
         if precision != params.precision:
             status.update(f"{params.int4_algorithm} int4 of the fp32 build")
