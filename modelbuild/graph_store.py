@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import graph_cache
 from .graph_cache import FILE, FORMAT, PassHandle, _identity, _tree
-from .passdef import _module_files, entry_point
+from .passdef import entry_point
 from .project import Project
 
 
@@ -25,7 +25,7 @@ def _code_files(project: Project, before: set[str]) -> set[str]:
     for pass_def in {t.pass_def.name: t.pass_def for t in project.targets.values()}.values():
         module = pass_def.module
         packages.add(module.__name__.split(".")[0])
-        files.update(str(p) for p in _module_files(Path(module.__file__)))
+        files.update(str(p) for p in pass_def.code_files().values())
         dist_path = getattr(getattr(entry_point(pass_def.name), "dist", None), "_path", None)
         if dist_path is not None:
             files.add(str(Path(dist_path) / "entry_points.txt"))

@@ -14,13 +14,18 @@ libraries (torch, transformers, onnx...) are imported inside ``run``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
+import importlib.machinery
 import importlib.metadata
+import importlib.util
 import inspect
 import math
 import re
+import sys
+import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,10 +90,23 @@ class PassDef:
     def module(self) -> types.ModuleType:
         return inspect.getmodule(self.run)
 
+    def code_files(self) -> dict[str, Path]:
+        """The pass's code by module name: its module and every module of its own it imports
+        (``code_files`` below says which)."""
+        return code_files(self.run.__module__, Path(inspect.getsourcefile(self.run)))
+
+    @functools.cached_property
+    def _code_digest(self) -> str:
+        digest = hashlib.sha256()
+        for name, path in self.code_files().items():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()[:16]
+
     def code_digest(self) -> str:
-        """Digest of the pass's source and of every modelbuild module it imports (helpers such as
-        hf.py shape outputs too), so an edited pass reruns even without a version bump."""
-        return _code_digest(Path(inspect.getsourcefile(self.run)))
+        """Digest of the pass's code (``code_files``): helpers such as hf.py or a plug-in's own
+        modules shape outputs too, so an edited pass reruns even without a version bump. Computed
+        once per loaded pass: a new process, or a reloaded plug-in, reads the files again."""
+        return self._code_digest
 
     def group_inputs(self, flat: dict[str, Any]) -> dict[str, Any]:
         """Flat inputs ("adapters.travel": x) as the pass reads them ({"adapters": {"travel": x}})."""
@@ -149,40 +167,105 @@ def _type_hints(params: type) -> dict[str, Any]:
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-# "from modelbuild.x import a, b", "from modelbuild.x import (a,\n b)" or "import modelbuild.x"
-_IMPORT_RE = re.compile(
-    r"^\s*(?:from\s+modelbuild((?:\.\w+)*)\s+import\s+(?:\(([^)]*)\)|([\w, ]+))|import\s+modelbuild((?:\.\w+)+))", re.M)
-_code_digests: dict[Path, str] = {}
+_STDLIB_DIRS = tuple({Path(sysconfig.get_paths()[name]).resolve() for name in ("stdlib", "platstdlib")})
 
 
-def _module_files(source_file: Path) -> list[Path]:
-    """``source_file`` and the modelbuild modules it imports, transitively (sorted)."""
-    seen: set[Path] = set()
-    todo = [source_file.resolve()]
+def _is_library_file(path: Path) -> bool:
+    """Python's own modules and installed distributions: they enter a key by version (the pass's
+    ``libraries``, the interpreter's version), never by source."""
+    return any(part in ("site-packages", "dist-packages") for part in path.parts) or any(
+        path.is_relative_to(root) for root in _STDLIB_DIRS)
+
+
+_BODIES = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+@functools.lru_cache(maxsize=1024)
+def _import_statements(source: bytes, filename: str) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
+    """(level, module, names) of every import statement in a module's source, at any depth
+    (inside functions, classes, if/try/with blocks): one parse per content, shared by every pass
+    that imports the module. Only statements are visited: imports are never inside expressions."""
+    found = []
+    todo = list(ast.parse(source, filename).body)
     while todo:
-        path = todo.pop()
-        if path in seen or not path.is_file() or path == _PACKAGE_DIR / "passdef.py":
-            continue  # passdef.py is this registry: it shapes no output
-        seen.add(path)
-        for match in _IMPORT_RE.finditer(path.read_text(encoding="utf-8")):
-            dotted = (match.group(1) or match.group(4) or "").strip(".")
-            base = _PACKAGE_DIR.joinpath(*dotted.split(".")) if dotted else _PACKAGE_DIR
-            candidates = [base.with_suffix(".py"), base / "__init__.py"]
-            names = match.group(2) or match.group(3)
-            if names:  # "from modelbuild.x import a, b": a and b may be modules too
-                candidates += [base / f"{name.strip()}.py" for name in names.split(",")]
-            todo.extend(c for c in candidates if c.is_file())
-    return sorted(seen)
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or "", tuple(a.name for a in node.names if a.name != "*")))
+        else:
+            for field_name in _BODIES:
+                todo.extend(getattr(node, field_name, ()))
+    return tuple(found)
 
 
-def _code_digest(source_file: Path) -> str:
-    if source_file not in _code_digests:
-        digest = hashlib.sha256()
-        for path in _module_files(source_file):
-            rel = path.relative_to(_PACKAGE_DIR.parent) if path.is_relative_to(_PACKAGE_DIR.parent) else path.name
-            digest.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
-        _code_digests[source_file] = digest.hexdigest()[:16]
-    return _code_digests[source_file]
+def _imported_names(path: Path, module: str) -> set[str]:
+    """Every module the imports in ``path`` (module ``module``) may load, as absolute dotted
+    names: the module itself, its parent packages (their ``__init__`` runs), and for
+    ``from x import y`` the name ``x.y`` too (y may be a submodule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    parts = package.split(".") if package else []
+    names: set[str] = set()
+    for level, base, imported in _import_statements(path.read_bytes(), str(path)):
+        if level:
+            if not parts or level - 1 >= len(parts):
+                continue  # beyond the top-level package: Python refuses it too
+            base = ".".join([*parts[:len(parts) - level + 1], *([base] if base else [])])
+        for name in (base, *(f"{base}.{leaf}" for leaf in imported)):
+            pieces = name.split(".")
+            names.update(".".join(pieces[:i]) for i in range(1, len(pieces) + 1))
+    return names
+
+
+def _find_module(name: str, found: dict[str, tuple[Path | None, list[str]]]) -> tuple[Path | None, list[str]]:
+    """(source file, submodule search locations) of module ``name``, located without importing
+    anything (a pass's heavy imports stay out of task loading): a top-level name through every
+    import finder (an editable install is found by its own), a submodule in its package's
+    folders. No file for a built-in, a compiled or a namespace module, or no module at all."""
+    if name not in found:
+        parent, _, leaf = name.rpartition(".")
+        spec = None
+        try:
+            if not parent:
+                if name not in sys.stdlib_module_names:  # Python's own: keyed by the interpreter's version
+                    loaded = sys.modules.get(name)
+                    spec = getattr(loaded, "__spec__", None) or importlib.util.find_spec(name)
+            else:
+                search = _find_module(parent, found)[1]
+                spec = importlib.machinery.PathFinder.find_spec(leaf, search) if search else None
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+        found[name] = (Path(origin).resolve() if origin and origin.endswith(".py") else None,
+                       list(getattr(spec, "submodule_search_locations", None) or ()))
+    return found[name]
+
+
+def code_files(module: str, source_file: Path) -> dict[str, Path]:
+    """The code of module ``module`` (a pass) by dotted name: its own file and every module it
+    imports, transitively, that is not Python's or an installed library's (those enter the key by
+    version). That follows absolute, relative and in-function imports, into modelbuild, into the
+    pass's own package wherever it is installed, and into any module outside site-packages (a
+    plug-in's helpers beside it, a project's own package), so that editing any of them changes
+    the pass's code digest. passdef itself is left out: the registry shapes no output."""
+    own_roots = {_PACKAGE_DIR}
+    if "." in module or source_file.name == "__init__.py":
+        depth = module.count(".") + (source_file.name == "__init__.py")
+        own_roots.add(source_file.resolve().parents[depth - 1])
+    registry_file = _PACKAGE_DIR / "passdef.py"
+    files: dict[str, Path] = {}
+    located: dict[str, tuple[Path | None, list[str]]] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = source_file.resolve() if name == module else _find_module(name, located)[0]
+        if name in files or path is None or path == registry_file:
+            continue
+        if not any(path.is_relative_to(root) for root in own_roots) and _is_library_file(path):
+            continue
+        files[name] = path
+        todo.extend(_imported_names(path, name) - files.keys())
+    return dict(sorted(files.items()))
 
 
 def require(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -127,40 +127,29 @@ def test_finetune_names_the_bad_record(project):
 
 def test_pass_code_in_the_key_covers_the_helpers_it_imports():
     """Editing a helper that shapes a pass's output (hf.py, genai.py) must change that pass's key."""
-    from pathlib import Path
-
-    from modelbuild.passdef import _module_files
-
-    package = Path(registry()["random-init"].run.__code__.co_filename).resolve().parent.parent
 
     def names(pass_name):
-        source = Path(registry()[pass_name].run.__code__.co_filename)
-        return {path.relative_to(package).as_posix() for path in _module_files(source)}
+        return set(registry()[pass_name].code_files())
 
-    assert {"passes/random_init.py", "hf.py"} <= names("random-init")
-    assert {"passes/smoke.py", "genai.py", "progress.py"} <= names("smoke")
-    assert {"passes/genai_build.py", "genai.py"} <= names("genai-build")
-    assert "passdef.py" not in names("genai-build")  # the registry shapes no output
-    assert "ml/onnx_models.py" in names("graph-optimize")  # a parenthesized, multi-line import is followed too
-    assert "hf.py" not in names("smoke")
+    assert {"modelbuild.passes.random_init", "modelbuild.hf"} <= names("random-init")
+    assert {"modelbuild.passes.smoke", "modelbuild.genai", "modelbuild.progress"} <= names("smoke")
+    assert {"modelbuild.passes.genai_build", "modelbuild.genai"} <= names("genai-build")
+    assert "modelbuild.passdef" not in names("genai-build")  # the registry shapes no output
+    assert "modelbuild.ml.onnx_models" in names("graph-optimize")  # a parenthesized, multi-line import is followed too
+    assert "modelbuild.hf" not in names("smoke")
+    assert not any(name.split(".")[0] in ("torch", "onnx", "json") for name in names("genai-build"))  # libraries: by version
 
 
 def test_no_pass_imports_another_pass_so_keys_follow_only_shared_code():
-    """A pass's key follows the modelbuild modules it imports: editing the LoRA training loop must
-    not invalidate cached AWQ, GPTQ or evaluation outputs. What passes share lives in modelbuild/ml."""
-    from pathlib import Path
-
-    from modelbuild.passdef import _module_files
-
-    package = Path(registry()["awq"].run.__code__.co_filename).resolve().parent.parent
+    """A pass's key follows the modules it imports: editing the LoRA training loop must not
+    invalidate cached AWQ, GPTQ or evaluation outputs. What passes share lives in modelbuild/ml."""
     for name, pass_def in registry().items():
-        source = Path(pass_def.run.__code__.co_filename).resolve()
-        if not source.is_relative_to(package):
+        if not pass_def.run.__module__.startswith("modelbuild."):
             continue  # a plug-in
-        passes = [p.relative_to(package).as_posix() for p in _module_files(source) if p.parent.name == "passes"]
-        assert passes == [source.relative_to(package).as_posix()], (name, passes)
-    awq = {p.relative_to(package).as_posix() for p in _module_files(Path(registry()["awq"].run.__code__.co_filename))}
-    assert {"ml/records.py", "ml/int4.py"} <= awq and "passes/lora_finetune.py" not in awq
+        passes = [module for module in pass_def.code_files() if module.startswith("modelbuild.passes.")]
+        assert passes == [pass_def.run.__module__], (name, passes)
+    awq = set(registry()["awq"].code_files())
+    assert {"modelbuild.ml.records", "modelbuild.ml.int4"} <= awq and "modelbuild.passes.lora_finetune" not in awq
 
 
 def test_hf_import_from_the_hub_keys_the_commit_its_branch_resolves_to(built_tiny, tmp_path):
