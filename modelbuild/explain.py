@@ -9,25 +9,33 @@ up-to-date stage says where its output came from (built, or restored from the ca
 
 from __future__ import annotations
 
-import json
-import sqlite3
-
 from .project import Project
 from .stage import stat_cache
 from .status import Fresh, Missing, status
 
 
-def doit_values(project: Project, name: str) -> dict:
+def _doit_records(project: Project):
+    """doit's record of the tasks it ran (the values each saved), read through doit's own
+    Dependency API rather than its database schema; None before doit's first run here."""
     path = project.state_dir / "doit.sqlite3"
     if not path.exists():
-        return {}
-    with sqlite3.connect(path) as db:
-        row = db.execute("select task_data from doit where task_id = ?", (name,)).fetchone()
-    return json.loads(row[0]).get("_values_:", {}) if row else {}
+        return None
+    from doit.dependency import Dependency, SqliteDB
+
+    return Dependency(SqliteDB, str(path))
 
 
 def explain(project: Project, names: list[str]) -> list[str]:
     cache = stat_cache(project)
+    records = _doit_records(project)
+    try:
+        return _explain(project, names, cache, records)
+    finally:
+        if records is not None:
+            records.close()
+
+
+def _explain(project: Project, names: list[str], cache, records) -> list[str]:
     lines = []
     rebuilding: set[str] = set()
     for name in project.closure(names):
@@ -51,7 +59,8 @@ def explain(project: Project, names: list[str]) -> list[str]:
             if stamp.get("left_on_remote"):
                 detail += f"; files left on {stamp['left_on_remote']}: `doit {name}` downloads them"
             note = ""
-            if doit_values(project, name).get("action_key") != stamp["action_key"]:
+            recorded = records.get_values(name) if records is not None else {}
+            if recorded.get("action_key") != stamp["action_key"]:
                 note = " (doit has no record of it: forgotten or interrupted run; the intact output will be reused)"
             lines.append(f"{name}: up to date ({detail}, {when}){note}")
     return lines
