@@ -9,7 +9,7 @@ onnxruntime's activations and its MatMulNBits node maker.
 from __future__ import annotations
 
 from modelbuild import UserError
-from modelbuild.ml.weight_only import matmul_nbits_node
+from modelbuild.ml.nbits import matmul_nbits_node
 
 GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, as in the reference code
 

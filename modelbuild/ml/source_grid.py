@@ -180,7 +180,7 @@ def matmul_nbits(node, encoded: Encoded, k: int, block_size: int, accuracy_level
     import onnx
     from onnx import numpy_helper
 
-    from modelbuild.ml.weight_only import pack_zero_points
+    from modelbuild.ml.nbits import pack_zero_points
 
     n, blocks, _ = encoded.codes.shape
     if encoded.bits == 4:
