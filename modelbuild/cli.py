@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("devices", help="the devices and slots that doit -n schedules stages on")
     p.set_defaults(func=cmd_devices)
 
-    from .olive import add_commands  # import-olive, init (modelbuild/olive, modelbuild/init_project.py)
+    from .olive import add_commands  # import-olive (modelbuild/olive)
     add_commands(sub)
+    from .init_project import add_command as add_init  # init (modelbuild/init_project.py)
+    add_init(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -40,13 +40,11 @@ def add_import_arguments(p) -> None:
 
 
 def add_commands(sub) -> None:
-    """Register ``import-olive`` and ``init`` on the CLI's subparsers."""
-    from modelbuild import init_project
-
+    """Register ``import-olive`` on the CLI's subparsers (``init``, which imports Olive workflows
+    too, is init_project.py's, registered by the CLI: this package never imports it)."""
     p = sub.add_parser("import-olive", help="Olive workflow JSON (or an olive command line) -> a TOML target file")
     p.add_argument("workflow", nargs="?", help="Olive workflow JSON (olive run --config FILE)")
     p.add_argument("--cli", help='an olive command line instead: "olive auto-opt ..." / "olive finetune ..." / "olive quantize ..."')
     p.add_argument("-o", "--output", help="TOML file to write (default: targets/NAME.toml in the project)")
     add_import_arguments(p)
     p.set_defaults(func=cmd_import_olive)
-    init_project.add_command(sub)
