@@ -101,7 +101,8 @@ def load(root: Path | str) -> Project:
     project = load_project(root, record)
     from .graph_store import store  # the writing half: compiled and imported only on a miss
 
-    last_outcome = store(path, key, project, record, started)
+    last_outcome = store(path, key, project, record, started,
+                         racy_ns=RACY_NS, pass_handle=PassHandle, identity=_identity, tree=_tree)
     return project
 
 

@@ -1,6 +1,7 @@
 """The writing half of the graph cache (graph_cache.py): after a load that succeeded, record
 what the graph depends on and write it, or say why not. Apart from graph_cache.py so that a no-op
-served from the cache neither compiles nor imports it.
+served from the cache neither compiles nor imports it. graph_cache imports this module (on a miss)
+and passes in what of its own the writing uses: this module never imports graph_cache.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import pickle
 import sys
 from pathlib import Path
 
-from . import graph_cache
-from .graph_cache import FILE, FORMAT, PassHandle, _identity, _tree
 from .passdef import entry_point
 from .project import Project
 
@@ -36,21 +35,23 @@ def _code_files(project: Project, before: set[str]) -> set[str]:
     return files
 
 
-def store(path: Path, key: tuple | None, project: Project, record: dict, started: int) -> str:
-    """Write the cache for ``project``, loaded from ``key`` at ``started`` (ns) with ``record``
-    (loader.py); what happened, for graph_cache.last_outcome."""
+def store(path: Path, key: tuple | None, project: Project, record: dict, started: int, *,
+          racy_ns: int, pass_handle, identity, tree) -> str:
+    """Write the cache for ``project`` to ``path``, loaded from ``key`` at ``started`` (ns) with
+    ``record`` (loader.py); what happened, for graph_cache.last_outcome. graph_cache's own parts:
+    ``racy_ns`` its same-tick guard (read at the call: tests narrow it), ``pass_handle`` its
+    PassHandle, ``identity`` and ``tree`` the stat identities its check compares."""
     if key is None:
         return "not stored: targets/ unreadable"
     try:
-        files = [(file, _identity(file)) for file in sorted(_code_files(project, record["modules"]))]
-        refs = [(written, resolved, _tree(resolved)) for written, resolved in dict.fromkeys(record.get("refs", []))]
-        handles = {t.pass_def.name: PassHandle(t.pass_def, entry_point(t.pass_def.name).value)
+        files = [(file, identity(file)) for file in sorted(_code_files(project, record["modules"]))]
+        refs = [(written, resolved, tree(resolved)) for written, resolved in dict.fromkeys(record.get("refs", []))]
+        handles = {t.pass_def.name: pass_handle(t.pass_def, entry_point(t.pass_def.name).value)
                    for t in project.targets.values()}
     except (OSError, KeyError, TypeError, AttributeError) as error:  # a pass not from an entry point...
         return f"not stored: {error}"
     identities = [i for _, i in files] + [i for _, i in key[5]]
-    identities += [entry[j] for _, _, tree in refs for entry in tree for j in (1, 3)]
-    racy_ns = graph_cache.RACY_NS  # read now: tests narrow it
+    identities += [entry[j] for _, _, entries in refs for entry in entries for j in (1, 3)]
     if any(i is not None and max(i[4], i[5]) > started - racy_ns for i in identities):
         return "not stored: files changed in the last 2 s (same-tick guard)"
     stored = copy.copy(project)
@@ -58,9 +59,9 @@ def store(path: Path, key: tuple | None, project: Project, record: dict, started
     for name, target in project.targets.items():
         stored.targets[name] = copy.copy(target)
         stored.targets[name].pass_def = handles[target.pass_def.name]
-    data = {"format": FORMAT, "key": key, "files": files, "refs": refs,
+    data = {"format": key[0], "key": key, "files": files, "refs": refs,  # key[0]: graph_cache.FORMAT (its _key)
             "devices": sorted(set(record.get("devices", []))), "project": stored}
-    tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
