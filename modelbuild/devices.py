@@ -21,7 +21,7 @@ project's targets/*.toml, environment variables::
     [devices]
     gpus = [0, 1]          # MODELBUILD_GPUS="0,1"; [] / "none": no GPU
     gpu_memory_gb = 80     # MODELBUILD_GPU_MEMORY_GB
-    simulated = true       # MODELBUILD_SIMULATED_GPUS=1: the GPUs above do not exist (tests)
+    simulated = true       # MODELBUILD_SIMULATED_GPUS=1 (0: off): the GPUs above do not exist (tests)
     cpu_slots = 2          # MODELBUILD_CPU_SLOTS
     cpu_threads = 16       # MODELBUILD_CPU_THREADS
     cpu_numerics = "avx2"  # MODELBUILD_CPU_NUMERICS: the pinned CPU code branch (numerics.py)
@@ -43,7 +43,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from . import UserError
+from . import UserError, settings
 from .numerics import check_name, environment as numerics_environment
 
 DEVICE_KEYS = {"gpus": list, "gpu_memory_gb": float, "simulated": bool, "cpu_slots": int, "cpu_threads": int,
@@ -150,29 +150,18 @@ def check_config(table: object, where: str) -> dict:
     return dict(table)
 
 
-def _env_config() -> dict:
-    config: dict = {}
-    env = os.environ
-    try:
-        if "MODELBUILD_GPUS" in env:
-            text = env["MODELBUILD_GPUS"].strip()
-            config["gpus"] = [] if text.lower() in ("", "none") else [int(i) for i in text.split(",")]
-        if env.get("MODELBUILD_GPU_MEMORY_GB"):
-            config["gpu_memory_gb"] = float(env["MODELBUILD_GPU_MEMORY_GB"])
-        if env.get("MODELBUILD_CPU_SLOTS"):
-            config["cpu_slots"] = int(env["MODELBUILD_CPU_SLOTS"])
-        if env.get("MODELBUILD_CPU_THREADS"):
-            config["cpu_threads"] = int(env["MODELBUILD_CPU_THREADS"])
-    except ValueError as error:
-        raise UserError(f"environment: MODELBUILD_GPUS / _GPU_MEMORY_GB / _CPU_SLOTS / _CPU_THREADS: {error}") from None
-    if "MODELBUILD_SIMULATED_GPUS" in env:
-        config["simulated"] = env["MODELBUILD_SIMULATED_GPUS"] not in ("", "0")
-    return check_config(config, "environment")
+def _env_config(env: settings.Settings) -> dict:
+    """The [devices] keys the environment sets (settings.py parsed them)."""
+    config = {key: getattr(env, field) for key, field in (("gpus", "gpus"), ("gpu_memory_gb", "gpu_memory_gb"),
+              ("simulated", "simulated_gpus"), ("cpu_slots", "cpu_slots"), ("cpu_threads", "cpu_threads"))}
+    if config["gpus"] is not None:
+        config["gpus"] = list(config["gpus"])
+    return check_config({key: value for key, value in config.items() if value is not None}, "environment")
 
 
-def machine_from(config: dict) -> Machine:
+def machine_from(config: dict, env: settings.Settings | None = None) -> Machine:
     """The machine: project config (a validated [devices] table) overlaid by the environment."""
-    config = {**config, **_env_config()}
+    config = {**config, **_env_config(settings.current() if env is None else env)}
     if "gpus" in config:
         memory = config.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB)
         gpus = [Gpu(i, memory) for i in config["gpus"]]

@@ -19,13 +19,11 @@ with every object re-hashed, or rebuilt and pushed back): stage.py, ``_inputs_he
 from __future__ import annotations
 
 import fnmatch
-import os
 import sys
 
-from . import UserError
+from . import UserError, settings
 
-MODES = ("all", "toplevel")
-ENV = "MODELBUILD_DOWNLOAD"
+MODES = settings.DOWNLOAD_MODES
 
 
 def check_mode(value: object, where: str) -> str:
@@ -37,9 +35,8 @@ def check_mode(value: object, where: str) -> str:
 def mode(project) -> str:
     from .executor import executor_kind
 
-    if os.environ.get(ENV):
-        return check_mode(os.environ[ENV], ENV)
-    return project.cache.get("download") or ("toplevel" if executor_kind(project) == "ray" else "all")
+    chosen = settings.current().download or project.cache.get("download")
+    return chosen or ("toplevel" if executor_kind(project) == "ray" else "all")
 
 
 def _command_line_tasks(argv: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -16,15 +16,13 @@ with the cluster's address: a build that cannot run there is one line before any
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
-from . import UserError, say
+from . import UserError, say, settings
 
-ENV = "MODELBUILD_EXECUTOR"
-KINDS = ("local", "ray")
+KINDS = settings.EXECUTOR_KINDS
 EXECUTOR_KEYS = {"kind"}
 
 
@@ -41,10 +39,8 @@ def check_executor_table(table: object, where: str) -> dict:
 
 
 def executor_kind(project) -> str:
-    kind = os.environ.get(ENV) or project.executor.get("kind", "local")
-    if kind not in KINDS:
-        raise UserError(f"{ENV}: {kind!r} is not one of {', '.join(KINDS)}")
-    return kind
+    """MODELBUILD_EXECUTOR (settings.py checked it), else [executor] kind (checked at load), else local."""
+    return settings.current().executor or project.executor.get("kind", "local")
 
 
 def check_executor(project) -> None:
@@ -58,7 +54,7 @@ def check_executor(project) -> None:
         raise UserError("Ray executor: stages exchange inputs and outputs through the remote cache; set "
                         "MODELBUILD_REMOTE_CACHE=s3://bucket/prefix (or [cache] remote) as on every node")
     try:
-        check_reachable(os.environ.get("RAY_ADDRESS") or "")
+        check_reachable(settings.current().ray_address)
     except RayStageError as error:
         raise UserError(str(error)) from None
 
@@ -72,7 +68,7 @@ def device_answers(project, this_machine):
         from .ray_exec import ClusterDevices
 
         check_executor(project)  # a missing remote cache or a dead address: its one line, before connecting
-        return ClusterDevices.at(os.environ.get("RAY_ADDRESS") or "")
+        return ClusterDevices.at(settings.current().ray_address)
     return this_machine()
 
 
@@ -95,7 +91,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
     if remote is None:
         raise UserError(f"target '{target.name}': the Ray executor needs the remote cache, which is unreachable")
     with _connect_lock:
-        address = os.environ.get("RAY_ADDRESS") or ""
+        address = settings.current().ray_address
         if address not in _connected:
             try:
                 _connected[address] = RayExecutor.connect(address)

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from . import UserError
+from . import UserError, settings
 
 ADAPTER_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -36,12 +36,10 @@ def bundle_adapters(bundle: Path) -> dict[str, Path]:
 def load_config(bundle: Path):
     """The bundle's og.Config, limited to the stage's thread share (MODELBUILD_THREADS, set by
     the scheduler) so parallel stages do not each start one onnxruntime thread per core."""
-    import os
-
     import onnxruntime_genai as og
 
     config = og.Config(str(bundle))
-    threads = os.environ.get("MODELBUILD_THREADS")
+    threads = settings.current().threads
     if threads:
         options = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))

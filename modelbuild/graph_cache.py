@@ -36,13 +36,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import settings
 from .project import Project, load_project
 
 if TYPE_CHECKING:  # passdef.py is imported only on a miss, or when a handle loads its pass
     from .passdef import PassDef
 
 FORMAT = 1  # bump when the shape of the cached data changes
-RUN_ONLY = {"MODELBUILD_DOWNLOAD", "MODELBUILD_FORCE"}  # read by the executor at build time, never by the loader
+RUN_ONLY = settings.RUN_ONLY  # read by the executor at build time, never by the loader
 FILE = "graph.pickle"
 RACY_NS = 2_000_000_000
 last_outcome = ""  # what the last load did ("hit", "stored", "not stored: ...", "off"): for tests
@@ -87,7 +88,7 @@ def load(root: Path | str) -> Project:
     loaded (a ``UserError`` propagates, nothing is cached) and cached for the next run."""
     global last_outcome
     root = Path(root).resolve()
-    if os.environ.get("MODELBUILD_GRAPH_CACHE") == "0":
+    if not settings.current().graph_cache:  # also where a bad MODELBUILD_* value stops the load
         last_outcome = "off"
         return load_project(root)
     path = Project(root=root).state_dir / FILE
@@ -143,7 +144,7 @@ def _key(root: Path) -> tuple | None:
                 files.append((name, handle.read()))
     except OSError:
         return None  # load_project says what is wrong
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("MODELBUILD_") and k not in RUN_ONLY)
+    env = settings.graph_environment()
     paths = [(entry, _identity(entry or ".")) for entry in sys.path]
     return FORMAT, sys.version, sys.executable, str(root), env, paths, files
 

@@ -26,10 +26,9 @@ nothing to pin (MKL is x86-only).
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
-from . import UserError
+from . import UserError, settings
 
 # branch -> (CPU flags it needs, MKL_CBWR, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
 BRANCHES = {
@@ -84,9 +83,9 @@ def branch(devices: dict, devices_where: str = "[devices]", check_here: bool = T
     """The branch stages run: MODELBUILD_CPU_NUMERICS, else ``[devices] cpu_numerics``, else the
     widest this CPU has. One line if the choice cannot run here; with ``check_here=False`` (the
     Ray executor: stages run on the nodes, which refuse a branch their CPU lacks) not checked here."""
-    if os.environ.get("MODELBUILD_CPU_NUMERICS"):
+    chosen = settings.current().cpu_numerics  # a known name (settings.py checked it)
+    if chosen:
         where = "MODELBUILD_CPU_NUMERICS"
-        chosen = check_name(os.environ[where], where)
     elif "cpu_numerics" in devices:
         chosen, where = devices["cpu_numerics"], f"{devices_where}.cpu_numerics"
     else:

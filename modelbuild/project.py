@@ -48,12 +48,11 @@ names a target; anything else is a file path relative to the TOML file.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import UserError
+from . import UserError, settings
 
 if TYPE_CHECKING:
     from .passdef import PassDef
@@ -158,7 +157,7 @@ class Project(_Fields):
 
     @property
     def cache_dir(self) -> Path:
-        return Path(os.environ.get("MODELBUILD_CACHE") or self.root / "cache")
+        return Path(settings.current().cache or self.root / "cache")
 
     @property
     def state_dir(self) -> Path:

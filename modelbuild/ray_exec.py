@@ -46,6 +46,7 @@ import time
 import uuid
 from pathlib import Path
 
+from . import settings
 from .devices import stage_environment
 from .digest import hash_file, hash_json, walk_files
 from .numerics import missing
@@ -132,7 +133,8 @@ class RayExecutor:
         """Connect (RAY_ADDRESS when ``address`` is None); an unreachable cluster is one line in seconds."""
         import ray
 
-        address = address or os.environ.get("RAY_ADDRESS") or ""
+        env = settings.current()
+        address = address or env.ray_address
         check_reachable(address)
         if not ray.is_initialized():
             try:
@@ -140,7 +142,7 @@ class RayExecutor:
                          configure_logging=False)
             except Exception as error:  # ConnectionError, RuntimeError: Ray's own are multi-line
                 raise RayStageError(f"Ray cluster {address}: cannot connect: {_one_line(error)}") from None
-        memory = gpu_memory_gb or float(os.environ.get("MODELBUILD_GPU_MEMORY_GB") or DEFAULT_GPU_MEMORY_GB)
+        memory = gpu_memory_gb or env.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB
         return cls(address, memory)
 
     def submit(self, plan: dict, inputs: dict, remote, device: str, threads: int,
@@ -344,7 +346,7 @@ def _stage_task(plan: dict, inputs_key: str, remote_url: str, device: str, threa
         assigned = f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"
         worker_plan = {**plan, "inputs": paths, "output_dir": str(out), "device": device, "assigned_device": assigned,
                        "threads": threads, "input_names": plan.get("input_names") or {k: k for k in paths},
-                       "cache_dir": os.environ.get("MODELBUILD_CACHE") or str(Path.home() / ".cache" / "modelbuild")}
+                       "cache_dir": settings.current().cache or str(Path.home() / ".cache" / "modelbuild")}
         (scratch / "plan.json").write_text(json.dumps(worker_plan, indent=1))
         env = {**os.environ, **stage_environment(assigned, threads, ",".join(gpu_ids), plan["cpu_numerics"])}
         started = time.time()

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import UserError, say
+from . import UserError, say, settings
 from .devices import Assignment, SlotPool, machine_from
 from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
 from .download import mode as download_mode, needed_here
@@ -101,7 +101,7 @@ def check_state(project: Project) -> None:
     (doit's database, the stat cache) is readable. Each problem is one line naming the file;
     the state files only remember what was already checked, so deleting them is always safe."""
     cache = project.cache_dir
-    shown_cache = f"cache folder {cache}" + (" (MODELBUILD_CACHE)" if os.environ.get("MODELBUILD_CACHE") else "")
+    shown_cache = f"cache folder {cache}" + (" (MODELBUILD_CACHE)" if settings.current().cache else "")
     if cache.exists() and not cache.is_dir():
         raise UserError(f"{shown_cache}: not a folder")
     try:
@@ -200,7 +200,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     ``here``: the files must end up in build/ even if this doit run did not ask for the target
     (a stage about to run needs them, and the remote could not give them by digest).
     """
-    force = os.environ.get("MODELBUILD_FORCE") == "1"
+    force = settings.current().force
     cache = stat_cache(project)
     components = key_components(project, target, cache)
     missing = [k for k, v in components["inputs"].items() if v is None]

@@ -8,8 +8,8 @@ decides whether a stage is up to date (status.py does), nor which outputs come d
 
 Configuration: ``MODELBUILD_REMOTE_CACHE=s3://bucket/prefix`` (``off``: no remote) or a ``[cache]``
 table in one targets/*.toml (``remote``, ``push = true``, ``required = false``; validated in
-project.py); ``MODELBUILD_REMOTE_PUSH`` and ``MODELBUILD_REMOTE_REQUIRED`` (0/1) override the
-table's booleans. Endpoint and credentials come only from the AWS chain, inside remote.py.
+project.py); ``MODELBUILD_REMOTE_PUSH`` and ``MODELBUILD_REMOTE_REQUIRED`` (booleans, settings.py)
+override the table's. Endpoint and credentials come only from the AWS chain, inside remote.py.
 
 Faults, per doit process:
 * unreachable (server down, wrong bucket or keys): one warning line, then local-only for the rest
@@ -25,14 +25,13 @@ Faults, per doit process:
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import UserError, say
+from . import UserError, say, settings
 from .digest import hash_file
-from .project import Project, check_remote_url
+from .project import Project
 from .status import action_entry
 from .store import Store, entry_problem
 
@@ -52,30 +51,16 @@ class RemoteConfig:
     required_from: str  # where ``required`` came from, for its error message
 
 
-def _env_bool(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise UserError(f"{name}: expected 1 or 0 (true or false), got {value[:20]!r}")
-
-
-def remote_config(project: Project) -> RemoteConfig | None:
+def remote_config(project: Project, env: settings.Settings | None = None) -> RemoteConfig | None:
     """The remote tier this project uses, or None. The environment overrides the [cache] table."""
     table = project.cache
-    env_url = os.environ.get(ENV_URL, "")
-    if env_url.strip().lower() == "off":
+    env = settings.current() if env is None else env
+    if env.remote_cache == "off":
         return None
-    if env_url:
-        url = check_remote_url(env_url.strip(), ENV_URL)
-    elif table.get("remote"):
-        url = table["remote"]
-    else:
+    url = env.remote_cache or table.get("remote")
+    if not url:
         return None
-    push, required = _env_bool(ENV_PUSH), _env_bool(ENV_REQUIRED)
+    push, required = env.remote_push, env.remote_required
     return RemoteConfig(url, table.get("push", True) if push is None else push,
                         table.get("required", False) if required is None else required,
                         f"{ENV_REQUIRED}=1" if required is not None else f"{project.cache_from}: cache.required = true")

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import UserError
+from . import UserError, settings
 from .numerics import missing
 from .passdef import get_pass
 
@@ -64,7 +64,7 @@ def quiet_libraries() -> None:
 
     Passes draw their own rich progress. MODELBUILD_VERBOSE=1 lets everything through.
     """
-    if os.environ.get("MODELBUILD_VERBOSE"):
+    if settings.current().verbose:
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

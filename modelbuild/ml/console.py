@@ -6,12 +6,14 @@ import contextlib
 import logging
 import os
 
+from modelbuild import settings
+
 
 @contextlib.contextmanager
 def quiet_stdout():
     """Libraries that print per-layer or per-node progress to stdout (the genai model builder,
     onnxruntime's quantizers) stay silent unless MODELBUILD_VERBOSE is set."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
+    if settings.current().verbose:
         yield
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -22,7 +24,7 @@ def quiet_stdout():
 def quiet_onnxruntime():
     """onnxruntime's Python tools (transformer optimizer, quantizers) log a warning per unmatched
     pattern and advice per node, and print to stdout: silent unless MODELBUILD_VERBOSE is set."""
-    if os.environ.get("MODELBUILD_VERBOSE"):
+    if settings.current().verbose:
         yield
         return
     import onnxruntime as ort

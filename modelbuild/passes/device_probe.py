@@ -12,11 +12,11 @@ The output holds timings and wall-clock times, so it is not reproducible by desi
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelbuild import settings
 from modelbuild.passdef import PassDef, param, require
 
 SEEN_VARIABLES = ("CUDA_VISIBLE_DEVICES", "MODELBUILD_DEVICE", "MODELBUILD_THREADS", "MODELBUILD_SIMULATED_GPUS",
@@ -71,13 +71,13 @@ def _matmul_gflops(seconds: float, size: int, device: str) -> dict:
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import onnxruntime
 
-    simulated = os.environ.get("MODELBUILD_SIMULATED_GPUS") == "1"
+    simulated = settings.current().simulated_gpus is True  # the parent's, or the stage's "1"
     report = {
         "declared_device": ctx.device,
         "assigned_device": ctx.assigned_device,
         "threads": ctx.threads,
         "simulated": simulated,
-        "environment": {name: os.environ.get(name) for name in SEEN_VARIABLES},
+        "environment": settings.raw(SEEN_VARIABLES),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "started": round(time.time(), 3),
     }

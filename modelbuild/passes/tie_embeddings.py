@@ -50,7 +50,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbuild import UserError
+from modelbuild import UserError, settings
 from modelbuild.genai import bundle_adapters, prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.weight_only import dequantize_matmul_nbits
@@ -323,8 +323,6 @@ def _compare_logits(tied, reference, original, feeder, probes, adapters: dict, l
 # --- writing ------------------------------------------------------------------------------------
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
-    import os
-
     bundle: Path = inputs["bundle"]
     if params.max_tie_error <= 0 or params.logits_tolerance < 0:
         raise UserError("params.max_tie_error must be > 0 and params.logits_tolerance >= 0")
@@ -337,7 +335,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from rich.console import Console
 
     onnxruntime.set_default_logger_severity(3)  # one warning per overridable (LoRA) initializer
-    threads = int(os.environ.get("MODELBUILD_THREADS") or 0) or None
+    threads = settings.current().threads or None
     console = Console(stderr=True)
     with console.status("reading the bundle") as status:
         model = onnx.load(str(bundle / filename))
