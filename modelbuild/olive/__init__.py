@@ -11,8 +11,9 @@ workflow leaves to Olive's hub defaults: ``calibration`` (gptq, AWQ, static int8
 data_config) and ``eval`` (evaluators whose metrics name no data config).
 
 Only the argument parsing lives here (the CLI imports it on every call); the importer itself is
-in importer.py (workflow.py reads the JSON, mapping.py and passes.py map passes to targets,
-emit.py writes TOML, cli_args.py turns olive command lines into workflows).
+in importer.py (workflow.py reads the JSON, mapping.py maps passes to targets through the
+handlers of passes.py and quantizers.py, on the state and helpers of chain.py; emit.py writes
+TOML, cli_args.py turns olive command lines into workflows).
 """
 
 from __future__ import annotations

@@ -15,138 +15,44 @@ quantization and written where the int4 model is made:
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .model import NAME_SAFE, PASS_TYPES, SUPPORTED, Artifact, Options, Pending, Target, norm_type
-from .passes import PassMappings
-from .workflow import OliveError, PassEntry, Workflow, expect
+from . import passes, quantizers
+from .chain import Chain, Options
+from .model import PASS_TYPES, SUPPORTED, Artifact, Target, norm_type
+from .workflow import OliveError, PassEntry, expect
+
+# Olive pass type (normalized, as PASS_TYPES) -> its handler: handler(chain, entry, options).
+HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
+    "modelbuilder": passes.modelbuilder,
+    "onnxconversion": passes.onnxconversion,
+    "orttransformersoptimization": passes.orttransformersoptimization,
+    "onnxfloattofloat16": passes.onnxfloattofloat16,
+    "onnxblockwisertnquantization": passes.nbits,
+    "onnxkquantquantization": passes.nbits,
+    "onnxmatmul4quantizer": passes.nbits,
+    "matmulnbitsquantizer": passes.nbits,
+    "onnxhqqquantization": passes.nbits,
+    "gptq": quantizers.gptq, "gptqquantizer": quantizers.gptq,
+    "rtn": quantizers.rtn,
+    "awq": quantizers.awq, "awqquantizer": quantizers.awq,
+    "selectivemixedprecision": quantizers.selectivemixedprecision,
+    "lora": passes.lora, "qlora": passes.lora,
+    "onnxdynamicquantization": passes.int8,
+    "onnxstaticquantization": passes.int8,
+    "onnxquantization": passes.int8,
+    "extractadapters": passes.extractadapters,
+    "graphsurgeries": passes.graphsurgeries,
+}
+if HANDLERS.keys() != PASS_TYPES.keys():  # the two tables name the same pass types
+    raise AssertionError(f"olive HANDLERS and PASS_TYPES differ: {sorted(HANDLERS.keys() ^ PASS_TYPES.keys())}")
 
 
-class Importer(PassMappings):
-    """One chain of targets for one workflow (one search combination); pass handlers in passes.py."""
+class Importer(Chain):
+    """One chain of targets for one workflow (one search combination): the input model, each pass
+    through its handler (HANDLERS: passes.py, quantizers.py), the evaluator."""
 
-    def __init__(self, wf: Workflow, name: str, out_dir: Path, model_path: Path | None = None,
-                 data: dict[str, Path] | None = None, skip_unsupported: bool = False,
-                 labels: list[tuple[int, str]] | None = None):
-        self.wf, self.name, self.out_dir = wf, name, out_dir
-        self.model_path, self.data = model_path, dict(data or {})
-        self.skip, self.labels = skip_unsupported, labels or []  # search: (pass index, value label) per axis
-        self.index = -1  # the pass being mapped
-        self.targets: list[Target] = []
-        self.header: list[str] = []  # comments at the top of the file
-        self.pending_comments: list[str] = []  # go above the next target written
-        self.used_data: set[str] = set()
-        self.adapters: dict[str, str] = {}
-        self.pending = Pending()
-        self.device = "cpu"
-        self.base: Artifact | None = None
-        self.art: Artifact | None = None
-
-    # -- helpers ------------------------------------------------------------------------------
-    def fail(self, path: str, message: str) -> OliveError:
-        return self.wf.fail(path, message)
-
-    def unsupported(self, path: str, message: str) -> None:
-        """A one-line refusal, or with --skip-unsupported a comment where it was left out."""
-        if not self.skip:
-            raise self.fail(path, f"{message}; --skip-unsupported imports the rest without it")
-        self.pending_comments.append(f"LEFT OUT {path}: {message}")
-
-    def tname(self, key: str) -> str:
-        stem = NAME_SAFE.sub("-", key).strip("-.") or "pass"
-        return f"{self.name}-{stem}{self.suffix(self.index)}"
-
-    def suffix(self, upto: int) -> str:
-        """A search combination's values, for the passes at or before ``upto``: targets before a
-        searched pass are shared by every combination."""
-        return "".join(f"-{label}" for index, label in self.labels if index <= upto)
-
-    def add(self, target: Target, entry: PassEntry | None, notes: list[str]) -> Artifact:
-        comments = list(self.pending_comments)
-        self.pending_comments = []
-        if entry is not None:
-            comments.append(f"Olive pass '{entry.key}' ({entry.type}) at {entry.path}: {json.dumps(entry.options, sort_keys=True)}")
-        target.comments = comments + target.comments + [f"  {n}" for n in notes]
-        if any(t.name == target.name for t in self.targets):
-            raise self.fail(entry.path if entry else "passes", f"two targets would be called '{target.name}': rename a pass")
-        self.targets.append(target)
-        return Artifact(f":{target.name}", "hf", target=target)
-
-    def rel(self, path: Path) -> str:
-        """A path as the TOML file refers to it: relative inside the project, else absolute."""
-        path = path.resolve()
-        root = self.out_dir.parent.resolve()
-        if path.is_relative_to(root):
-            return Path(os.path.relpath(path, self.out_dir.resolve())).as_posix()
-        return str(path)
-
-    def local(self, text: str, path: str) -> Path:
-        """A path written in the workflow, relative to the workflow file's folder (or the cwd)."""
-        for base in (self.wf.base_dir, Path.cwd()):
-            candidate = (base / Path(text).expanduser())
-            if candidate.exists():
-                return candidate
-        raise self.fail(path, f"no such file or folder '{text}' (relative paths are taken from {self.wf.base_dir})")
-
-    def data_file(self, ref: Any, path: str, role: str) -> str:
-        """A data config (by name or inline) -> a local JSONL file for the TOML file."""
-        if isinstance(ref, str) and ref in self.data:
-            self.used_data.add(ref)
-            return self.rel(self.data[ref])
-        if isinstance(ref, str):
-            if ref not in self.wf.data_configs:
-                raise self.fail(path, f"unknown data config '{ref}' (data_configs: {', '.join(self.wf.data_configs) or 'none'})")
-            spec, spec_path = self.wf.data_configs[ref]
-            name = ref
-        else:
-            spec, spec_path = expect(ref, (dict,), self.wf.source, path, "a data config name or object"), path
-            name = spec.get("name", role)
-            if name in self.data:
-                self.used_data.add(name)
-                return self.rel(self.data[name])
-        load = spec.get("load_dataset_config", spec.get("params_config", {})) or {}
-        expect(load, (dict,), self.wf.source, f"{spec_path}.load_dataset_config")
-        data_name = load.get("data_name")
-        files = load.get("data_files")
-        if data_name in ("json", "jsonl") and isinstance(files, str):
-            return self.rel(self.local(files, f"{spec_path}.load_dataset_config.data_files"))
-        source = f"the hub dataset '{data_name}'" if data_name else f"data of type {spec.get('type', '?')}"
-        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE")
-
-    def calibration(self, o: Options, path: str) -> str:
-        ref = o.get("data_config", (str, dict))
-        if ref is not None:
-            return self.data_file(ref, o.path("data_config"), "calibration")
-        if "calibration" in self.data:
-            self.used_data.add("calibration")
-            return self.rel(self.data["calibration"])
-        raise self.fail(path, "calibrates on Olive's default hub dataset (no data_config): pass a local JSONL file with --data calibration=FILE")
-
-    def need(self, entry: PassEntry, *kinds: str) -> bool:
-        if self.art is not None and self.art.kind in kinds:
-            return True
-        have = {"hf": "a Hugging Face model", "onnx": "a plain ONNX model", "bundle": "an onnxruntime-genai bundle"}
-        wanted = " or ".join(have[k] for k in kinds)
-        self.unsupported(f"{entry.path}.type", f"{entry.type} needs {wanted}, but the chain holds {have[self.art.kind]} here")
-        return False
-
-    def rebuild_as(self, e: PassEntry, precision: str, why: str) -> bool:
-        """Fold an ONNX-side conversion into the ModelBuilder that made the chain's bundle."""
-        upstream = self.art.target
-        if self.art.kind != "bundle" or upstream is None or upstream.pass_name != "genai-build" or self.art.precision != "fp32":
-            return False
-        upstream.params["precision"] = precision
-        for key in ("int4_algorithm", "block_size", "accuracy_level", "symmetric"):
-            upstream.params.pop(key, None)
-        upstream.comments.append(f"  precision {precision}: folded in from Olive pass '{e.key}' ({e.type}): {why}")
-        self.pending_comments.append(f"Olive pass '{e.key}' ({e.type}) at {e.path}: no target of its own: {upstream.name} builds {precision} ({why})")
-        self.art = Artifact(self.art.ref, "bundle", precision, upstream)
-        return True
-
-    # -- the workflow ---------------------------------------------------------------------------
     def run(self) -> list[Target]:
         self.device = self.pick_device()
         self.input_model()
@@ -155,7 +61,7 @@ class Importer(PassMappings):
             if kind not in PASS_TYPES:
                 self.unsupported(f"{entry.path}.type", f"Olive pass '{entry.key}' ({entry.type}) has no modelbuild counterpart (supported: {SUPPORTED})")
                 continue
-            getattr(self, "p_" + kind if hasattr(self, "p_" + kind) else "p_" + self.family(kind))(entry, Options(self, entry))
+            HANDLERS[kind](self, entry, Options(self, entry))
         if self.pending.algorithm not in ("", "awq") or self.pending.int8_nodes or self.pending.mixed or self.pending.precision:
             path, text = self.pending.sources[0]
             self.unsupported(path, f"{text} quantizes the torch model for a later ModelBuilder, and none follows: modelbuild quantizes int4 while building the genai bundle")
@@ -166,14 +72,6 @@ class Importer(PassMappings):
             if name not in self.used_data and name not in ("calibration", "eval"):  # roles: used where a pass needs them
                 raise OliveError("--data", name, f"the workflow reads no data config '{name}' (data configs: {', '.join(self.wf.data_configs) or 'none'}; also: calibration, eval)")
         return self.targets
-
-    @staticmethod
-    def family(kind: str) -> str:
-        if kind in ("onnxblockwisertnquantization", "onnxkquantquantization", "onnxmatmul4quantizer", "matmulnbitsquantizer", "onnxhqqquantization"):
-            return "nbits"
-        if kind in ("onnxdynamicquantization", "onnxstaticquantization", "onnxquantization"):
-            return "int8"
-        return {"gptqquantizer": "gptq", "awqquantizer": "awq", "qlora": "lora"}[kind]
 
     def pick_device(self) -> str:
         wf = self.wf

@@ -1,19 +1,15 @@
 """What the importer builds: the target records, the chain's current artifact, the pending
-torch-side quantization, typed access to a pass's options, and the pass-type table."""
+torch-side quantization, and the pass-type table: the bottom of the importer, importing none of
+its other modules."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from .workflow import PassEntry, expect
 
-if TYPE_CHECKING:
-    from .mapping import Importer
-
-# Olive pass type (normalized: lower case, letters and digits) -> handler name.
+# Olive pass type (normalized: lower case, letters and digits) -> its name in messages
+# (each has its handler in mapping.py's HANDLERS).
 PASS_TYPES = {
     "modelbuilder": "ModelBuilder",
     "onnxconversion": "OnnxConversion",
@@ -79,37 +75,3 @@ class Pending:
     calibration: str | None = None
     precision: str = ""  # "int8" when an 8-bit rtn is the only quantizer
     sources: list[tuple[str, str]] = field(default_factory=list)  # (pass path, text) for comments
-
-
-class Options:
-    """A pass's options: typed reads, options accepted but not carried over, unknown-key errors."""
-
-    def __init__(self, imp: "Importer", entry: PassEntry):
-        self.imp, self.entry, self.known, self.dropped = imp, entry, set(), []
-
-    def path(self, key: str) -> str:
-        return f"{self.entry.path}.{key}"
-
-    def get(self, key: str, kinds: tuple, default: Any = None, choices: tuple | None = None) -> Any:
-        self.known.add(key)
-        if key not in self.entry.options or self.entry.options[key] is None:
-            return default
-        value = expect(self.entry.options[key], kinds, self.imp.wf.source, self.path(key))
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if choices and value not in choices:
-            raise self.imp.fail(self.path(key), f"{json.dumps(value)} is not one of {', '.join(json.dumps(c) for c in choices)}")
-        return value
-
-    def note(self, *keys: str) -> None:
-        """Options Olive knows that change nothing modelbuild builds (or that it cannot carry)."""
-        for key in keys:
-            self.known.add(key)
-            if key in self.entry.options:
-                self.dropped.append(key)
-
-    def finish(self) -> list[str]:
-        for key in self.entry.options:
-            if key not in self.known:
-                raise self.imp.fail(self.path(key), f"unknown option of Olive pass {self.entry.type} (known: {', '.join(sorted(self.known))})")
-        return [f"not carried over: {', '.join(self.dropped)}"] if self.dropped else []
