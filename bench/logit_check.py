@@ -6,7 +6,7 @@ Builds ``{model}-base`` in a fresh copy of the project (a warm MODELBUILD_CACHE 
 then runs the onnxruntime-genai model builder on it at fp32, int8, int4 k_quant_mixed and int4
 RTN (the default target's options, no adapter) and compares each build's logits on the prompt
 with torch fp32 exactly as genai-build does (modelbuild.genai.logit_agreement). Prints a table
-and writes bench/results/logit_check_<model>.json. The trap row of the README comes from
+and writes bench/results/logit_check_<model>.json. The trap row of docs/recipe.md comes from
 tests/test_tiny_recipe.py::test_genai_build_refuses_a_bundle_that_does_not_match_torch.
 """
 

@@ -16,7 +16,7 @@ works row by row on the last axis, so the decoder can carry it as [tokens, hidde
 
 gate/up's stacked B [G, r, N] becomes one block-diagonal B [G*r, G*N]: its two Reshapes go and
 its zeros are read (SmolLM2: 11.6 -> 14.6 MB of LoRA weights per token; a small net gain,
-README). Per layer of a fused Llama-style decoder that is 4 ops fewer. The graph's inputs and
+docs/benchmarks.md). Per layer of a fused Llama-style decoder that is 4 ops fewer. The graph's inputs and
 outputs and the LM head node's name and op stay; without an adapter (B = 0) the logits are the
 3-D graph's to the bit, with one the function is the same up to summation order (the int4
 MatMulNBits round their input to 8 bits per block, so a last-bit difference can flip one

@@ -12,7 +12,7 @@ stay switchable at run time instead of being baked in:
    packed base MatMul per group instead of one each per projection; then (``lora_gemm``) the
    decoder runs on [tokens, hidden] so that each B MatMul and its Add are one Gemm
    (modelbuild/ml/lora_gemm.py). What each costs SmolLM2-135M int4 against the merged bundle:
-   bench/adapter_speed.py and bench/adapter_overhead.py, README;
+   bench/adapter_speed.py and bench/adapter_overhead.py, docs/benchmarks.md;
 4. each adapter's LoRA weights, laid out exactly as the builder lays them out (packed QKV split,
    B pre-scaled by alpha/r) and then fused by the same code as the graph, are written as a named
    ``adapters/<name>.onnx_adapter`` that ``og.Adapters`` loads. The first adapter's weights come
@@ -47,7 +47,7 @@ from modelbuild.ml.lora_graph import fuse_lora
 from modelbuild.passdef import Input, PassDef, param, require
 
 # What the built model must agree with torch fp32 on the check prompt (no adapter). Measured
-# (README, "genai-build checks what it built"): fp32 differs by 1e-4 on SmolLM2-135M; the lowest
+# (docs/recipe.md, "genai-build checks what it built"): fp32 differs by 1e-4 on SmolLM2-135M; the lowest
 # quantized agreement is SmolLM2's int4 RTN (correlation 0.85, top-1 56 %); the LM-head trap (a
 # layer with vocab_size outputs taken for the head) on a tiny 2-layer Phi3 gives 0.68 in fp32
 # (refused by the fp32 bound) and correlation 0.71 / top-1 31 % in int4 (refused here).
