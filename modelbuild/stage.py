@@ -42,7 +42,7 @@ from .executor import check_executor, executor_kind, run_on_ray
 from .gates import check_gates, gate_failures
 from .numerics import branch as cpu_numerics
 from .project import Project, Ref, Target
-from .status import STAMP_DIR, Fresh, Stale, action_entry, read_stamp, status, write_stamp
+from .status import STAMP_DIR, Fresh, Missing, Stale, action_entry, read_stamp, status, write_stamp
 from .store import Store
 from .tiers import RemoteRequired, check_remote, remote_tier
 
@@ -185,9 +185,82 @@ def is_up_to_date(project: Project, target: Target, values: dict) -> bool:
         and not _left_but_needed(project, target, state.stamp)
 
 
-def _left_but_needed(project: Project, target: Target, stamp: dict, here: bool = False) -> bool:
+def _left_but_needed(project: Project, target: Target, stamp: dict, here: bool = False, needed=None) -> bool:
     """Up to date with its files on the remote, but this run needs them here (download.py)."""
-    return bool(stamp.get("left_on_remote")) and (here or needed_here(project, target))
+    return bool(stamp.get("left_on_remote")) and (here or (needed or (lambda t: needed_here(project, t)))(target))
+
+
+class Decision:
+    """What ``build()`` does with a stage, as ``decide()`` chose it: ``kind`` is one of ``EXITS``.
+
+    ``key``: the action key; ``state``: status() (None under MODELBUILD_FORCE); ``entry``: the
+    local cache's entry ("restore"), or the remote's when the caller looked it up ("remote");
+    ``leave``: what a remote restore or a run gets, whether the files may stay on the remote
+    (download.py); ``reasons``: why, in status()'s words."""
+
+    __slots__ = ("kind", "key", "state", "entry", "leave", "reasons")
+
+    def __init__(self, kind: str, key: str, state, entry: dict | None = None, leave: bool = False,
+                 reasons: tuple[str, ...] = ()):
+        self.kind, self.key, self.state, self.entry, self.leave, self.reasons = kind, key, state, entry, leave, reasons
+
+    def __repr__(self) -> str:
+        return f"Decision({self.kind!r}, key={self.key[:12]}, reasons={self.reasons!r})"
+
+
+# build()'s exits, in the order it tries them: a complete output that fails a gate; an intact
+# output (reused, or its files downloaded when they were left on the remote and are needed here);
+# the local cache; the remote cache; running the pass.
+EXITS = ("fail", "reuse", "download", "restore", "remote", "run")
+
+
+def forced() -> bool:
+    """MODELBUILD_FORCE=1: the pass runs; neither an intact output nor a cache serves it."""
+    return settings.current().force
+
+
+def decide(project: Project, target: Target, key: str, state, *, here: bool = False, lookup=None, remote=None,
+           remote_lookup=None, needed=None, past: str | None = None) -> Decision:
+    """Which of build()'s exits brings ``target`` up to date: the one choice, made here both for
+    ``build()`` (under its locks, then acting on it) and for ``plan`` (read-only, without locks).
+
+    ``state``: status() for ``key``, or None under MODELBUILD_FORCE (then the pass runs).
+    ``lookup(key)``: the local cache's entry or None (build: Store.lookup). ``remote``: the remote
+    tier or None. ``remote_lookup(key)``: the remote's entry or None, for a caller that must know
+    now (plan); without it "remote" means "ask the remote, run the pass on a miss" (build's
+    restore asks and fetches in one go). ``needed(target)``: must its files be in build/ at the
+    end of this run (download.needed_here). ``past``: the exit that was tried and could not serve
+    (a download or a restore that met a missing or corrupt object): the choice goes on after it.
+    """
+    needed = needed or (lambda t: needed_here(project, t))
+    after = EXITS.index(past) + 1 if past else 0
+    if state is not None and after <= EXITS.index("download"):
+        if isinstance(state, Stale) and state.why == "gates":
+            return Decision("fail", key, state, reasons=state.reasons)
+        if isinstance(state, Fresh):
+            left = _left_but_needed(project, target, state.stamp, here, needed)
+            return Decision("download" if left else "reuse", key, state)
+    reasons = _reasons(state)
+    if state is not None and after <= EXITS.index("restore"):
+        entry = lookup(key) if lookup else None
+        if entry is not None:
+            return Decision("restore", key, state, entry, reasons=reasons)
+    leave = remote is not None and not here and not needed(target)
+    if state is not None and remote is not None and after <= EXITS.index("remote"):
+        entry = remote_lookup(key) if remote_lookup else None
+        if entry is not None or remote_lookup is None:
+            return Decision("remote", key, state, entry, leave, reasons)
+    return Decision("run", key, state, leave=leave, reasons=reasons)
+
+
+def _reasons(state) -> tuple[str, ...]:
+    if state is None:
+        return ("MODELBUILD_FORCE=1",)
+    if isinstance(state, Missing):
+        return (state.reason,)
+    if isinstance(state, Stale):
+        return state.reasons
+    return (f"its files, left on {state.stamp.get('left_on_remote')}, could not be downloaded",)
 
 
 def build(project: Project, target: Target, here: bool = False) -> dict:
@@ -199,8 +272,9 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     MODELBUILD_FORCE=1 skips both shortcuts: the pass runs (``doit forget T`` + force = rerun T).
     ``here``: the files must end up in build/ even if this doit run did not ask for the target
     (a stage about to run needs them, and the remote could not give them by digest).
+    Which exit is decide()'s choice, the same one ``python -m modelbuild plan`` shows; this acts on it.
     """
-    force = settings.current().force
+    force = forced()
     cache = stat_cache(project)
     components = key_components(project, target, cache)
     missing = [k for k, v in components["inputs"].items() if v is None]
@@ -214,14 +288,17 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     with store.lock(key, f"'{target.name}'"), store.lock(_target_lock_name(project, target), f"'{target.name}'"):
         for stale in project.build_dir.glob(f".{target.name}~*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the target lock
-        state = None if force else status(project, target, cache)
-        if isinstance(state, Stale) and state.why == "gates":
+        decision = decide(project, target, key, None if force else status(project, target, cache), here=here,
+                          lookup=store.lookup, remote=remote)
+        if decision.kind == "fail":
             shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
-            raise StageError(f"{target.file}: target '{target.name}': {'; '.join(state.reasons)}")
-        if isinstance(state, Fresh) and _left_but_needed(project, target, state.stamp, here):
-            if _download_left(project, target, state.stamp, store, remote):
+            raise StageError(f"{target.file}: target '{target.name}': {'; '.join(decision.reasons)}")
+        if decision.kind == "download":
+            if _download_left(project, target, decision.state.stamp, store, remote):
                 return {"action_key": key}
-        elif isinstance(state, Fresh):
+            decision = decide(project, target, key, decision.state, here=here, lookup=store.lookup, remote=remote,
+                              past="download")
+        elif decision.kind == "reuse":
             say(f"'{target.name}': output already complete (another process or an interrupted "
                 "run finished it); reusing it")
             return {"action_key": key}
@@ -229,7 +306,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
         try:
             out_tmp = work / "out"
             out_tmp.mkdir()
-            entry = None if force else store.lookup(key)
+            entry = decision.entry if decision.kind == "restore" else None
             problem = store.materialize(entry, out_tmp) if entry else "not in the cache"
             if problem is None:
                 stamp = {**entry, "origin": "restored from cache", "restored_at": _now()}
@@ -239,8 +316,10 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
                     say(f"'{target.name}': {problem}; rebuilding")
                     shutil.rmtree(out_tmp)
                     out_tmp.mkdir()
-                leave = remote is not None and not here and not needed_here(project, target)
-                entry = None if force or remote is None else _remote_restore(remote, target, key, out_tmp, leave)
+                    decision = decide(project, target, key, decision.state, here=here, lookup=store.lookup,
+                                      remote=remote, past="restore")
+                leave = decision.leave
+                entry = _remote_restore(remote, target, key, out_tmp, leave) if decision.kind == "remote" else None
                 if entry is not None and leave:  # on the remote, re-hashed there by whoever needs it
                     stamp = {**entry, "origin": "left on the remote cache", "left_on_remote": remote.url,
                              "restored_at": _now()}
