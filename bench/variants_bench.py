@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from modelbuild import speed  # noqa: E402
 from modelbuild.passes.evaluate import Params as EvalParams  # noqa: E402
-from modelbuild.project import load_project  # noqa: E402
+from modelbuild.loader import load_project  # noqa: E402
 from modelbuild.report import evaluation_state, select_targets  # noqa: E402
 
 TARGETS = {"int4_speedup_x": 4.0, "int4_ppl_increase_pct": 5.0, "int4_size_ratio": 0.30}

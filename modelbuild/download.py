@@ -21,20 +21,10 @@ from __future__ import annotations
 import fnmatch
 import sys
 
-from . import UserError, settings
-
-MODES = settings.DOWNLOAD_MODES
-
-
-def check_mode(value: object, where: str) -> str:
-    if value not in MODES:
-        raise UserError(f"{where}: expected one of {', '.join(MODES)}, got {value!r}")
-    return value
-
+from . import settings
+from .project import executor_kind
 
 def mode(project) -> str:
-    from .executor import executor_kind
-
     chosen = settings.current().download or project.cache.get("download")
     return chosen or ("toplevel" if executor_kind(project) == "ray" else "all")
 

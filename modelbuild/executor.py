@@ -21,27 +21,7 @@ import time
 from pathlib import Path
 
 from . import UserError, say, settings
-
-KINDS = settings.EXECUTOR_KINDS
-EXECUTOR_KEYS = {"kind"}
-
-
-def check_executor_table(table: object, where: str) -> dict:
-    """The [executor] table, validated at load."""
-    if not isinstance(table, dict):
-        raise UserError(f"{where}: expected a table ([executor])")
-    for key in table:
-        if key not in EXECUTOR_KEYS:
-            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(EXECUTOR_KEYS))})")
-    if "kind" in table and table["kind"] not in KINDS:
-        raise UserError(f"{where}.kind: {table['kind']!r} is not one of {', '.join(map(repr, KINDS))}")
-    return dict(table)
-
-
-def executor_kind(project) -> str:
-    """MODELBUILD_EXECUTOR (settings.py checked it), else [executor] kind (checked at load), else local."""
-    return settings.current().executor or project.executor.get("kind", "local")
-
+from .project import executor_kind, input_path
 
 def check_executor(project) -> None:
     """At load: with Ray, the remote cache must be set and the cluster's address must answer."""
@@ -84,7 +64,6 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
     and nothing is recorded."""
     from .ray_exec import RayExecutor, RayStageError, fetch_outputs
     from .remote import RemoteError
-    from .stage import input_path
     from .tiers import remote_tier
 
     remote = remote_tier(project).client()
@@ -116,7 +95,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
 
 def _left_manifest(project, ref) -> dict | None:
     """An upstream output left on the remote cache goes to the worker by its digests, unread here."""
-    from .status import read_stamp
+    from .stamp import read_stamp
 
     stamp = read_stamp(project.output_dir(ref.value)) if ref.kind == "target" else None
     return stamp["manifest"] if stamp and stamp.get("left_on_remote") else None

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import settings
-from .project import Project, load_project
+from .project import Project
 
 if TYPE_CHECKING:  # passdef.py is imported only on a miss, or when a handle loads its pass
     from .passdef import PassDef
@@ -90,6 +90,8 @@ def load(root: Path | str) -> Project:
     root = Path(root).resolve()
     if not settings.current().graph_cache:  # also where a bad MODELBUILD_* value stops the load
         last_outcome = "off"
+        from .loader import load_project  # only off or on a miss: a no-op served from the cache never compiles it
+
         return load_project(root)
     path = Project(root=root).state_dir / FILE
     key = _key(root)
@@ -99,6 +101,8 @@ def load(root: Path | str) -> Project:
         return cached["project"]
     started = time.time_ns()
     record: dict = {"modules": set(sys.modules)}
+    from .loader import load_project
+
     project = load_project(root, record)
     from .graph_store import store  # the writing half: compiled and imported only on a miss
 

@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import UserError
+from . import UserError, settings
 from .passdef import PassDef, get_pass, pass_names
-from .project import DOIT_COMMANDS, Project, Ref, Target, check_cache_table
+from .project import DOIT_COMMANDS, Project, Ref, Target, check_cache_table, check_executor_table, executor_kind
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Output folders, their temporary siblings (".<name>~xxxxxxxx.tmp") and lock files carry the
@@ -31,7 +31,7 @@ RECIPE_KEYS = {"doc", "required", "vars", "target"}
 USE_KEYS = {"recipe", "vars"}
 
 
-def load(root: Path | str, record: dict | None = None) -> Project:
+def load_project(root: Path | str, record: dict | None = None) -> Project:
     """Read every targets/*.toml of the project at ``root`` and return the validated graph.
 
     ``record`` (graph_cache.py) collects what the graph depends on besides the target files:
@@ -41,7 +41,7 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     import tomllib
 
     from .devices import check_config, machine_from
-    from .executor import check_executor_table, device_answers, executor_kind
+    from .executor import device_answers
     from .expand import check_keys, expand_matrix, expand_use, table_of
     from .numerics import branch as cpu_numerics
 
@@ -115,7 +115,8 @@ def load(root: Path | str, record: dict | None = None) -> Project:
     for rel, index, use in uses:
         raw_targets.extend(expand_use(rel, index, use, recipes))
     # a branch this CPU lacks is one line now (under Ray the nodes check it: stages run there)
-    cpu_numerics(project.devices, f"{devices_from}: devices", check_here=executor_kind(project) != "ray")
+    cpu_numerics(settings.current().cpu_numerics, project.devices, f"{devices_from}: devices",
+                 check_here=executor_kind(project) != "ray")
 
     discovered = functools.cache(lambda: device_answers(project, lambda: machine_from(project.devices)))  # only if asked
 

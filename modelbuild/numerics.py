@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import platform
 
-from . import UserError, settings
+from . import UserError
 
 # branch -> (CPU flags it needs, MKL_CBWR, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)
 BRANCHES = {
@@ -79,11 +79,11 @@ def check_name(value: object, where: str) -> str:
     return value
 
 
-def branch(devices: dict, devices_where: str = "[devices]", check_here: bool = True) -> str:
-    """The branch stages run: MODELBUILD_CPU_NUMERICS, else ``[devices] cpu_numerics``, else the
-    widest this CPU has. One line if the choice cannot run here; with ``check_here=False`` (the
-    Ray executor: stages run on the nodes, which refuse a branch their CPU lacks) not checked here."""
-    chosen = settings.current().cpu_numerics  # a known name (settings.py checked it)
+def branch(chosen: str | None, devices: dict, devices_where: str = "[devices]", check_here: bool = True) -> str:
+    """The branch stages run: ``chosen`` (MODELBUILD_CPU_NUMERICS, a known name: settings.py
+    checked it), else ``[devices] cpu_numerics``, else the widest this CPU has. One line if the
+    choice cannot run here; with ``check_here=False`` (the Ray executor: stages run on the nodes,
+    which refuse a branch their CPU lacks) not checked here."""
     if chosen:
         where = "MODELBUILD_CPU_NUMERICS"
     elif "cpu_numerics" in devices:

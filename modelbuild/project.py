@@ -48,11 +48,11 @@ names a target; anything else is a file path relative to the TOML file.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import UserError, settings
+from .settings import check_download_mode, check_remote_url
 
 if TYPE_CHECKING:
     from .passdef import PassDef
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
                            "run", "strace", "tabcompletion"})
 CACHE_KEYS = {"remote", "push", "required", "download"}
-BUCKET_RE = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"  # compiled on first use (re's cache)
+EXECUTOR_KEYS = {"kind"}
 
 
 class _Fields:
@@ -185,31 +185,6 @@ class Project(_Fields):
         return order
 
 
-def load_project(root: Path | str, record: dict | None = None) -> Project:
-    """Read every targets/*.toml of the project at ``root`` and return the validated graph
-    (loader.py); ``record`` collects what else it depends on, for graph_cache.py."""
-    from .loader import load
-
-    return load(root, record)
-
-
-def check_remote_url(value: object, where: str) -> str:
-    """An ``s3://bucket[/prefix]`` URL; anything else is one line (a URL carrying credentials or
-    an endpoint is refused without echoing it: those come from the AWS chain only)."""
-    if not isinstance(value, str):
-        raise UserError(f"{where}: expected a string s3://bucket[/prefix], got {type(value).__name__}")
-    scheme, sep, rest = value.partition("://")
-    bucket = rest.split("/", 1)[0]
-    if "@" in bucket or ":" in bucket:
-        raise UserError(f"{where}: the URL names credentials or an endpoint; give s3://bucket[/prefix] and set "
-                        "the endpoint and keys in the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
-                        "or a profile")
-    if scheme != "s3" or not sep or not re.match(BUCKET_RE, bucket) or "?" in rest or "#" in rest or "//" in rest:
-        raise UserError(f"{where}: {value[:100]!r} is not s3://bucket[/prefix] (bucket: 3-63 lowercase letters, "
-                        "digits, '.' and '-')")
-    return value.rstrip("/")
-
-
 def check_cache_table(table: object, where: str) -> dict[str, Any]:
     """The [cache] table: remote (s3 URL), push and required (booleans), download (download.py)."""
     if not isinstance(table, dict):
@@ -221,12 +196,32 @@ def check_cache_table(table: object, where: str) -> dict[str, Any]:
     if "remote" in table:
         out["remote"] = check_remote_url(table["remote"], f"{where}.remote")
     if "download" in table:
-        from .download import check_mode
-
-        out["download"] = check_mode(table["download"], f"{where}.download")
+        out["download"] = check_download_mode(table["download"], f"{where}.download")
     for key in ("push", "required"):
         if key in table:
             if not isinstance(table[key], bool):
                 raise UserError(f"{where}.{key}: expected true or false, got {type(table[key]).__name__}")
             out[key] = table[key]
     return out
+
+
+def check_executor_table(table: object, where: str) -> dict:
+    """The [executor] table, validated at load."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table ([executor])")
+    for key in table:
+        if key not in EXECUTOR_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(EXECUTOR_KEYS))})")
+    if "kind" in table and table["kind"] not in settings.EXECUTOR_KINDS:
+        raise UserError(f"{where}.kind: {table['kind']!r} is not one of {', '.join(map(repr, settings.EXECUTOR_KINDS))}")
+    return dict(table)
+
+
+def executor_kind(project) -> str:
+    """MODELBUILD_EXECUTOR (settings.py checked it), else [executor] kind (checked at load), else local."""
+    return settings.current().executor or project.executor.get("kind", "local")
+
+
+def input_path(project: Project, ref: Ref) -> Path:
+    """Where an input is read from: an upstream target's output folder, or a file or folder of the project."""
+    return project.output_dir(ref.value) if ref.kind == "target" else project.root / ref.value

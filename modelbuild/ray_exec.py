@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -49,6 +48,7 @@ from pathlib import Path
 from . import settings
 from .devices import stage_environment
 from .digest import hash_file, hash_json, walk_files
+from .key import versions
 from .numerics import missing
 
 NAMESPACE = "modelbuild"
@@ -59,20 +59,6 @@ DEFAULT_GPU_MEMORY_GB = 16.0  # when the node does not say (GPU memory is not a 
 
 class RayStageError(Exception):
     """A stage could not run on Ray; the message is one line."""
-
-
-def versions(libraries: tuple[str, ...] = ()) -> dict:
-    """What must match between driver and worker: interpreter, platform, library versions."""
-    import importlib.metadata
-
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {"python": ".".join(map(str, sys.version_info[:2])), "platform": f"{sys.platform}-{platform.machine()}",
-            "libraries": {name: version(name) for name in ("modelbuild", *libraries)}}
 
 
 def check_versions(expected: dict, reported: dict, where: str) -> None:

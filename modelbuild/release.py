@@ -31,9 +31,11 @@ from pathlib import Path
 from . import UserError
 from .digest import hash_file
 from .numerics import check_name, missing
-from .project import Project, load_project
+from .loader import load_project
+from .project import Project
 from .stage import stat_cache
-from .status import Fresh, read_stamp, status
+from .stamp import read_stamp
+from .status import Fresh, status
 from .store import Store, write_json_atomic
 
 LOCK_FORMAT = 2  # 2: named inputs flat ("adapters.travel"), keys with python and platform
@@ -153,7 +155,7 @@ def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> lis
 
 def download_lock(url: str, folder: Path) -> Path:
     """A lock manifest at an s3:// URL -> a local file in ``folder`` (one line if it cannot be had)."""
-    from .project import check_remote_url
+    from .settings import check_remote_url
     from .remote import RemoteError, RemoteStore
 
     base, _, name = url.rpartition("/")

@@ -28,12 +28,13 @@ import json
 from pathlib import Path
 
 from . import UserError
-from .digest import hash_json
 from .gates import gate_results
 from .project import Project
-from .stage import key_components, stat_cache
+from .key import action_key
+from .stage import stat_cache
 from .report_render import NOT_BUILT, number, render_html, render_markdown, render_png
-from .status import Fresh, Missing, Stale, read_stamp, status
+from .stamp import read_stamp
+from .status import Fresh, Missing, Stale, status
 from .store import Store
 
 EVALUATE = "evaluate"
@@ -108,7 +109,7 @@ def evaluation_state(project: Project, name: str) -> tuple[str, dict | None, str
     cache = stat_cache(project)
     state = status(project, target, cache)  # the executor's own decision
     if isinstance(state, Missing):
-        cached = Store(project.cache_dir).read_output(hash_json(key_components(project, target, cache)), METRICS)
+        cached = Store(project.cache_dir).read_output(action_key(project, target, cache), METRICS)
         if cached is not None:
             return "measured", _parse_metrics(cached, f"cache: {name}: {METRICS}"), \
                 "measured, but failed its gate at build time, so not put in build/ (numbers from the cache)"

@@ -13,12 +13,15 @@ Every variable, its type, default and the TOML key it overrides: docs/settings.m
 from __future__ import annotations
 
 import os
+import re
 
 from . import UserError
+from .numerics import BRANCHES, NATIVE
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DOWNLOAD_MODES = ("all", "toplevel")
 EXECUTOR_KINDS = ("local", "ray")
+BUCKET_RE = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"  # compiled on first use (re's cache)
 
 
 def _bad(name: str, text: str, expected: str) -> UserError:
@@ -76,21 +79,41 @@ def _gpus(name, text):
 
 
 def _numerics(name, text):
-    from .numerics import BRANCHES, NATIVE
-
     return _choice((*BRANCHES, NATIVE))(name, text)
 
 
 def _remote(name, text):
     if text.strip().lower() == "off":
         return "off"
-    from .project import check_remote_url  # its message never echoes a URL that names credentials
-
-    return check_remote_url(text.strip(), name)
+    return check_remote_url(text.strip(), name)  # its message never echoes a URL that names credentials
 
 
 def _text(name, text):
     return text
+
+
+def check_remote_url(value: object, where: str) -> str:
+    """An ``s3://bucket[/prefix]`` URL; anything else is one line (a URL carrying credentials or
+    an endpoint is refused without echoing it: those come from the AWS chain only)."""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: expected a string s3://bucket[/prefix], got {type(value).__name__}")
+    scheme, sep, rest = value.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if "@" in bucket or ":" in bucket:
+        raise UserError(f"{where}: the URL names credentials or an endpoint; give s3://bucket[/prefix] and set "
+                        "the endpoint and keys in the AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
+                        "or a profile")
+    if scheme != "s3" or not sep or not re.match(BUCKET_RE, bucket) or "?" in rest or "#" in rest or "//" in rest:
+        raise UserError(f"{where}: {value[:100]!r} is not s3://bucket[/prefix] (bucket: 3-63 lowercase letters, "
+                        "digits, '.' and '-')")
+    return value.rstrip("/")
+
+
+def check_download_mode(value: object, where: str) -> str:
+    """``[cache] download`` or MODELBUILD_DOWNLOAD: one of DOWNLOAD_MODES (download.py)."""
+    if value not in DOWNLOAD_MODES:
+        raise UserError(f"{where}: expected one of {', '.join(DOWNLOAD_MODES)}, got {value!r}")
+    return value
 
 
 # variable -> (Settings field, parser, value when unset); docs/settings.md describes each

@@ -1,31 +1,22 @@
-"""The executor: compute a stage's action key, and bring the stage up to date safely.
+"""The engine: bring one stage up to date safely.
 
-Whether a stage is up to date is decided in one place, status.py. The key hashes everything
-that can change the output: pass name, version and source (with the modelbuild modules it
-imports), resolved params, device, the pinned CPU code branch (numerics.py), Python version
-and platform, the versions of the libraries the pass declares, what its params only name (a hub
-branch's commit), the content digest of every input file and the manifest digest of every
-upstream artifact. Upstream artifacts enter
-the key by the digest of what they contain, not by their key, so an upstream rebuild that
-produces byte-identical output does not rerun anything downstream (early cutoff).
+Whether a stage is up to date is decided in one place, status.py; its action key is computed in
+one place, key.py.
 
 Bringing a stage up to date, under a per-action lock shared through the cache: reuse an intact
 output already stamped with the key; else restore the action's outputs from the content-addressed
 cache (store.py), then from the remote cache when one is configured (tiers.py, which also pushes
 what ran; an output nothing here needs may stay there, download.py); else run the pass in its
 own process (heavy imports, memory and device state die with it), on a device slot of this
-machine or as a Ray task (executor.py), into a temporary folder beside ``build/``. Only a complete output is stamped (key + manifest) and renamed into
-place, so a failure or a kill leaves the previous output, which no longer matches the new key,
-or nothing.
+machine or as a Ray task (executor.py), into a temporary folder beside ``build/``. Only a
+complete output is stamped (key + manifest) and renamed into place, so a failure or a kill
+leaves the previous output, which no longer matches the new key, or nothing.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -36,52 +27,19 @@ from pathlib import Path
 
 from . import UserError, say, settings
 from .devices import Assignment, SlotPool, machine_from
-from .digest import ALGORITHM, StatCache, hash_json, input_digest, tree_manifest
+from .digest import ALGORITHM, StatCache, hash_json, tree_manifest
 from .download import mode as download_mode, needed_here
-from .executor import check_executor, executor_kind, run_on_ray
+from .executor import check_executor, run_on_ray
 from .gates import check_gates, gate_failures
-from .numerics import branch as cpu_numerics
-from .project import Project, Ref, Target
-from .status import STAMP_DIR, Fresh, Missing, Stale, action_entry, read_stamp, status, write_stamp
+from .key import key_components
+from .project import Project, Target, executor_kind, input_path
+from .stamp import STAMP_DIR, action_entry, read_stamp, write_stamp
+from .status import Fresh, Missing, Stale, status
 from .store import Store
 from .tiers import RemoteRequired, check_remote, remote_tier
 
-KEY_FORMAT = 3  # bump when the shape of the key itself changes (3: cpu_numerics)
-PYTHON = ".".join(map(str, sys.version_info[:2]))
-PLATFORM = f"{sys.platform}-{platform.machine()}"
-
-_library_versions: dict[str, str] = {}
-
-
 class StageError(Exception):
     """A stage failed to build; the message is shown as doit's task failure."""
-
-
-def library_version(name: str) -> str:
-    """The installed version of a distribution, for action keys. Read from the names of the
-    ``*.dist-info`` folders on sys.path (one listing per folder) rather than by parsing each
-    METADATA file: a no-op asks for a dozen of them on every run."""
-    if not _library_versions:
-        for folder in sys.path:
-            try:
-                names = os.listdir(folder or ".")
-            except OSError:
-                continue
-            for entry in names:
-                if entry.endswith(".dist-info") and "-" in entry:
-                    dist, version = entry[: -len(".dist-info")].rsplit("-", 1)
-                    _library_versions.setdefault(_normalized(dist), version)
-    key = _normalized(name)
-    if key not in _library_versions:
-        try:
-            _library_versions[key] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            _library_versions[key] = "not installed"
-    return _library_versions[key]
-
-
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 _stat_caches: dict[Path, StatCache] = {}
@@ -140,41 +98,6 @@ def slot_pool(project: Project) -> SlotPool:
     if project.root not in _slot_pools:
         _slot_pools[project.root] = SlotPool(machine_from(project.devices))
     return _slot_pools[project.root]
-
-
-def input_path(project: Project, ref: Ref) -> Path:
-    return project.output_dir(ref.value) if ref.kind == "target" else project.root / ref.value
-
-
-def _ref_digest(project: Project, ref: Ref, cache: StatCache) -> str | None:
-    """Content digest of an input; None for an upstream target that has no intact output yet."""
-    if ref.kind == "target":
-        stamp = read_stamp(project.output_dir(ref.value))
-        return stamp["manifest_digest"] if stamp else None
-    return input_digest(project.root / ref.value, cache)
-
-
-def key_components(project: Project, target: Target, cache: StatCache) -> dict:
-    """Everything the action key hashes, kept readable so a stamp can explain itself."""
-    inputs = {key: _ref_digest(project, ref, cache) for key, ref in target.inputs.items()}
-    pass_def = target.pass_def
-    resolved = pass_def.resolve(target.params, target.inputs) if pass_def.resolve else None
-    return {
-        "key_format": KEY_FORMAT,
-        "digest": ALGORITHM,
-        "python": PYTHON,  # the interpreter and platform run every pass: a wheel of another ABI may differ
-        "platform": PLATFORM,
-        "pass": pass_def.name,
-        "pass_version": pass_def.version,
-        "pass_code": pass_def.code_digest(),
-        "params": target.params,
-        "device": target.device,
-        # the CPU code branch floats ran on (numerics.py); under Ray the nodes check their CPU
-        "cpu_numerics": cpu_numerics(project.devices, check_here=executor_kind(project) != "ray"),
-        "libraries": {name: library_version(name) for name in ("modelbuild", *pass_def.libraries)},
-        "inputs": inputs,
-        **({"resolved": resolved} if resolved else {}),
-    }
 
 
 def is_up_to_date(project: Project, target: Target, values: dict) -> bool:

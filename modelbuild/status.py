@@ -10,42 +10,15 @@ input file, upstream artifact, library, pass code…), which output files change
 fail. Gates are part of the answer but not of the key, so tightening a gate makes a target
 stale without invalidating its cached measurement.
 
-The stamp is written and read here only. It is also the action entry the cache stores
-(store.py), so its fields are those of an entry: key, key components, manifest, manifest digest,
-seconds, where it ran.
+The stamp is read and written by stamp.py only; the key is computed by key.py only.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .digest import StatCache, hash_json, tree_manifest
 from .gates import gate_failures
-
-STAMP_DIR = ".modelbuild"
-STAMP = f"{STAMP_DIR}/stamp.json"
-
-
-def read_stamp(out_dir: Path) -> dict | None:
-    """The stamp of a finished output, or None when there is none (or it is unreadable)."""
-    try:
-        stamp = json.loads((Path(out_dir) / STAMP).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) and isinstance(stamp.get("manifest"), dict) else None
-
-
-def action_entry(stamp: dict) -> dict:
-    """A stamp as a cache entry: without ``left_on_remote``, which says where this checkout keeps
-    the files (download.py), no part of the action."""
-    return {k: v for k, v in stamp.items() if k != "left_on_remote"}
-
-
-def write_stamp(out_dir: Path, stamp: dict) -> None:
-    (Path(out_dir) / STAMP_DIR).mkdir(exist_ok=True)
-    (Path(out_dir) / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
-
+from .key import key_components
+from .stamp import STAMP_DIR, read_stamp
 
 class _State:
     """An immutable value, compared and shown by its fields (what ``@dataclass(frozen=True)`` gives,
@@ -110,8 +83,6 @@ def status(project, target, cache: StatCache, as_built: frozenset[str] = frozens
     recorded them, since a rebuild that comes out byte-identical changes nothing here (this is
     how ``why`` tells "stale" from "waits on an upstream rebuild").
     """
-    from .stage import key_components  # the key's recipe lives with the executor that records it
-
     out = project.output_dir(target.name)
     stamp = read_stamp(out)
     if stamp is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import say
 from .digest import hash_file, hash_json
-from .status import action_entry
+from .stamp import action_entry
 
 FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, xfs, ...)
 

@@ -22,9 +22,8 @@ from doit.exceptions import TaskFailed
 
 from . import UserError
 from .devices import Machine, doit_jobs
-from .executor import executor_kind
 from .graph_cache import load as load_graph
-from .project import Project, Target
+from .project import Project, Target, executor_kind
 from .stage import StageError, build, check_state, is_up_to_date, slot_pool
 
 _projects: dict[Path, Project] = {}

@@ -32,7 +32,7 @@ from pathlib import Path
 from . import UserError, say, settings
 from .digest import hash_file
 from .project import Project
-from .status import action_entry
+from .stamp import action_entry
 from .store import Store, entry_problem
 
 ENV_URL, ENV_PUSH, ENV_REQUIRED = "MODELBUILD_REMOTE_CACHE", "MODELBUILD_REMOTE_PUSH", "MODELBUILD_REMOTE_REQUIRED"

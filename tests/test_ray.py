@@ -23,7 +23,8 @@ pytest.importorskip("ray")
 
 from modelbuild.devices import stage_environment  # noqa: E402
 from modelbuild.numerics import widest  # noqa: E402
-from modelbuild.ray_exec import RayExecutor, RayStageError, check_versions, fetch_outputs, versions  # noqa: E402
+from modelbuild.key import versions  # noqa: E402
+from modelbuild.ray_exec import RayExecutor, RayStageError, check_versions, fetch_outputs  # noqa: E402
 from modelbuild.remote import RemoteStore  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import obstore
 import pytest

@@ -17,10 +17,10 @@ import pytest
 from modelbuild import UserError
 from modelbuild.digest import hash_json, tree_manifest
 from modelbuild.passdef import get_pass
-from modelbuild.project import load_project
+from modelbuild.loader import load_project
 from modelbuild.report import write_report
 from modelbuild.stage import key_components, stat_cache
-from modelbuild.status import STAMP, STAMP_DIR, read_stamp, write_stamp
+from modelbuild.stamp import STAMP, STAMP_DIR, read_stamp, write_stamp
 
 MODELS = {  # model target -> (precision, stage seconds)
     "tiny-fp32": ("fp32", 10.0),

@@ -8,14 +8,13 @@ import ast
 import json
 import pickle
 import re
-from pathlib import Path
 
 import pytest
 from conftest import REPO
 
 from modelbuild import UserError, devices, graph_cache, settings
 from modelbuild.passes import device_probe
-from modelbuild.status import read_stamp
+from modelbuild.stamp import read_stamp
 from modelbuild.worker import StageContext
 from test_devices import probe_project, runs
 

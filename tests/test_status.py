@@ -6,7 +6,7 @@ import json
 
 from conftest import new_project
 
-from modelbuild.project import load_project
+from modelbuild.loader import load_project
 from modelbuild.stage import stat_cache
 from modelbuild.status import Fresh, Missing, Stale, status
 

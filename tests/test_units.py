@@ -120,7 +120,7 @@ def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line
     from conftest import new_project
 
     from modelbuild.download import toplevel
-    from modelbuild.loader import load
+    from modelbuild.loader import load_project as load
 
     project = load(new_project(tmp_path / "project").root)
     for argv, wanted in (

@@ -116,7 +116,7 @@ def dequantized_weights(model, shapes: dict[str, tuple], bits_hint: str) -> dict
     import numpy as np
     from onnx import numpy_helper
 
-    from modelbuild.ml.weight_only import dequantize_matmul_nbits
+    from modelbuild.ml.nbits import dequantize_matmul_nbits
 
     nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     initializers = {init.name: init for init in model.graph.initializer}

@@ -11,7 +11,6 @@ import warnings
 
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.nbits import matmul_nbits_node
-from modelbuild.ml.nbits import dequantize_matmul_nbits  # noqa: F401 (ml/precision.py, passes/tie_embeddings.py import it from here)
 
 
 @contextlib.contextmanager
