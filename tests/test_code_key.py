@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.core
+
 PASS_MODULE = '''
 from dataclasses import dataclass
 
