@@ -11,8 +11,9 @@ Served only when everything the loading read is as it was, checked on every run:
 - the code that built and validated it: every loaded modelbuild module, each pass module with the
   modelbuild modules its code digest covers and the loaded modules of its own package, any other
   module the load imported, and the entry_points.txt that registered the pass (stat identity);
-- the installed distributions: sys.path and the stat identity of each of its folders (installing,
-  upgrading or removing a plug-in adds or removes a *.dist-info there);
+- the installed distributions: sys.path and the names in each of its folders (installing,
+  upgrading or removing a plug-in adds or removes a *.dist-info there), ``__pycache__`` aside:
+  Python writes it on a first import, with bytecode caching on, and that changes nothing;
 - the environment: every MODELBUILD_* variable but those that only steer a run (RUN_ONLY), the
   interpreter, the project root;
 - this machine (the Ray cluster under the Ray executor), where a device preference list asked it
@@ -42,7 +43,7 @@ from .project import Project
 if TYPE_CHECKING:  # passdef.py is imported only on a miss, or when a handle loads its pass
     from .passdef import PassDef
 
-FORMAT = 1  # bump when the shape of the cached data changes
+FORMAT = 2  # bump when the shape of the cached data changes
 RUN_ONLY = settings.RUN_ONLY  # read by the executor at build time, never by the loader
 FILE = "graph.pickle"
 RACY_NS = 2_000_000_000
@@ -119,6 +120,18 @@ def _identity(path: str, follow: bool = True) -> tuple | None:
     return st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def _importable(entry: str) -> tuple | None:
+    """What a sys.path entry can offer an import: the names in a folder but ``__pycache__``, the
+    stat identity of a zip file, None for what is neither (an editable install's path hook)."""
+    path = entry or "."
+    try:
+        return tuple(sorted(name for name in os.listdir(path) if name != "__pycache__"))
+    except NotADirectoryError:
+        return _identity(path)
+    except OSError:
+        return None
+
+
 def _tree(path: str) -> tuple:
     """(relative name, own identity, where a link leads, identity there) of a file, or of a folder
     and every entry under it."""
@@ -149,7 +162,7 @@ def _key(root: Path) -> tuple | None:
     except OSError:
         return None  # load_project says what is wrong
     env = settings.graph_environment()
-    paths = [(entry, _identity(entry or ".")) for entry in sys.path]
+    paths = [(entry, _importable(entry)) for entry in sys.path]
     return FORMAT, sys.version, sys.executable, str(root), env, paths, files
 
 

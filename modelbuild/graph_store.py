@@ -50,7 +50,7 @@ def store(path: Path, key: tuple | None, project: Project, record: dict, started
                    for t in project.targets.values()}
     except (OSError, KeyError, TypeError, AttributeError) as error:  # a pass not from an entry point...
         return f"not stored: {error}"
-    identities = [i for _, i in files] + [i for _, i in key[5]]
+    identities = [i for _, i in files]  # key[5], the sys.path listings, are names: no tick to race
     identities += [entry[j] for _, _, entries in refs for entry in entries for j in (1, 3)]
     if any(i is not None and max(i[4], i[5]) > started - racy_ns for i in identities):
         return "not stored: files changed in the last 2 s (same-tick guard)"
