@@ -212,7 +212,7 @@ REWRITES = {  # name: (edit of the fused_3d model, the travel adapter's weights 
 
 def write_bundle(source: Path, model, weights: dict, out: Path) -> None:
     """``source``'s bundle with ``model`` and, if any, ``weights`` as its travel adapter."""
-    from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, write_adapter
+    from modelbuild.ml.genai import ADAPTER_DIR, ADAPTER_SUFFIX, write_adapter
 
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.onnx*", ADAPTER_DIR))
     onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--past", type=int, default=64)
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
-    from modelbuild.genai import bundle_adapters, logit_agreement
+    from modelbuild.ml.genai import bundle_adapters, logit_agreement
 
     bundles = {name: args.work / name for name in ("merged", "fused", "fused_3d")}
     fused_3d = bundles["fused_3d"]

@@ -116,7 +116,7 @@ class Decoder:
         import onnxruntime as ort
         import onnxruntime_genai as og
 
-        from modelbuild.genai import bundle_adapters
+        from modelbuild.ml.genai import bundle_adapters
 
         self.og, self.adapter = og, adapter
         self.model = og.Model(str(bundle))
@@ -174,14 +174,14 @@ def logits(bundle: Path, ids, adapter: str | None):
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import ort_logits
 
-    from modelbuild.genai import bundle_adapters
+    from modelbuild.ml.genai import bundle_adapters
 
     return ort_logits(bundle, np.asarray([ids], dtype=np.int64), bundle_adapters(bundle)[adapter] if adapter else None)[0]
 
 
 def measure(algorithm: str, args) -> dict:
     """Build the three bundles with ``algorithm`` and measure them in alternating rounds."""
-    from modelbuild.genai import logit_agreement
+    from modelbuild.ml.genai import logit_agreement
 
     work = args.work / algorithm
     work.mkdir(parents=True, exist_ok=True)

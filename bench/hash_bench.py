@@ -48,7 +48,7 @@ def throughput(path: Path, make) -> float:
     best = float("inf")
     for _ in range(3):
         if make == "mmap":
-            from modelbuild.digest import hash_file
+            from modelbuild.core.digest import hash_file
 
             started = time.perf_counter()
             hash_file(path)

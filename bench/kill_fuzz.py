@@ -50,9 +50,9 @@ def manifests(project: Path) -> dict:
 
 def looks_complete(project: Path) -> list[str]:
     """Stages modelbuild would accept as up to date right now (key current, output intact)."""
-    from modelbuild.loader import load_project
-    from modelbuild.stage import is_up_to_date
-    from modelbuild.stamp import read_stamp
+    from modelbuild.graph.loader import load_project
+    from modelbuild.engine.stage import is_up_to_date
+    from modelbuild.core.stamp import read_stamp
 
     loaded = load_project(project)
     done = []

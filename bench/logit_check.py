@@ -5,7 +5,7 @@
 Builds ``{model}-base`` in a fresh copy of the project (a warm MODELBUILD_CACHE restores it),
 then runs the onnxruntime-genai model builder on it at fp32, int8, int4 k_quant_mixed and int4
 RTN (the default target's options, no adapter) and compares each build's logits on the prompt
-with torch fp32 exactly as genai-build does (modelbuild.genai.logit_agreement). Prints a table
+with torch fp32 exactly as genai-build does (modelbuild.ml.genai.logit_agreement). Prints a table
 and writes bench/results/logit_check_<model>.json. The trap row of docs/recipe.md comes from
 tests/test_tiny_recipe.py::test_genai_build_refuses_a_bundle_that_does_not_match_torch.
 """
@@ -41,8 +41,8 @@ def main() -> int:
     parser.add_argument("--prompt", default="Hello! Who are you?")
     args = parser.parse_args()
     os.environ["GIT_DIR"] = os.devnull  # the builder stamps a repo's commit otherwise (see stage.py)
-    from modelbuild.genai import bundle_logits, logit_agreement
-    from modelbuild.hf import probe_ids, torch_logits
+    from modelbuild.ml.genai import bundle_logits, logit_agreement
+    from modelbuild.ml.hf import probe_ids, torch_logits
 
     with tempfile.TemporaryDirectory(prefix="logit-check-") as scratch:
         scratch = Path(scratch)

@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--target", default="tiny-travel-cpu-int4-smoke")
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
-    from modelbuild.loader import load_project
+    from modelbuild.graph.loader import load_project
 
     targets = len(load_project(REPO).targets)
     with tempfile.TemporaryDirectory(prefix="noop-floor-") as scratch:

@@ -1,6 +1,6 @@
 """What pinning the CPU code branch costs: the lora-finetune pass on each branch this CPU has.
 
-Every stage runs with MKL's and torch's kernels pinned to one branch (modelbuild/numerics.py);
+Every stage runs with MKL's and torch's kernels pinned to one branch (modelbuild/core/numerics.py);
 the default is the widest this CPU has, ``MODELBUILD_CPU_NUMERICS=avx2`` lets a team that mixes
 AVX-512 and AVX2 machines share a cache. This measures the price of that choice on the pass
 that spends most of its time in MKL: LoRA steps on SmolLM2 (the default recipe's settings),
@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modelbuild.devices import stage_environment  # noqa: E402
-from modelbuild.numerics import BRANCHES, missing, widest  # noqa: E402
+from modelbuild.exec.devices import stage_environment  # noqa: E402
+from modelbuild.core.numerics import BRANCHES, missing, widest  # noqa: E402
 
 PARAMS = {"template": "chat", "batch_size": 4, "max_length": 256, "learning_rate": 1e-3, "rank": 8, "alpha": 16.0,
           "seed": 0}
@@ -42,7 +42,7 @@ def finetune(base: Path, branch: str, steps: int, threads: int, work: Path) -> t
     (out / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, **stage_environment("cpu", threads, "", branch)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "modelbuild.worker", str(out / "plan.json")], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(out / "plan.json")], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     return seconds, json.loads((out / "out/training.json").read_text())["losses"][-1]

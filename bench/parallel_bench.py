@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modelbuild.stamp import STAMP_DIR, read_stamp  # noqa: E402
+from modelbuild.core.stamp import STAMP_DIR, read_stamp  # noqa: E402
 
 SIMULATED = """
 [devices]

@@ -6,7 +6,7 @@ Starts its own SeaweedFS (tests/s3server.py) and two-node Ray cluster with two s
 (tests/ray_cluster.py), both on 127.0.0.1, and stops them (by pid) at the end.
 
 1. Overhead: the same tiny stages run as a local pass process (what stage.py does: plan.json +
-   ``python -m modelbuild.worker``) and through ``RayExecutor.run_stage`` + ``fetch_outputs``
+   ``python -m modelbuild.exec.worker``) and through ``RayExecutor.run_stage`` + ``fetch_outputs``
    (inputs pushed, task scheduled, inputs fetched, pass process, outputs hashed and pushed,
    result fetched). Stages: ``device-probe`` with seconds = 0 (nothing but the pass process) and
    ``random-init`` of the tiny Phi3 (a real artifact of ~2 MB). Overhead = median Ray - median local.
@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from modelbuild.devices import stage_environment  # noqa: E402
-from modelbuild.numerics import widest  # noqa: E402
+from modelbuild.exec.devices import stage_environment  # noqa: E402
+from modelbuild.core.numerics import widest  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import make_bucket, start_weed, stop_weed  # noqa: E402
 
@@ -57,12 +57,12 @@ def run_local(plan: dict, inputs: dict, work: Path) -> float:
     (out.parent / "plan.json").write_text(json.dumps(full))
     env = {**os.environ, **stage_environment("cpu", 1, "", widest())}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "modelbuild.worker", str(out.parent / "plan.json")], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(out.parent / "plan.json")], env=env, check=True)
     return time.perf_counter() - started
 
 
 def run_ray(executor, remote, plan: dict, inputs: dict, work: Path) -> float:
-    from modelbuild.ray_exec import fetch_outputs
+    from modelbuild.exec.ray_exec import fetch_outputs
 
     started = time.perf_counter()
     result = executor.run_stage(plan, inputs, remote, "cpu", 1)
@@ -117,8 +117,8 @@ def main() -> None:
         make_bucket(server, "bench")
         cluster = start_cluster(env=server.env())
         os.environ.update(server.env())
-        from modelbuild.ray_exec import RayExecutor
-        from modelbuild.remote import RemoteStore
+        from modelbuild.exec.ray_exec import RayExecutor
+        from modelbuild.cache.remote import RemoteStore
 
         remote = RemoteStore.from_url(f"s3://bench/ray-{uuid.uuid4().hex[:8]}")
         executor = RayExecutor.connect(cluster.address, gpu_memory_gb=16)

@@ -14,7 +14,7 @@ Candidates, each with the settings a careful user would pick for this job:
            objects: one batched put()/get() of all files (its asyncio batching)
   obstore  (Rust object_store) put with 16 MB parts and max_concurrency 10; download by parallel
            16 MB ranged GETs (10 threads), each streamed to the file as it arrives; small
-           objects: put/get from a pool of 16 threads. Its blocking API, as modelbuild/remote.py
+           objects: put/get from a pool of 16 threads. Its blocking API, as modelbuild/cache/remote.py
            uses it (its asyncio API made processes abort at exit with obstore 0.12.1).
 
 Each client runs in its own process (fresh interpreter, no shared state; the same python
@@ -93,7 +93,7 @@ def client_ops(name: str, bucket: str):
                 lambda lp, key: fs.get_file(f"{bucket}/{key}", str(lp)),
                 lambda pairs: fs.put([str(p[0]) for p in pairs], [f"{bucket}/{p[1]}" for p in pairs], batch_size=SMALL_PARALLEL),
                 lambda pairs: fs.get([f"{bucket}/{p[1]}" for p in pairs], [str(p[0]) for p in pairs], batch_size=SMALL_PARALLEL))
-    if name == "obstore":  # the blocking API (it releases the GIL) in thread pools, as modelbuild/remote.py
+    if name == "obstore":  # the blocking API (it releases the GIL) in thread pools, as modelbuild/cache/remote.py
         import obstore
         from obstore.store import S3Store
 

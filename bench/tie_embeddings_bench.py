@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.project).resolve()
     sys.path.insert(0, str(root if (root / "modelbuild").is_dir() else REPO))
-    from modelbuild import speed
+    from modelbuild.ml import speed
     from modelbuild.passes.evaluate import Params as EvalParams
 
     build_s = None

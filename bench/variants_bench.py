@@ -31,16 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from modelbuild import speed  # noqa: E402
+from modelbuild.ml import speed  # noqa: E402
 from modelbuild.passes.evaluate import Params as EvalParams  # noqa: E402
-from modelbuild.loader import load_project  # noqa: E402
-from modelbuild.report import evaluation_state, select_targets  # noqa: E402
+from modelbuild.graph.loader import load_project  # noqa: E402
+from modelbuild.cli.report import evaluation_state, select_targets  # noqa: E402
 
 TARGETS = {"int4_speedup_x": 4.0, "int4_ppl_increase_pct": 5.0, "int4_size_ratio": 0.30}
 
 
 def speed_request(project, name: str, threads: int, runs: int) -> dict:
-    """What the evaluate target measured, as a modelbuild.speed request."""
+    """What the evaluate target measured, as a modelbuild.ml.speed request."""
     target = project.targets[name]
     model = project.output_dir(target.inputs["model"].value)
     adapter = target.inputs.get("adapter")

@@ -21,10 +21,10 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from . import UserError
-from .devices import Machine, doit_jobs
-from .graph_cache import load as load_graph
-from .project import Project, Target, executor_kind
-from .stage import StageError, build, check_state, is_up_to_date, slot_pool
+from .exec.devices import Machine, doit_jobs
+from .graph.graph_cache import load as load_graph
+from .core.project import Project, Target, executor_kind
+from .engine.stage import StageError, build, check_state, is_up_to_date, slot_pool
 
 _projects: dict[Path, Project] = {}
 _machines: dict[Path, Machine | None] = {}

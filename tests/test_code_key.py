@@ -125,7 +125,7 @@ def test_modelbuild_helpers_imported_relatively_are_in_the_key():
     from modelbuild.passdef import registry
 
     genai_build = registry()["genai-build"].code_files()
-    assert {"modelbuild.genai", "modelbuild.ml.bundle", "modelbuild.ml.lora_graph"} <= set(genai_build)
+    assert {"modelbuild.ml.genai", "modelbuild.ml.bundle", "modelbuild.ml.lora_graph"} <= set(genai_build)
 
 
 def test_doit_rebuilds_when_a_relatively_imported_helper_changes_and_why_says_so(project, tmp_path):

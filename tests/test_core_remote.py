@@ -56,7 +56,7 @@ def team(s3_server, tmp_path_factory) -> Team:
 
 def client(team: Team, url: str, monkeypatch):
     """A RemoteStore in the test process, to seed, look at and check a prefix."""
-    from modelbuild.remote import RemoteStore
+    from modelbuild.cache.remote import RemoteStore
 
     for name, value in aws_env(team.server).items():
         monkeypatch.setenv(name, value)
@@ -65,7 +65,7 @@ def client(team: Team, url: str, monkeypatch):
 
 def seed(team: Team, monkeypatch) -> tuple[str, object]:
     """A fresh prefix holding every action of project A's local cache (as A's push left them)."""
-    from modelbuild.store import Store
+    from modelbuild.cache.store import Store
 
     url = f"{team.url}-{uuid.uuid4().hex[:8]}"
     remote = client(team, url, monkeypatch)
@@ -93,7 +93,7 @@ def test_an_empty_local_cache_restores_every_stage_from_the_remote_without_runni
 
 def test_a_corrupt_remote_object_is_refused_the_stage_rebuilt_and_the_remote_repaired(team, tmp_path, monkeypatch):
     url, remote = seed(team, monkeypatch)
-    from modelbuild.remote import RemoteStore
+    from modelbuild.cache.remote import RemoteStore
 
     digest = team.a.stamp("shout")["manifest"]["counts.json"]["digest"]
     bucket, _, prefix = url.removeprefix("s3://").partition("/")

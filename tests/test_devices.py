@@ -11,7 +11,7 @@ import time
 
 from conftest import new_project, run_cmd
 
-from modelbuild.stamp import read_stamp
+from modelbuild.core.stamp import read_stamp
 
 NO_GPU = {"MODELBUILD_GPUS": "none"}
 

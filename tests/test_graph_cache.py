@@ -1,4 +1,4 @@
-"""The graph cache (modelbuild/graph_cache.py): a cached graph is served only while everything its
+"""The graph cache (modelbuild/graph/graph_cache.py): a cached graph is served only while everything its
 loading read is unchanged (target files, input files and links, pass code and plug-ins, the
 environment, the machine's answers); anything else loads again, a load that fails is never
 cached, and a cache file that cannot be read is ignored and replaced."""
@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from modelbuild import UserError, devices, graph_cache, passdef, stage
+from modelbuild import UserError, passdef
+from modelbuild.exec import devices
+from modelbuild.graph import graph_cache
+from modelbuild.engine import stage
 
 PLUGIN = '''
 from dataclasses import dataclass

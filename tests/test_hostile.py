@@ -199,7 +199,7 @@ def test_doit_commands_are_the_names_the_loader_refuses():
     """DOIT_COMMANDS must follow doit: a new doit command would otherwise become an unbuildable target name."""
     from doit.doit_cmd import DoitMain
 
-    from modelbuild.project import DOIT_COMMANDS
+    from modelbuild.core.project import DOIT_COMMANDS
 
     assert {cmd.get_name() for cmd in DoitMain.DOIT_CMDS} == DOIT_COMMANDS
 
@@ -299,7 +299,7 @@ def test_an_entry_whose_manifest_escapes_the_output_is_never_served(built):
     good = _stamp(built, target)
     entry_path = built.cache / "actions" / f"{good['action_key']}.json"
     entry = json.loads(entry_path.read_text())
-    from modelbuild.digest import hash_json
+    from modelbuild.core.digest import hash_json
 
     entry["manifest"] = {"../../escaped.txt": next(iter(entry["manifest"].values()))}
     entry["manifest_digest"] = hash_json(entry["manifest"])  # self-consistent, but it writes outside

@@ -54,10 +54,10 @@ def venv(tmp_path_factory) -> Path:
 
 def test_modelbuild_comes_from_the_wheel(venv):
     python = venv / "bin" / "python"
-    out = subprocess.run([str(python), "-c", "import modelbuild, modelbuild.olive, modelbuild.init_project; print(modelbuild.__file__)"],
+    out = subprocess.run([str(python), "-c", "import modelbuild, modelbuild.olive, modelbuild.cli.init_project; print(modelbuild.__file__)"],
                          capture_output=True, text=True, cwd="/", check=True).stdout.strip()
     assert Path(out).is_relative_to(venv), out
-    from modelbuild.init_project import template_files
+    from modelbuild.cli.init_project import template_files
 
     # the wheel's template data is the checkout's (and its data files are targets/data's own)
     packaged = template_files()

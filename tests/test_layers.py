@@ -40,20 +40,19 @@ from pathlib import Path
 PACKAGE = "modelbuild"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-# Intended layers, bottom -> top (issue #22). A module may import from its own layer or below.
-# Modules the issue does not name are placed where their role puts them (passdef, progress: core;
-# download: cache; plan, tasks, __main__: cli).
+# The layers, bottom -> top (issue #22): a package per layer under modelbuild/, and the two
+# modules users import by name (passdef: third-party passes; tasks: dodo.py) kept at the top.
+# A module may import from its own layer or below.
 LAYERS = {
-    "core": ["project", "settings", "key", "stamp", "status", "digest", "gates", "numerics", "passdef", "progress",
-             "__init__"],
-    "graph": ["loader", "expand", "graph_cache", "graph_store"],
-    "cache": ["store", "tiers", "remote", "download"],
-    "exec": ["devices", "worker", "executor", "ray_exec"],
-    "engine": ["stage"],
-    "ml": ["ml", "genai", "hf", "speed"],
+    "core": ["core", "passdef", "__init__"],
+    "graph": ["graph"],
+    "cache": ["cache"],
+    "exec": ["exec"],
+    "engine": ["engine"],
+    "ml": ["ml"],
     "passes": ["passes"],
     "olive": ["olive"],
-    "cli": ["cli", "explain", "plan", "report", "report_render", "release", "init_project", "tasks", "__main__"],
+    "cli": ["cli", "tasks", "__main__"],
 }
 
 
@@ -272,12 +271,14 @@ def test_every_module_has_a_layer():
 # loader and the graph cache's re-check import the exec layer. When the Run asks those answers
 # after load, this set becomes empty; any other upward import fails the test now.
 LOAD_TIME_DEVICE_ANSWERS = {
-    ("graph_cache", "executor"), ("graph_cache", "stage"), ("loader", "devices"), ("loader", "executor"),
+    ("graph.graph_cache", "exec.executor"), ("graph.graph_cache", "engine.stage"), ("graph.loader", "exec.devices"),
+    ("graph.loader", "exec.executor"),
 }
 
 
 def _modules(line: str) -> tuple[str, str]:
-    """('loader', 'devices') of 'modelbuild/loader.py:43  loader (graph) -> devices (exec)'."""
+    """('graph.loader', 'exec.devices') of
+    'modelbuild/graph/loader.py:43  graph.loader (graph) -> exec.devices (exec)'."""
     importer, imported = line.split("  ", 1)[1].split(" -> ")
     return importer.split(" (")[0], imported.split(" (")[0]
 
@@ -288,6 +289,15 @@ def test_no_upward_imports_but_the_load_time_device_answers():
     assert not unexpected, "imports from a lower layer to a higher one:\n" + "\n".join(unexpected)
     left = {_modules(line) for line in upward}
     assert left == LOAD_TIME_DEVICE_ANSWERS, f"an upward import of the device answers is gone: shrink the set to {left}"
+
+
+def test_the_folders_show_the_layers():
+    """Beside its layer packages, modelbuild/ keeps only the modules users and Python import by
+    name: the package itself, ``python -m modelbuild``, passdef (passes) and tasks (dodo.py)."""
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "passdef.py", "tasks.py"], top
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == sorted(LAYERS.keys()), packages
 
 
 def test_finder_sees_a_known_circle():

@@ -150,7 +150,7 @@ def test_fused_fp32_bundle_matches_torch_peft(built):
 
 
 def test_og_switches_the_fused_adapters(built):
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(built.path("build/tiny-fp32-fused"))
     assert sorted(chat.adapter_names) == ["other", "travel"]
@@ -166,7 +166,7 @@ def test_og_switches_the_fused_adapters(built):
 def test_second_adapter_of_a_partly_fused_int4_bundle(built):
     """k_quant_mixed leaves some q/k/v groups unfused: the second adapter, laid out from an fp32
     build, must be fused exactly where the bundle is, and still match the fp32 bundle's adapter."""
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(built.path("build/tiny-int4-two"))
     prompt = "Plan a rainy day in London."

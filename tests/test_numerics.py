@@ -1,4 +1,4 @@
-"""The CPU code branch is pinned per stage and recorded in the key (modelbuild/numerics.py).
+"""The CPU code branch is pinned per stage and recorded in the key (modelbuild/core/numerics.py).
 
 MKL chose its AVX2 kernels at run time in 2 of 3 CI runs on this machine and the tiny adapter
 trained to other bytes. The caller's environment stands in for that choice here: a stage must
@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import new_project
 
-from modelbuild.numerics import BRANCHES, widest
+from modelbuild.core.numerics import BRANCHES, widest
 
 ADAPTER = "tiny-travel-adapter"
 pytestmark = pytest.mark.skipif(widest() == "native", reason="no MKL branch to pin off x86")
@@ -112,7 +112,7 @@ def test_a_worker_refuses_a_plan_for_a_branch_its_cpu_lacks(tmp_path):
             "inputs": {}, "input_names": {}, "output_dir": str(out), "device": "cpu", "threads": 1,
             "cache_dir": str(tmp_path / "cache"), "cpu_numerics": "native"}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    proc = subprocess.run([sys.executable, "-m", "modelbuild.worker", str(tmp_path / "plan.json")],
+    proc = subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(tmp_path / "plan.json")],
                           capture_output=True, text=True, env={**os.environ, "MODELBUILD_THREADS": "1"})
     assert proc.returncode == 2 and not any(out.iterdir())
     assert proc.stderr.strip() == ("modelbuild: target 'probe': CPU numerics native: an x86 machine pins a branch "

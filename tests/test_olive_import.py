@@ -76,7 +76,7 @@ def test_seed_workflow_imports_builds_and_answers(tiny, tmp_path):
     assert {"seed-base", "seed-conversion", "seed-eval"} <= built.executed
     metrics = json.loads((project.root / "build" / "seed-eval" / "metrics.json").read_text())
     assert metrics["ttft_ms"] > 0 and metrics["perplexity"] > 1  # the latency metric, measured
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(project.root / "build" / "seed-conversion")
     tokens = chat.generate("What should I see in Chicago?", None, 8)
@@ -159,7 +159,7 @@ def test_auto_opt_command_line_round_trip(tiny, tmp_path):
     target = targets_of(project)["smollm2-135m-instruct-builder"]
     assert target["pass"] == "genai-build" and target["params"]["int4_algorithm"] == "rtn"
     project.doit("smollm2-135m-instruct")
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     assert Chat(project.root / "build" / "smollm2-135m-instruct-builder").answer("Plan a rainy day in London.", None, 6)
 
@@ -187,7 +187,7 @@ def test_lora_workflow_keeps_adapter_switchable(tiny, tmp_path):
     assert targets["travel-builder"]["inputs"]["adapters"] == {"finetune": ":travel-finetune"}
     assert targets["travel-finetune"]["inputs"]["data"] == str(TRAIN)  # the data config's local file
     project.doit("travel")
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(project.root / "build" / "travel-builder")
     assert chat.adapter_names == ["finetune"]

@@ -131,12 +131,12 @@ def test_pass_code_in_the_key_covers_the_helpers_it_imports():
     def names(pass_name):
         return set(registry()[pass_name].code_files())
 
-    assert {"modelbuild.passes.random_init", "modelbuild.hf"} <= names("random-init")
-    assert {"modelbuild.passes.smoke", "modelbuild.genai", "modelbuild.progress"} <= names("smoke")
-    assert {"modelbuild.passes.genai_build", "modelbuild.genai"} <= names("genai-build")
+    assert {"modelbuild.passes.random_init", "modelbuild.ml.hf"} <= names("random-init")
+    assert {"modelbuild.passes.smoke", "modelbuild.ml.genai", "modelbuild.core.progress"} <= names("smoke")
+    assert {"modelbuild.passes.genai_build", "modelbuild.ml.genai"} <= names("genai-build")
     assert "modelbuild.passdef" not in names("genai-build")  # the registry shapes no output
     assert "modelbuild.ml.onnx_models" in names("graph-optimize")  # a parenthesized, multi-line import is followed too
-    assert "modelbuild.hf" not in names("smoke")
+    assert "modelbuild.ml.hf" not in names("smoke")
     assert not any(name.split(".")[0] in ("torch", "onnx", "json") for name in names("genai-build"))  # libraries: by version
 
 

@@ -117,8 +117,8 @@ def test_default_targets_as_doit_builds_them(built_tiny):
 
 
 def test_the_remote_has_it_restore_remotely_with_bytes_as_doit_then_does(built_tiny, s3_server, tmp_path):  # noqa: F811
-    from modelbuild.remote import RemoteStore
-    from modelbuild.store import Store
+    from modelbuild.cache.remote import RemoteStore
+    from modelbuild.cache.store import Store
 
     bucket = f"plan-{uuid.uuid4().hex[:8]}"
     make_bucket(s3_server, bucket)

@@ -72,7 +72,7 @@ def test_sensitivity_is_the_measured_output_error_of_each_matmul(planned):
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from modelbuild.genai import prefill_feeder
+    from modelbuild.ml.genai import prefill_feeder
     from modelbuild.ml.calibration import calibration_feeds
     from modelbuild.ml.weight_only import quantize_matmuls
 

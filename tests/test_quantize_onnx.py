@@ -132,7 +132,7 @@ def test_model_files_are_smaller(quantized, algorithm):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_bundle_loads_in_genai_and_generates_with_and_without_adapter(quantized, algorithm):
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(_bundle(quantized, algorithm))
     assert chat.adapter_names == ["travel"]

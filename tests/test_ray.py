@@ -21,11 +21,11 @@ import pytest
 
 pytest.importorskip("ray")
 
-from modelbuild.devices import stage_environment  # noqa: E402
-from modelbuild.numerics import widest  # noqa: E402
-from modelbuild.key import versions  # noqa: E402
-from modelbuild.ray_exec import RayExecutor, RayStageError, check_versions, fetch_outputs  # noqa: E402
-from modelbuild.remote import RemoteStore  # noqa: E402
+from modelbuild.exec.devices import stage_environment  # noqa: E402
+from modelbuild.core.numerics import widest  # noqa: E402
+from modelbuild.core.key import versions  # noqa: E402
+from modelbuild.exec.ray_exec import RayExecutor, RayStageError, check_versions, fetch_outputs  # noqa: E402
+from modelbuild.cache.remote import RemoteStore  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)
 from test_remote import raw_store, tree, use_server  # noqa: E402
@@ -83,7 +83,7 @@ def probe(remote: RemoteStore, result: dict, tmp_path: Path) -> dict:
 
 
 def pass_process(marker: str, timeout: float = 90) -> int:
-    """Pid of the pass process (``python -m modelbuild.worker <scratch>/plan.json``) of a stage."""
+    """Pid of the pass process (``python -m modelbuild.exec.worker <scratch>/plan.json``) of a stage."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for entry in Path("/proc").iterdir():
@@ -91,7 +91,7 @@ def pass_process(marker: str, timeout: float = 90) -> int:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"modelbuild.worker" in cmd and marker.encode() in cmd:
+            if b"modelbuild.exec.worker" in cmd and marker.encode() in cmd:
                 return int(entry.name)
         time.sleep(0.2)
     raise AssertionError(f"no pass process for {marker} within {timeout} s")
@@ -119,7 +119,7 @@ def test_random_init_on_ray_is_byte_identical_to_a_local_run(executor, remote, t
                   "assigned_device": "cpu", "threads": 1, "cache_dir": str(tmp_path / "cache")}
     (tmp_path / "plan.json").write_text(json.dumps(local_plan))
     env = {**os.environ, **stage_environment("cpu", 1, "", widest())}
-    subprocess.run([sys.executable, "-m", "modelbuild.worker", str(tmp_path / "plan.json")], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(tmp_path / "plan.json")], env=env, check=True)
 
     result = executor.run_stage(plan, {"corpus": CORPUS}, remote, "cpu", 1)
     assert result["ran_on"]["executor"] == "ray" and result["ran_on"]["device"] == "cpu"

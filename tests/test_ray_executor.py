@@ -14,8 +14,8 @@ import pytest
 pytest.importorskip("ray")
 
 from conftest import TINY, new_project  # noqa: E402
-from modelbuild.numerics import BRANCHES  # noqa: E402
-from modelbuild.remote import RemoteStore  # noqa: E402
+from modelbuild.core.numerics import BRANCHES  # noqa: E402
+from modelbuild.cache.remote import RemoteStore  # noqa: E402
 from ray_cluster import start_cluster  # noqa: E402
 from s3server import free_ports, make_bucket, s3_server  # noqa: E402,F401 (fixture)
 from test_remote import raw_store  # noqa: E402

@@ -1,4 +1,4 @@
-"""The remote cache tier (modelbuild/remote.py) against a real S3 server: SeaweedFS on 127.0.0.1.
+"""The remote cache tier (modelbuild/cache/remote.py) against a real S3 server: SeaweedFS on 127.0.0.1.
 
 No mock of S3: every test pushes to and fetches from a `weed server` started by tests/s3server.py.
 One server serves the session (each test gets its own prefix); the kill test starts its own.
@@ -20,8 +20,8 @@ import obstore
 import pytest
 from obstore.store import S3Store
 
-from modelbuild.digest import hash_file
-from modelbuild.remote import PART, RemoteCorrupt, RemoteError, RemoteStore, RemoteUnavailable
+from modelbuild.core.digest import hash_file
+from modelbuild.cache.remote import PART, RemoteCorrupt, RemoteError, RemoteStore, RemoteUnavailable
 from s3server import free_ports, make_bucket, s3_server, start_weed, stop_weed  # noqa: F401 (fixture)
 
 BUCKET = "modelbuild-test"
@@ -163,7 +163,7 @@ def test_corrupt_and_truncated_remote_objects_are_never_served(url, tmp_path):
 PUSHER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from modelbuild.remote import RemoteStore
+    from modelbuild.cache.remote import RemoteStore
     url, spec, go = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])
     remote = RemoteStore.from_url(url)
     print("ready", flush=True)

@@ -23,8 +23,8 @@ import pytest
 from obstore.store import S3Store
 
 from conftest import TINY, copy_project, new_project
-from modelbuild.remote import RemoteStore
-from modelbuild.store import Store
+from modelbuild.cache.remote import RemoteStore
+from modelbuild.cache.store import Store
 from s3server import free_ports, make_bucket, s3_server, start_weed, stop_weed  # noqa: F401 (fixture)
 from test_remote import raw_store
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from modelbuild import UserError
-from modelbuild.digest import hash_json, tree_manifest
+from modelbuild.core.digest import hash_json, tree_manifest
 from modelbuild.passdef import get_pass
-from modelbuild.loader import load_project
-from modelbuild.report import write_report
-from modelbuild.stage import key_components, stat_cache
-from modelbuild.stamp import STAMP, STAMP_DIR, read_stamp, write_stamp
+from modelbuild.graph.loader import load_project
+from modelbuild.cli.report import write_report
+from modelbuild.engine.stage import key_components, stat_cache
+from modelbuild.core.stamp import STAMP, STAMP_DIR, read_stamp, write_stamp
 
 MODELS = {  # model target -> (precision, stage seconds)
     "tiny-fp32": ("fp32", 10.0),
@@ -265,7 +265,7 @@ CLOSE = [  # (label, size MB, tokens/s, perplexity, gate failed): clusters as in
 
 def close_rows(project) -> list[dict]:
     """The fixture project's report rows plus rows in tight clusters (copies of a real row, numbers changed)."""
-    from modelbuild.report import collect_rows, select_targets
+    from modelbuild.cli.report import collect_rows, select_targets
 
     rows = collect_rows(project, select_targets(project, ["eval-*"]))
     template = next(r for r in rows if r["eval_target"] == "eval-int8")
@@ -291,7 +291,7 @@ def test_plot_failed_points_keep_their_perplexity_colour_with_a_red_edge(project
     import numpy as np
     from matplotlib import colormaps
 
-    from modelbuild.report_render import plot_figure
+    from modelbuild.cli.report_render import plot_figure
 
     rows = close_rows(project)
     fig = plot_figure(rows, "t")
@@ -326,7 +326,7 @@ def test_plot_failed_points_keep_their_perplexity_colour_with_a_red_edge(project
 def test_plot_stars_the_pareto_front_and_says_so(project):
     import numpy as np
 
-    from modelbuild.report_render import plot_figure
+    from modelbuild.cli.report_render import plot_figure
 
     rows = close_rows(project)
     fig = plot_figure(rows, "t")
@@ -341,7 +341,7 @@ def test_plot_stars_the_pareto_front_and_says_so(project):
 def test_plot_labels_of_close_points_overlap_nothing(project):
     from matplotlib.transforms import Bbox
 
-    from modelbuild.report_render import plot_figure
+    from modelbuild.cli.report_render import plot_figure
 
     rows = close_rows(project)
     fig = plot_figure(rows, "t")

@@ -19,8 +19,8 @@ import pytest
 
 from test_report import EVALS, make_project  # noqa: E402  (tests/ is on sys.path, as for test_ray.py)
 
-from modelbuild.report import write_report
-from modelbuild.report_render import COLUMNS, PNG_DPI, PNG_SIZE
+from modelbuild.cli.report import write_report
+from modelbuild.cli.report_render import COLUMNS, PNG_DPI, PNG_SIZE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

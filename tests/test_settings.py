@@ -12,10 +12,13 @@ import re
 import pytest
 from conftest import REPO
 
-from modelbuild import UserError, devices, graph_cache, settings
+from modelbuild import UserError
+from modelbuild.exec import devices
+from modelbuild.graph import graph_cache
+from modelbuild.core import settings
 from modelbuild.passes import device_probe
-from modelbuild.stamp import read_stamp
-from modelbuild.worker import StageContext
+from modelbuild.core.stamp import read_stamp
+from modelbuild.exec.worker import StageContext
 from test_devices import probe_project, runs
 
 BOOLEANS = [name for name, (_, parse, _) in settings.VARIABLES.items() if parse is settings.parse_bool]

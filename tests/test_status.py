@@ -6,9 +6,9 @@ import json
 
 from conftest import new_project
 
-from modelbuild.loader import load_project
-from modelbuild.stage import stat_cache
-from modelbuild.status import Fresh, Missing, Stale, status
+from modelbuild.graph.loader import load_project
+from modelbuild.engine.stage import stat_cache
+from modelbuild.core.status import Fresh, Missing, Stale, status
 
 EVAL = """
 [target.base-eval]

@@ -212,7 +212,7 @@ def test_model_files_shrink_by_the_fp32_table(tied, name):
 
 
 def test_bundle_loads_answers_and_the_adapter_switches(tied):
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     bundle = tied.path("build/tied-rtn-tied")
     chat = Chat(bundle)

@@ -27,7 +27,7 @@ def test_build_executes_every_stage_and_smoke_answers(built_tiny):
 
 
 def test_bundle_loads_and_adapter_switches_tokens(built_tiny):
-    from modelbuild.genai import Chat
+    from modelbuild.ml.genai import Chat
 
     chat = Chat(built_tiny.path("build/tiny-travel-cpu-int4"))
     assert chat.adapter_names == ["travel"]
@@ -95,7 +95,7 @@ def test_two_adapters_in_one_bundle_each_match_peft(built_tiny):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from modelbuild.genai import bundle_adapters
+    from modelbuild.ml.genai import bundle_adapters
 
     built_tiny.path("targets/two.toml").write_text("""
 [target.tiny-adapter-b]

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from modelbuild import UserError, digest
-from modelbuild.digest import RACY_NS, StatCache, hash_json
-from modelbuild.expand import substitute
-from modelbuild.store import Store
+from modelbuild import UserError
+from modelbuild.core import digest
+from modelbuild.core.digest import RACY_NS, StatCache, hash_json
+from modelbuild.graph.expand import substitute
+from modelbuild.cache.store import Store
 
 
 @pytest.fixture
@@ -119,8 +120,8 @@ def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line
     """download.toplevel: which outputs a minimal-download run must bring here."""
     from conftest import new_project
 
-    from modelbuild.download import toplevel
-    from modelbuild.loader import load_project as load
+    from modelbuild.cache.download import toplevel
+    from modelbuild.graph.loader import load_project as load
 
     project = load(new_project(tmp_path / "project").root)
     for argv, wanted in (

@@ -130,7 +130,7 @@ def test_recipe_expands_typed_values_and_text(project):
     result = project.modelbuild("targets")
     assert result.returncode == 0, result.out
     assert "base-smoke" in result.out and "bundle=:base" in result.out
-    from modelbuild.loader import load_project
+    from modelbuild.graph.loader import load_project
 
     target = load_project(project.root).targets["base-smoke"]
     assert target.params["max_new_tokens"] == 7  # "{steps}" kept its TOML type
@@ -138,7 +138,7 @@ def test_recipe_expands_typed_values_and_text(project):
 
 def test_every_target_and_group_is_a_doit_task(project):
     """The graph and doit agree: each target and group of the repo's files is exactly one task."""
-    from modelbuild.loader import load_project
+    from modelbuild.graph.loader import load_project
 
     graph = load_project(project.root)
     listed = {line.split()[0] for line in project.doit("list").out.splitlines() if line.strip()}
@@ -164,7 +164,7 @@ vars = { model = "m" }
 
 
 def test_matrix_expands_every_combination_with_typed_vars(project):
-    from modelbuild.loader import load_project
+    from modelbuild.graph.loader import load_project
 
     project.path("targets/grid.toml").write_text(MATRIX_RECIPE)
     graph = load_project(project.root)

@@ -9,7 +9,7 @@ import pytest
 from conftest import new_project
 
 from modelbuild.passes.evaluate import METRICS
-from modelbuild.stamp import read_stamp
+from modelbuild.core.stamp import read_stamp
 
 EVALS = ["tiny-travel-cpu-fp32-eval", "tiny-travel-cpu-int8-eval", "tiny-travel-cpu-int4-eval", "tiny-travel-cpu-int4-rtn-eval"]
 

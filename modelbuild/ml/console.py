@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 
-from modelbuild import settings
+from modelbuild.core import settings
 
 
 @contextlib.contextmanager

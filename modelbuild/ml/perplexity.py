@@ -50,7 +50,7 @@ def onnx_perplexity(model: Path, adapter_file: Path | None, examples, threads: i
     import onnx
     import onnxruntime as ort
 
-    from modelbuild.genai import prefill_feeder
+    from modelbuild.ml.genai import prefill_feeder
 
     decoder = json.loads((model / "genai_config.json").read_text())["model"]["decoder"]
     options = ort.SessionOptions()

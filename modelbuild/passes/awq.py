@@ -342,8 +342,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modelbuild.hf import save_model_folder
-    from modelbuild.progress import step_progress
+    from modelbuild.ml.hf import save_model_folder
+    from modelbuild.core.progress import step_progress
 
     data_path = inputs["data"]
     shown = ctx.input_names["data"]

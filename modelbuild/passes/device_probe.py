@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbuild import settings
+from modelbuild.core import settings
 from modelbuild.passdef import PassDef, param, require
 
 SEEN_VARIABLES = ("CUDA_VISIBLE_DEVICES", "MODELBUILD_DEVICE", "MODELBUILD_THREADS", "MODELBUILD_SIMULATED_GPUS",

@@ -76,7 +76,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         from rich.console import Console
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from modelbuild.hf import save_model_folder
+        from modelbuild.ml.hf import save_model_folder
 
         with Console(stderr=True).status(f"dequantizing {gguf_path.name} to fp32"):
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

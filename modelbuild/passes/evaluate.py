@@ -22,8 +22,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbuild import UserError, speed
-from modelbuild.gates import METRICS_FILE
+from modelbuild import UserError
+from modelbuild.ml import speed
+from modelbuild.core.gates import METRICS_FILE
 from modelbuild.passdef import Input, PassDef, param, require
 from modelbuild.ml.perplexity import nll as _nll, onnx_perplexity, scored_examples
 from modelbuild.ml.records import CHAT
@@ -103,8 +104,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     from transformers import AutoTokenizer
 
-    from modelbuild.genai import bundle_adapters
-    from modelbuild.progress import step_progress
+    from modelbuild.ml.genai import bundle_adapters
+    from modelbuild.core.progress import step_progress
 
     model: Path = inputs["model"]
     kind = _model_kind(model)

@@ -37,8 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.genai import ADAPTER_DIR, ADAPTER_SUFFIX, bundle_logits, logit_agreement, verify_bundle, write_adapter
-from modelbuild.hf import probe_ids, torch_logits
+from modelbuild.ml.genai import (
+    ADAPTER_DIR,
+    ADAPTER_SUFFIX,
+    bundle_logits,
+    logit_agreement,
+    verify_bundle,
+    write_adapter,
+)
+from modelbuild.ml.hf import probe_ids, torch_logits
 from modelbuild.ml.builder import run_builder
 from modelbuild.ml.bundle import load_decoder_lazily, save_decoder_streaming
 from modelbuild.ml.console import quiet_stdout

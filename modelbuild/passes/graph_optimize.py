@@ -35,8 +35,20 @@ from pathlib import Path
 
 from modelbuild import UserError, say
 from modelbuild.ml.console import quiet_onnxruntime
-from modelbuild.ml.onnx_models import (compare, copy_source_files, load_graph, logits, model_path, op_counts, probe_ids,
-                                    read_config, rounded, save_model, status, write_record)
+from modelbuild.ml.onnx_models import (
+    compare,
+    copy_source_files,
+    load_graph,
+    logits,
+    model_path,
+    op_counts,
+    probe_ids,
+    read_config,
+    rounded,
+    save_model,
+    status,
+    write_record,
+)
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "graph_optimize.json"

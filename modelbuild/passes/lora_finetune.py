@@ -85,7 +85,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modelbuild.progress import step_progress
+    from modelbuild.core.progress import step_progress
 
     data_path = inputs["data"]
     shown = ctx.input_names["data"]

@@ -36,7 +36,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modelbuild.hf import save_model_folder
+    from modelbuild.ml.hf import save_model_folder
 
     torch.set_num_threads(ctx.threads)
     base_dir, adapter_dir = inputs["base"], inputs["adapter"]

@@ -32,8 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.onnx_models import (compare, copy_source_files, initializer_types, logits, model_path, model_size, op_counts,
-                                    probe_ids, rounded, save_model, status, write_record)
+from modelbuild.ml.onnx_models import (
+    compare,
+    copy_source_files,
+    initializer_types,
+    logits,
+    model_path,
+    model_size,
+    op_counts,
+    probe_ids,
+    rounded,
+    save_model,
+    status,
+    write_record,
+)
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "onnx_fp16.json"

@@ -42,8 +42,24 @@ from pathlib import Path
 
 from modelbuild import UserError, say
 from modelbuild.ml.console import quiet_onnxruntime
-from modelbuild.ml.onnx_models import (compare, copy_source_files, feeds, initializer_types, input_names, load_graph, load_model, logits,
-                                    model_path, model_size, op_counts, probe_ids, rounded, save_model, status, write_record)
+from modelbuild.ml.onnx_models import (
+    compare,
+    copy_source_files,
+    feeds,
+    initializer_types,
+    input_names,
+    load_graph,
+    load_model,
+    logits,
+    model_path,
+    model_size,
+    op_counts,
+    probe_ids,
+    rounded,
+    save_model,
+    status,
+    write_record,
+)
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "onnx_int8.json"

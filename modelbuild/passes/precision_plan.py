@@ -117,7 +117,7 @@ def _read_candidates(folder: Path) -> dict:
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
-    from modelbuild.gates import METRICS_FILE
+    from modelbuild.core.gates import METRICS_FILE
     from modelbuild.ml.precision import read_plan
 
     search = _read_candidates(inputs["candidates"])

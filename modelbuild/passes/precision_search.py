@@ -123,7 +123,7 @@ def _speed(folder: Path, params: Params, ctx) -> float:
     """Decode tokens/s of one bundle (median over prompts and runs), in a fresh process."""
     import tempfile
 
-    from modelbuild import speed
+    from modelbuild.ml import speed
 
     request = {"kind": "genai", "model": str(folder), "adapter": params.adapter or None, "prompts": params.prompts,
                "new_tokens": params.new_tokens, "runs": params.speed_runs, "threads": ctx.threads, "device": "cpu"}
@@ -150,7 +150,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import tempfile
 
     bundle: Path = inputs["bundle"]
-    from modelbuild.genai import bundle_adapters, prefill_feeder
+    from modelbuild.ml.genai import bundle_adapters, prefill_feeder
     from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, save_decoder
     from modelbuild.ml.precision import quantizable_matmuls
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.genai import prefill_feeder, verify_bundle
+from modelbuild.ml.genai import prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.calibration import calibration_feeds
 from modelbuild.ml.precision import matching_nodes, matmul_weights
@@ -98,7 +98,7 @@ def _adapter_parameters(bundle: Path) -> dict[str, dict[str, tuple]]:
     """adapter name -> {parameter name: (shape, numpy dtype name)} of each .onnx_adapter."""
     import onnxruntime as ort
 
-    from modelbuild.genai import bundle_adapters
+    from modelbuild.ml.genai import bundle_adapters
 
     found = {}
     for name, path in bundle_adapters(bundle).items():
@@ -229,7 +229,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
 
     from rich.console import Console
 
-    from modelbuild.progress import step_progress
+    from modelbuild.core.progress import step_progress
 
     onnxruntime.set_default_logger_severity(3)  # one warning per overridable (LoRA) initializer
     console = Console(stderr=True)

@@ -94,7 +94,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from modelbuild.hf import linear_out_features, save_model_folder
+    from modelbuild.ml.hf import linear_out_features, save_model_folder
 
     fields = dict(params.config)
     model_type = fields.pop("model_type", None)

@@ -32,8 +32,8 @@ class Params:
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
-    from modelbuild.genai import Chat
-    from modelbuild.progress import step_progress
+    from modelbuild.ml.genai import Chat
+    from modelbuild.core.progress import step_progress
 
     try:
         chat = Chat(inputs["bundle"])

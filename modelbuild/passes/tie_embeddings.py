@@ -50,8 +50,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelbuild import UserError, settings
-from modelbuild.genai import bundle_adapters, prefill_feeder, verify_bundle
+from modelbuild import UserError
+from modelbuild.core import settings
+from modelbuild.ml.genai import bundle_adapters, prefill_feeder, verify_bundle
 from modelbuild.ml.bundle import copy_rest, decoder_of, external_data_files, files_size, save_decoder
 from modelbuild.ml.nbits import dequantize_matmul_nbits
 from modelbuild.ml.tied_lookup import lookup_nodes

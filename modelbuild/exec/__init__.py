@@ -1,0 +1,1 @@
+"""Where a stage runs: devices, the worker process, the local and the Ray executor."""

@@ -1,0 +1,102 @@
+"""Where a stage that must run runs: here (a device slot of this machine, stage.py) or on a Ray cluster.
+
+    MODELBUILD_EXECUTOR=ray  RAY_ADDRESS=host:port  MODELBUILD_REMOTE_CACHE=s3://bucket/prefix  doit T
+    [executor]
+    kind = "ray"          # or "local" (the default); MODELBUILD_EXECUTOR overrides it
+
+doit stays the driver on this machine and keeps deciding what is stale (status.py); restoring
+from either cache tier never involves Ray. Only a stage that must run becomes a Ray task
+(ray_exec.py): its inputs travel through the remote cache by digest, it runs the pass in a
+process of its own on whichever node has its resources, pushes its outputs, and the driver
+fetches them (re-hashed) into the stage's temporary folder, where they are stamped exactly as a
+local build's; or, when nothing here needs them (download.py), stamps their manifest and leaves
+them on the remote, where the next stage's worker reads them by digest. The remote cache is therefore required with Ray, and checked at load together
+with the cluster's address: a build that cannot run there is one line before anything starts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from .. import UserError, say
+from ..core import settings
+from ..core.project import executor_kind, input_path
+
+def check_executor(project) -> None:
+    """At load: with Ray, the remote cache must be set and the cluster's address must answer."""
+    if executor_kind(project) != "ray":
+        return
+    from .ray_exec import RayStageError, check_reachable
+    from ..cache.tiers import remote_tier
+
+    if remote_tier(project) is None:
+        raise UserError("Ray executor: stages exchange inputs and outputs through the remote cache; set "
+                        "MODELBUILD_REMOTE_CACHE=s3://bucket/prefix (or [cache] remote) as on every node")
+    try:
+        check_reachable(settings.current().ray_address)
+    except RayStageError as error:
+        raise UserError(str(error)) from None
+
+
+def device_answers(project, this_machine):
+    """Who says whether a device is there, for a preference list such as ``["cuda", "cpu"]``: the
+    Ray cluster under the Ray executor (it places the stages: a driver without a GPU still gets
+    ``cuda`` when a node has one), else ``this_machine()``. Asked when the targets load and again
+    whenever a cached graph is reused (graph_cache.py)."""
+    if executor_kind(project) == "ray":
+        from .ray_exec import ClusterDevices
+
+        check_executor(project)  # a missing remote cache or a dead address: its one line, before connecting
+        return ClusterDevices.at(settings.current().ray_address)
+    return this_machine()
+
+
+_connected: dict[str, object] = {}
+_connect_lock = threading.Lock()
+
+
+def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
+               download: bool = True) -> tuple[float, dict, dict | None]:
+    """Run ``target``'s pass as a Ray task and fetch its outputs into ``out_dir``; (seconds, ran_on,
+    None), or with ``download=False`` fetch nothing and return the outputs' manifest third (they
+    stay on the remote, download.py). Every failure is one line (``UserError``): the stage fails
+    and nothing is recorded."""
+    from .ray_exec import RayExecutor, RayStageError, fetch_outputs
+    from ..cache.remote import RemoteError
+    from ..cache.tiers import remote_tier
+
+    remote = remote_tier(project).client()
+    if remote is None:
+        raise UserError(f"target '{target.name}': the Ray executor needs the remote cache, which is unreachable")
+    with _connect_lock:
+        address = settings.current().ray_address
+        if address not in _connected:
+            try:
+                _connected[address] = RayExecutor.connect(address)
+            except RayStageError as error:
+                raise UserError(str(error)) from None
+    plan = {"target": target.name, "file": target.file, "pass": target.pass_def.name, "params": target.params,
+            "input_names": {key: str(ref) for key, ref in target.inputs.items()},
+            "cpu_numerics": components["cpu_numerics"]}
+    inputs = {key: _left_manifest(project, ref) or input_path(project, ref) for key, ref in target.inputs.items()}
+    expected = {field: components[field] for field in ("python", "platform", "libraries")}
+    say(f"'{target.name}' running on the Ray cluster ({target.device})")
+    started = time.perf_counter()
+    try:
+        result = _connected[address].run_stage(plan, inputs, remote, target.device, threads, target.gpu_memory_gb,
+                                               expected_versions=expected)
+        if download:
+            fetch_outputs(result, out_dir, remote)
+    except (RayStageError, RemoteError) as error:
+        raise UserError(str(error) if str(error).startswith("target '") else f"target '{target.name}': {error}") from None
+    return time.perf_counter() - started, result["ran_on"], None if download else result["manifest"]
+
+
+def _left_manifest(project, ref) -> dict | None:
+    """An upstream output left on the remote cache goes to the worker by its digests, unread here."""
+    from ..core.stamp import read_stamp
+
+    stamp = read_stamp(project.output_dir(ref.value)) if ref.kind == "target" else None
+    return stamp["manifest"] if stamp and stamp.get("left_on_remote") else None
