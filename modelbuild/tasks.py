@@ -22,6 +22,7 @@ from doit.exceptions import TaskFailed
 
 from . import UserError
 from .exec.devices import Machine, doit_jobs
+from .exec.executor import resolve_devices
 from .graph.graph_cache import load as load_graph
 from .core.project import Project, Target, executor_kind
 from .engine.stage import StageError, build, check_state, is_up_to_date, slot_pool
@@ -32,11 +33,13 @@ _machines: dict[Path, Machine | None] = {}
 
 def project_at(root: Path) -> Project:
     """The validated project, loaded once per process (from the graph cache when nothing it
-    depends on changed, graph_cache.py); a user mistake exits with one line."""
+    depends on changed, graph_cache.py), its device preference lists then resolved on the
+    machine the stages' slot pool schedules on; a user mistake exits with one line."""
     root = Path(root).resolve()
     if root not in _projects:
         try:
-            _projects[root] = load_graph(root)
+            project = load_graph(root)
+            _projects[root] = resolve_devices(project, lambda: slot_pool(project).machine)
             doit_jobs()  # `doit -n -1` would otherwise exit 0 having built nothing
             check_state(_projects[root])
         except UserError as error:

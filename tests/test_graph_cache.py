@@ -13,6 +13,7 @@ import pytest
 
 from modelbuild import UserError, passdef
 from modelbuild.exec import devices
+from modelbuild.exec.executor import resolve_devices
 from modelbuild.graph import graph_cache
 from modelbuild.engine import stage
 
@@ -44,8 +45,11 @@ def cached(project, monkeypatch):
 
 
 def load(project):
+    """What a doit process starts from (tasks.project_at): the cached graph, then its device
+    preference lists resolved on the slot pool's machine."""
     graph = graph_cache.load(project.root)
-    return graph, graph_cache.last_outcome
+    outcome = graph_cache.last_outcome
+    return resolve_devices(graph, lambda: stage.slot_pool(graph).machine), outcome
 
 
 def test_the_second_load_is_served_from_the_cache_and_equals_the_first(cached):
@@ -108,22 +112,26 @@ def test_an_environment_change_is_seen(cached, monkeypatch):
     assert graph.targets["phi35-travel-adapter"].device == "cpu"  # device = ["cuda", "cpu"]
     assert load(cached)[1] == "hit"
     monkeypatch.setenv("MODELBUILD_GPUS", "0")
+    stage._slot_pools.clear()  # a new process discovers the machine again
     graph, outcome = load(cached)
     assert outcome == "stored" and graph.targets["phi35-travel-adapter"].device == "cuda"
     monkeypatch.setenv("MODELBUILD_EXECUTOR", "local")  # any MODELBUILD_* variable: loaded again
     assert load(cached)[1] == "stored"
 
 
-def test_a_machine_that_gained_a_gpu_is_asked_again(cached, monkeypatch):
+def test_the_cache_holds_no_machine_answer_each_run_asks(cached, monkeypatch):
     gpus: list = []
     monkeypatch.setattr(devices, "discover_gpus", lambda: (list(gpus), "test"))
     assert load(cached)[0].targets["phi35-travel-adapter"].device == "cpu"
     stage._slot_pools.clear()  # a new process discovers the machine again
     assert load(cached)[1] == "hit"
-    gpus.append(devices.Gpu(0, 80.0))
+    gpus.append(devices.Gpu(0, 80.0))  # the machine gained a GPU: the same cached graph, another answer
     stage._slot_pools.clear()
     graph, outcome = load(cached)
-    assert outcome == "stored" and graph.targets["phi35-travel-adapter"].device == "cuda"
+    assert outcome == "hit" and graph.targets["phi35-travel-adapter"].device == "cuda"
+    cache_file = cached.path("build/.modelbuild/graph.pickle")
+    stored = pickle.loads(cache_file.read_bytes())["project"].targets["phi35-travel-adapter"]
+    assert (stored.device, stored.device_choices) == ("", ("cuda", "cpu"))  # the list as the file says it
 
 
 def test_an_input_file_change_or_removal_is_seen(cached):

@@ -266,29 +266,9 @@ def test_every_module_has_a_layer():
     assert not unplaced, f"modules with no layer in tests/test_layers.py LAYERS: {unplaced}"
 
 
-# The one upward dependency left (issue #22, item 6, not done yet): loading resolves a device
-# preference list (device = ["cuda", "cpu"]) by asking this machine or the Ray cluster, so the
-# loader and the graph cache's re-check import the exec layer. When the Run asks those answers
-# after load, this set becomes empty; any other upward import fails the test now.
-LOAD_TIME_DEVICE_ANSWERS = {
-    ("graph.graph_cache", "exec.executor"), ("graph.graph_cache", "engine.stage"), ("graph.loader", "exec.devices"),
-    ("graph.loader", "exec.executor"),
-}
-
-
-def _modules(line: str) -> tuple[str, str]:
-    """('graph.loader', 'exec.devices') of
-    'modelbuild/graph/loader.py:43  graph.loader (graph) -> exec.devices (exec)'."""
-    importer, imported = line.split("  ", 1)[1].split(" -> ")
-    return importer.split(" (")[0], imported.split(" (")[0]
-
-
-def test_no_upward_imports_but_the_load_time_device_answers():
+def test_no_upward_imports():
     upward = upward_imports(import_graph())
-    unexpected = [line for line in upward if _modules(line) not in LOAD_TIME_DEVICE_ANSWERS]
-    assert not unexpected, "imports from a lower layer to a higher one:\n" + "\n".join(unexpected)
-    left = {_modules(line) for line in upward}
-    assert left == LOAD_TIME_DEVICE_ANSWERS, f"an upward import of the device answers is gone: shrink the set to {left}"
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
 
 
 def test_the_folders_show_the_layers():

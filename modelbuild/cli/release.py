@@ -31,7 +31,7 @@ from pathlib import Path
 from .. import UserError
 from ..core.digest import hash_file
 from ..core.numerics import check_name, missing
-from ..graph.loader import load_project
+from ..exec.executor import load_here
 from ..core.project import Project
 from ..engine.stage import stat_cache
 from ..core.stamp import read_stamp
@@ -94,7 +94,7 @@ def _tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple[Path, Path]:
-    project = load_project(project_root)
+    project = load_here(project_root)
     if name not in project.targets:
         raise UserError(f"unknown target '{name}' (see: doit list)")
     run_doit(project.root, name, env={"MODELBUILD_DOWNLOAD": "all"})  # it packs and pins every stage's files
@@ -131,7 +131,7 @@ def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> lis
 
     lock = read_lock(lock_path)
     name = lock["target"]
-    store = Store(load_project(project_root).cache_dir)
+    store = Store(load_here(project_root).cache_dir)
     lines = []
     try:
         remote = RemoteStore.from_url(url)
@@ -214,7 +214,7 @@ def read_lock(path: Path) -> dict:
 def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[bool, list[str]]:
     """Rebuild from scratch, cache bypassed; (all byte-identical?, report lines)."""
     lock = read_lock(Path(lock_path))
-    project = load_project(project_root)
+    project = load_here(project_root)
     report = []
     for rel, digest in lock["target_files"].items():
         path = project.root / rel

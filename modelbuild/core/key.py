@@ -73,6 +73,8 @@ def _ref_digest(project: Project, ref: Ref, cache: StatCache) -> str | None:
 
 def key_components(project: Project, target: Target, cache: StatCache) -> dict:
     """Everything the action key hashes, kept readable so a stamp can explain itself."""
+    if not target.device:  # a device preference list is resolved after the load (executor.resolve_devices)
+        raise RuntimeError(f"{target.where}: device preference list {target.device_choices} not resolved before keying")
     inputs = {key: _ref_digest(project, ref, cache) for key, ref in target.inputs.items()}
     pass_def = target.pass_def
     resolved = pass_def.resolve(target.params, target.inputs) if pass_def.resolve else None

@@ -111,21 +111,28 @@ class Ref(_Fields):
 
 
 class Target(_Fields):
-    _fields = ("name", "pass_def", "params", "inputs", "device", "file", "doc", "origin", "gpu_memory_gb", "gates")
+    _fields = ("name", "pass_def", "params", "inputs", "device", "file", "doc", "origin", "gpu_memory_gb", "gates",
+               "device_choices")
 
     def __init__(self, name: str, pass_def: PassDef, params: dict[str, Any], inputs: dict[str, Ref], device: str,
                  file: str, doc: str = "", origin: str = "", gpu_memory_gb: float | None = None,
-                 gates: dict[str, tuple[str, float]] | None = None):
+                 gates: dict[str, tuple[str, float]] | None = None, device_choices: tuple[str, ...] = ()):
         self.name = name
         self.pass_def = pass_def  # a PassDef, or a graph_cache.PassHandle standing for one
         self.params = params
         self.inputs = inputs  # "data": a reference; "adapters.travel": one entry of a named input (flat)
-        self.device = device
+        self.device = device  # "" until a preference list is resolved (exec/executor.py resolve_devices)
+        self.device_choices = device_choices  # a preference list as written (["cuda", "cpu"]), else ()
         self.file = file  # TOML file, relative to the project root
         self.doc = doc
         self.origin = origin  # "recipe 'travel' (model=smollm2)" for instantiated targets
         self.gpu_memory_gb = gpu_memory_gb  # share of a GPU slot; None = the whole GPU (scheduling only)
         self.gates = {} if gates is None else gates  # metric -> (op, limit), gates.py
+
+    @property
+    def where(self) -> str:
+        """``targets/x.toml: target 'name' (recipe ...)``: how a one-line error names this target."""
+        return f"{self.file}: target '{self.name}'" + (f" ({self.origin})" if self.origin else "")
 
     def input_refs(self) -> list[Ref]:
         return list(self.inputs.values())
@@ -184,6 +191,36 @@ class Project(_Fields):
         for name in names:
             visit(name)
         return order
+
+
+DEVICE_KEYS = {"gpus": list, "gpu_memory_gb": float, "simulated": bool, "cpu_slots": int, "cpu_threads": int,
+               "cpu_numerics": str}
+
+
+def check_devices_table(table: object, where: str) -> dict:
+    """Validate a ``[devices]`` table; errors name the file and the key."""
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table")
+    for key, value in table.items():
+        if key not in DEVICE_KEYS:
+            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(DEVICE_KEYS))})")
+        expected = DEVICE_KEYS[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UserError(f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+        if key == "gpus" and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise UserError(f"{where}.gpus: expected a list of GPU indices such as [0, 1]")
+        if key == "gpus" and len(set(value)) != len(value):
+            twice = sorted({i for i in value if value.count(i) > 1})
+            raise UserError(f"{where}.gpus: GPU {twice[0]} is listed twice (each GPU is one slot)")
+        if key in ("cpu_slots", "cpu_threads", "gpu_memory_gb") and value <= 0:
+            raise UserError(f"{where}.{key}: must be positive")
+        if key == "cpu_numerics":
+            from .numerics import check_name  # only when the key is there: a no-op never loads a [devices] table
+
+            check_name(value, f"{where}.cpu_numerics")
+    return dict(table)
 
 
 def check_cache_table(table: object, where: str) -> dict[str, Any]:

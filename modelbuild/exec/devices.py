@@ -45,10 +45,9 @@ from dataclasses import dataclass, field
 
 from .. import UserError
 from ..core import settings
-from ..core.numerics import check_name, environment as numerics_environment
+from ..core.numerics import environment as numerics_environment
+from ..core.project import check_devices_table
 
-DEVICE_KEYS = {"gpus": list, "gpu_memory_gb": float, "simulated": bool, "cpu_slots": int, "cpu_threads": int,
-               "cpu_numerics": str}
 DEFAULT_GPU_MEMORY_GB = 16.0
 
 
@@ -127,37 +126,13 @@ def doit_jobs(argv: list[str] | None = None) -> int:
     return 1
 
 
-def check_config(table: object, where: str) -> dict:
-    """Validate a ``[devices]`` table; errors name the file and the key."""
-    if not isinstance(table, dict):
-        raise UserError(f"{where}: expected a table")
-    for key, value in table.items():
-        if key not in DEVICE_KEYS:
-            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(DEVICE_KEYS))})")
-        expected = DEVICE_KEYS[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise UserError(f"{where}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
-        if key == "gpus" and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            raise UserError(f"{where}.gpus: expected a list of GPU indices such as [0, 1]")
-        if key == "gpus" and len(set(value)) != len(value):
-            twice = sorted({i for i in value if value.count(i) > 1})
-            raise UserError(f"{where}.gpus: GPU {twice[0]} is listed twice (each GPU is one slot)")
-        if key in ("cpu_slots", "cpu_threads", "gpu_memory_gb") and value <= 0:
-            raise UserError(f"{where}.{key}: must be positive")
-        if key == "cpu_numerics":
-            check_name(value, f"{where}.cpu_numerics")
-    return dict(table)
-
-
 def _env_config(env: settings.Settings) -> dict:
     """The [devices] keys the environment sets (settings.py parsed them)."""
     config = {key: getattr(env, field) for key, field in (("gpus", "gpus"), ("gpu_memory_gb", "gpu_memory_gb"),
               ("simulated", "simulated_gpus"), ("cpu_slots", "cpu_slots"), ("cpu_threads", "cpu_threads"))}
     if config["gpus"] is not None:
         config["gpus"] = list(config["gpus"])
-    return check_config({key: value for key, value in config.items() if value is not None}, "environment")
+    return check_devices_table({key: value for key, value in config.items() if value is not None}, "environment")
 
 
 def machine_from(config: dict, env: settings.Settings | None = None) -> Machine:

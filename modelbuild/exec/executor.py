@@ -43,14 +43,43 @@ def check_executor(project) -> None:
 def device_answers(project, this_machine):
     """Who says whether a device is there, for a preference list such as ``["cuda", "cpu"]``: the
     Ray cluster under the Ray executor (it places the stages: a driver without a GPU still gets
-    ``cuda`` when a node has one), else ``this_machine()``. Asked when the targets load and again
-    whenever a cached graph is reused (graph_cache.py)."""
+    ``cuda`` when a node has one), else ``this_machine()``. Asked by resolve_devices, once a run."""
     if executor_kind(project) == "ray":
         from .ray_exec import ClusterDevices
 
         check_executor(project)  # a missing remote cache or a dead address: its one line, before connecting
         return ClusterDevices.at(settings.current().ray_address)
     return this_machine()
+
+
+def resolve_devices(project, this_machine=None):
+    """Give each target with a device preference list (``["cuda", "cpu"]``) the first device
+    there is, asking this machine (``this_machine()``, else its devices as [devices] describes
+    them) or the Ray cluster once, after the load: loading itself, and the graph cache, never ask.
+    Returns ``project``; a list of which nothing is there is one line naming file, target and key."""
+    from .devices import machine_from
+
+    wanting = [t for t in project.targets.values() if t.device_choices and not t.device]
+    if not wanting:
+        return project
+    machine = device_answers(project, this_machine or (lambda: machine_from(project.devices)))
+    for target in wanting:
+        target.device = next((c for c in target.device_choices if machine.lacks(c) is None), "")
+        if not target.device:
+            last = target.device_choices[-1]
+            raise UserError(f"{target.where}: device: none of {', '.join(target.device_choices)} is available "
+                            f"({machine.lacks(last)})")
+        if target.device == "cpu":
+            target.gpu_memory_gb = None  # a share of a GPU it fell back from
+    return project
+
+
+def load_here(root):
+    """The validated project at ``root`` (loader.load_project), its device preference lists
+    resolved on this machine or the Ray cluster: what the commands beside doit build on."""
+    from ..graph.loader import load_project
+
+    return resolve_devices(load_project(root))
 
 
 _connected: dict[str, object] = {}

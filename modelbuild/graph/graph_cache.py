@@ -16,8 +16,9 @@ Served only when everything the loading read is as it was, checked on every run:
   Python writes it on a first import, with bytecode caching on, and that changes nothing;
 - the environment: every MODELBUILD_* variable but those that only steer a run (RUN_ONLY), the
   interpreter, the project root;
-- this machine (the Ray cluster under the Ray executor), where a device preference list asked it
-  something: each question is asked again.
+
+Nothing of this machine or a Ray cluster is in it: loading asks neither, and a device preference
+list is resolved after the load, on every run (exec/executor.py resolve_devices).
 
 A load that fails is never cached: its one-line error is raised as before, on every run. Files
 modified within ``RACY_NS`` before the load are not trusted (the same-tick guard of digest.py's
@@ -174,7 +175,7 @@ def _read(path: Path) -> dict | None:
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("project"), Project):
         return None
-    return data if {"key", "files", "refs", "devices"} <= data.keys() else None
+    return data if {"key", "files", "refs"} <= data.keys() else None
 
 
 def _still_valid(cached: dict) -> bool:
@@ -185,12 +186,6 @@ def _still_valid(cached: dict) -> bool:
         for written, resolved, tree in cached["refs"]:
             if os.path.realpath(written) != resolved or _tree(resolved) != tree:
                 return False
-        if cached["devices"]:
-            from ..exec.executor import device_answers
-            from ..engine.stage import slot_pool  # the machine this run schedules on (discovered once)
-
-            machine = device_answers(cached["project"], lambda: slot_pool(cached["project"]).machine)
-            return all((machine.lacks(device) is None) == available for device, available in cached["devices"])
     except Exception:  # a cache of another shape: load again
         return False
     return True

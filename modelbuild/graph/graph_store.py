@@ -60,7 +60,7 @@ def store(path: Path, key: tuple | None, project: Project, record: dict, started
         stored.targets[name] = copy.copy(target)
         stored.targets[name].pass_def = handles[target.pass_def.name]
     data = {"format": key[0], "key": key, "files": files, "refs": refs,  # key[0]: graph_cache.FORMAT (its _key)
-            "devices": sorted(set(record.get("devices", []))), "project": stored}
+            "project": stored}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ project.py. Kept apart from project.py so that a no-op build served from the gra
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -18,7 +17,16 @@ from typing import Any
 from .. import UserError
 from ..core import settings
 from ..passdef import PassDef, get_pass, pass_names
-from ..core.project import DOIT_COMMANDS, Project, Ref, Target, check_cache_table, check_executor_table, executor_kind
+from ..core.project import (
+    DOIT_COMMANDS,
+    Project,
+    Ref,
+    Target,
+    check_cache_table,
+    check_devices_table,
+    check_executor_table,
+    executor_kind,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Output folders, their temporary siblings (".<name>~xxxxxxxx.tmp") and lock files carry the
@@ -36,13 +44,13 @@ def load_project(root: Path | str, record: dict | None = None) -> Project:
     """Read every targets/*.toml of the project at ``root`` and return the validated graph.
 
     ``record`` (graph_cache.py) collects what the graph depends on besides the target files:
-    ``record["refs"]`` gets (path as written, resolved path) of every input file or folder, and
-    ``record["devices"]`` (device, available) of every question a device preference list asked
-    of this machine."""
+    ``record["refs"]`` gets (path as written, resolved path) of every input file or folder.
+
+    Loading is pure: it reads the project's files and asks nothing of this machine or a Ray
+    cluster. A device preference list stays a list (``Target.device_choices``) until
+    ``exec.executor.resolve_devices`` picks from it, once per run, after the load."""
     import tomllib
 
-    from ..exec.devices import check_config, machine_from
-    from ..exec.executor import device_answers
     from .expand import check_keys, expand_matrix, expand_use, table_of
     from ..core.numerics import branch as cpu_numerics
 
@@ -84,7 +92,7 @@ def load_project(root: Path | str, record: dict | None = None) -> Project:
             if devices_from:
                 raise UserError(f"{rel}: devices: already set in {devices_from}")
             devices_from = rel
-            project.devices = check_config(doc["devices"], f"{rel}: devices")
+            project.devices = check_devices_table(doc["devices"], f"{rel}: devices")
         if "cache" in doc:
             if project.cache_from:
                 raise UserError(f"{rel}: cache: already set in {project.cache_from}")
@@ -119,11 +127,6 @@ def load_project(root: Path | str, record: dict | None = None) -> Project:
     cpu_numerics(settings.current().cpu_numerics, project.devices, f"{devices_from}: devices",
                  check_here=executor_kind(project) != "ray")
 
-    discovered = functools.cache(lambda: device_answers(project, lambda: machine_from(project.devices)))  # only if asked
-
-    def machine():
-        return discovered() if record is None else _RecordedMachine(discovered(), record.setdefault("devices", []))
-
     seen_in: dict[str, str] = {}
     for rel, name, table, origin in raw_targets:
         where = f"{rel}: target '{name}'" + (f" ({origin})" if origin else "")
@@ -131,7 +134,7 @@ def load_project(root: Path | str, record: dict | None = None) -> Project:
         if name in seen_in:
             raise UserError(f"{where}: duplicate target name (also defined in {seen_in[name]})")
         seen_in[name] = rel
-        project.targets[name] = _make_target(root, rel, name, table, origin, where, machine, record)
+        project.targets[name] = _make_target(root, rel, name, table, origin, where, record)
 
     for target in project.targets.values():
         where = f"{target.file}: target '{target.name}'"
@@ -166,18 +169,6 @@ def _resolve_group(project: Project, rel: str, name: str, patterns: object) -> l
     return members
 
 
-class _RecordedMachine:
-    """The machine as the loader sees it, noting each answer (graph_cache.py re-asks them)."""
-
-    def __init__(self, machine, answers: list):
-        self.machine, self.answers = machine, answers
-
-    def lacks(self, device: str) -> str | None:
-        reason = self.machine.lacks(device)
-        self.answers.append((device, reason is None))
-        return reason
-
-
 def _check_name(name: str, where: str, what: str) -> None:
     if not NAME_RE.match(name):
         raise UserError(f"{where}: bad {what} name: use letters, digits, '.', '_' and '-'")
@@ -188,25 +179,20 @@ def _check_name(name: str, where: str, what: str) -> None:
                         "choose another name")
 
 
-def _device(value: Any, pass_def: PassDef, where: str, machine) -> str:
-    """The device a target runs on: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or a preference list
-    (``["cuda", "cpu"]``: the first this machine has, or the Ray cluster under the Ray executor),
-    resolved here, before anything runs, so the action key records the device actually used."""
+def _device(value: Any, pass_def: PassDef, where: str) -> tuple[str, tuple[str, ...]]:
+    """(device, preference list) of a target: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or a list
+    (``["cuda", "cpu"]``) kept for resolve_devices, which picks the first this machine (or the
+    Ray cluster) has before anything runs, so the action key records the device actually used."""
     choices = value if isinstance(value, list) else [value]
     if not choices or not all(isinstance(c, str) and DEVICE_RE.match(c) for c in choices):
         raise UserError(f"{where}: device: {value!r} is not cpu, cuda, cuda:N or a list of them in order of preference")
     for choice in choices:
         if choice.split(":")[0] not in pass_def.devices:
             raise UserError(f"{where}: device: pass '{pass_def.name}' runs on {', '.join(pass_def.devices)}, not {choice}")
-    if not isinstance(value, list):
-        return value
-    for choice in choices:
-        if machine().lacks(choice) is None:
-            return choice
-    raise UserError(f"{where}: device: none of {', '.join(choices)} is available ({machine().lacks(choices[-1])})")
+    return (value, ()) if not isinstance(value, list) else ("", tuple(choices))
 
 
-def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str, machine,
+def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, where: str,
                  record: dict | None = None) -> Target:
     from .expand import check_keys, table_of
 
@@ -220,7 +206,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
     if pass_def is None:
         raise UserError(f"{where}: pass: unknown pass '{pass_name}' (known: {', '.join(pass_names())})")
     wanted = table.get("device", "cpu")
-    device = _device(wanted, pass_def, where, machine)
+    device, device_choices = _device(wanted, pass_def, where)
     params = pass_def.resolve_params(table_of(table, "params", rel, f"target '{name}'"), where)
     doc = table.get("doc", "")
     if not isinstance(doc, str):
@@ -231,7 +217,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
             raise UserError(f"{where}: gpu_memory_gb: expected a positive number of GB, got {gpu_memory_gb!r}")
         if wanted == "cpu":
             raise UserError(f"{where}: gpu_memory_gb: only for cuda targets (device is cpu)")
-        gpu_memory_gb = float(gpu_memory_gb) if device != "cpu" else None  # a preference list that fell back to cpu
+        gpu_memory_gb = float(gpu_memory_gb)  # resolve_devices drops it if a preference list falls back to cpu
 
     given_inputs = table_of(table, "inputs", rel, f"target '{name}'")
     inputs: dict[str, Ref] = {}
@@ -271,7 +257,7 @@ def _make_target(root: Path, rel: str, name: str, table: dict, origin: str, wher
         from ..core.gates import parse_gates
 
         gates = parse_gates(table["gates"], pass_def.metrics, pass_name, where)
-    return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates)
+    return Target(name, pass_def, params, inputs, device, rel, doc, origin, gpu_memory_gb, gates, device_choices)
 
 
 def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str, record: dict | None = None) -> Ref:
