@@ -15,12 +15,9 @@ leaves the previous output, which no longer matches the new key, or nothing.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -427,25 +424,12 @@ def _swap_into_place(new: Path, final: Path, work: Path) -> None:
 
 def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, assignment: Assignment,
                 pool: SlotPool, numerics: str) -> None:
+    from ..exec.worker import placed, run_worker, target_plan  # only when a stage runs: the no-op never needs it
+
     inputs = {key: str(input_path(project, ref)) for key, ref in target.inputs.items()}
-    plan = {
-        "target": target.name,
-        "file": target.file,
-        "pass": target.pass_def.name,
-        "params": target.params,
-        "inputs": inputs,
-        "output_dir": str(out_dir),
-        "device": target.device,
-        "assigned_device": assignment.device,
-        "threads": assignment.threads,
-        "cache_dir": str(project.cache_dir),
-        "input_names": {key: str(ref) for key, ref in target.inputs.items()},
-        "cpu_numerics": numerics,
-    }
-    plan_file = work / "plan.json"
-    plan_file.write_text(json.dumps(plan, indent=1))
-    env = {**os.environ, **assignment.environment(pool.machine, numerics)}
-    result = subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(plan_file)], env=env)
+    plan = placed(target_plan(target, numerics), inputs, out_dir, target.device, assignment.device,
+                  assignment.threads, project.cache_dir)
+    result = run_worker(plan, work, {**os.environ, **assignment.environment(pool.machine, numerics)})
     if result.returncode != 0:
         raise StageError(f"target '{target.name}': pass '{target.pass_def.name}' failed (exit {result.returncode})")
 

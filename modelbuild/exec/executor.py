@@ -93,6 +93,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
     stay on the remote, download.py). Every failure is one line (``UserError``): the stage fails
     and nothing is recorded."""
     from .ray_exec import RayExecutor, RayStageError, fetch_outputs
+    from .worker import target_plan
     from ..cache.remote import RemoteError
     from ..cache.tiers import remote_tier
 
@@ -106,9 +107,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
                 _connected[address] = RayExecutor.connect(address)
             except RayStageError as error:
                 raise UserError(str(error)) from None
-    plan = {"target": target.name, "file": target.file, "pass": target.pass_def.name, "params": target.params,
-            "input_names": {key: str(ref) for key, ref in target.inputs.items()},
-            "cpu_numerics": components["cpu_numerics"]}
+    plan = target_plan(target, components["cpu_numerics"])
     inputs = {key: _left_manifest(project, ref) or input_path(project, ref) for key, ref in target.inputs.items()}
     expected = {field: components[field] for field in ("python", "platform", "libraries")}
     say(f"'{target.name}' running on the Ray cluster ({target.device})")

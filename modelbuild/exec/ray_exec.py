@@ -33,13 +33,10 @@ the key records (numerics.py): a node whose CPU lacks it refuses before running.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -50,6 +47,7 @@ from .devices import stage_environment
 from ..core.digest import hash_file, hash_json, walk_files
 from ..core.key import versions
 from ..core.numerics import missing
+from .worker import placed, run_worker
 
 NAMESPACE = "modelbuild"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable cluster is an error in seconds, not Ray's minute of retries
@@ -330,14 +328,12 @@ def _stage_task(plan: dict, inputs_key: str, remote_url: str, device: str, threa
         out.mkdir()
         gpu_ids = [str(i) for i in ray.get_gpu_ids()] if device != "cpu" else []
         assigned = f"cuda:{gpu_ids[0]}" if gpu_ids else "cpu"
-        worker_plan = {**plan, "inputs": paths, "output_dir": str(out), "device": device, "assigned_device": assigned,
-                       "threads": threads, "input_names": plan.get("input_names") or {k: k for k in paths},
-                       "cache_dir": settings.current().cache or str(Path.home() / ".cache" / "modelbuild")}
-        (scratch / "plan.json").write_text(json.dumps(worker_plan, indent=1))
+        downloads = settings.current().cache or Path.home() / ".cache" / "modelbuild"  # no project folder here
+        worker_plan = placed(plan, paths, out, device, assigned, threads, downloads)
         env = {**os.environ, **stage_environment(assigned, threads, ",".join(gpu_ids), plan["cpu_numerics"])}
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(scratch / "plan.json")], env=env,
-                              cwd=scratch, capture_output=True, text=True, preexec_fn=_die_with_parent)
+        proc = run_worker(worker_plan, scratch, env, cwd=scratch, capture_output=True, text=True,
+                          preexec_fn=_die_with_parent)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             raise RayStageError(f"target '{target}': pass '{plan.get('pass')}' failed on Ray node {node} "
