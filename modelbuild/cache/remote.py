@@ -2,7 +2,9 @@
 
 ``s3://bucket/prefix`` holds ``objects/<2 hex>/<rest>`` (one object per BLAKE3 digest) and
 ``actions/<key>.json`` (the stamp of a finished stage), exactly like store.py's folder, so a
-team, CI and Ray workers share what any of them built. Any S3-compatible store works (AWS,
+team, CI and Ray workers share what any of them built. With a signing key the entry carries a
+``signature`` field (signing.py: over its key, key components, manifest and signer id), written
+in the same PUT; readers with trusted keys serve only entries signed by one (tiers.py). Any S3-compatible store works (AWS,
 SeaweedFS, MinIO, Ceph, R2, ...).
 
 Why it is safe to share:
@@ -49,6 +51,7 @@ import obstore
 from obstore.store import S3Store
 
 from ..core.digest import hash_file
+from ..core.signing import signed
 
 PART = 16 << 20  # multipart part size and the size above which downloads go by parallel ranges
 PARALLEL_FILES = 8  # objects in flight at once
@@ -277,12 +280,13 @@ class RemoteStore:
         except ValueError:
             return None
 
-    def push(self, entry: dict, files: dict[str, Path], replace=()) -> dict:
+    def push(self, entry: dict, files: dict[str, Path], replace=(), signer=None) -> dict:
         """Upload the objects the remote lacks (multipart and parallel above PART), then the entry.
 
         ``files`` maps digest -> a local file with that content (the local store's objects or the
         stage's output; objects the remote already has need none); ``replace``: digests to upload even though the remote has them (objects
-        a fetch found corrupt: the push repairs them). Returns counts: objects uploaded and
+        a fetch found corrupt: the push repairs them); ``signer`` (signing.Signer): the entry goes
+        up with its ``signature`` field, in the same PUT. Returns counts: objects uploaded and
         skipped, bytes uploaded.
         """
         needed = {info["digest"] for info in entry["manifest"].values()}
@@ -290,7 +294,7 @@ class RemoteStore:
         if lacking := set(missing) - set(files):  # an entry never goes up before its objects
             raise ValueError(f"push of {entry.get('action_key')}: no local file for digest(s) {sorted(lacking)}")
         self._parallel(PARALLEL_FILES, lambda d: self._upload(Path(files[d]), self.object_key(d)), missing)
-        body = json.dumps(entry, indent=1, sort_keys=True).encode()  # as store.py writes it
+        body = json.dumps(signed(entry, signer), indent=1, sort_keys=True).encode()  # as store.py writes it
         with self._client():
             obstore.put(self._store, f"actions/{entry['action_key']}.json", body)  # last, in one PUT
         return {"uploaded": len(missing), "skipped": len(needed) - len(missing),
@@ -350,11 +354,13 @@ class RemoteStore:
         return {"url": self.url, "objects": len(objects), "bytes": sum(m["size"] for m in objects),
                 "actions": sum(1 for m in actions if m["path"].endswith(".json"))}
 
-    def verify(self, drop: bool = False) -> list[str]:
+    def verify(self, drop: bool = False, trust=None) -> list[str]:
         """Re-hash every remote object; return the problems (bad objects, entries that lost one).
 
         With ``drop``, corrupt objects and the entries that need them are deleted, so the next
-        build rebuilds and pushes them again.
+        build rebuilds and pushes them again. ``trust`` (tiers.Trust with trusted keys): entries
+        that are unsigned, signed by another key or badly signed are reported too (never dropped:
+        another reader may trust their signer).
         """
         objects, actions = self._list("objects/"), self._list("actions/")
         digests = [m["path"].removeprefix("objects/").replace("/", "", 1) for m in objects]
@@ -373,6 +379,10 @@ class RemoteStore:
                 problems.append(f"action {meta['path']} is unreadable")
                 dropped.append(meta["path"])
                 continue
+            transport = meta["path"].startswith("actions/ray-")  # a Ray task's inputs or result: never a stage's entry
+            distrust = trust.problem(json.loads(bytes(body))) if trust and body is not None and not transport else None
+            if distrust:
+                problems.append(f"action {meta['path']} not served here: {distrust}")
             lost = [rel for rel, info in manifest.items() if info["digest"] in bad or info["digest"] not in checked]
             if lost:
                 problems.append(f"action {meta['path']} lost {', '.join(lost)}")

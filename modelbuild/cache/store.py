@@ -62,7 +62,8 @@ def entry_problem(key: str, entry: object) -> str | None:
     components, and its manifest (output name -> digest) hashes to its manifest digest, the
     value downstream keys are made of. An entry edited by hand, or written by a broken or
     hostile client, fails one of these and is never served. (A writer who recomputes every
-    digest can still publish a wrong build: share a cache only among trusted builders.)
+    digest can still publish a wrong build: readers of a remote set trusted keys, and then an
+    entry is also served only when signed by one of them: tiers.Trust, signing.py.)
     """
     if not isinstance(entry, dict):
         return "not a JSON object"

@@ -33,8 +33,11 @@ from .. import UserError, say
 from ..core import settings
 from ..core.digest import hash_file
 from ..core.project import Project
+from ..core.signing import unsigned
 from ..core.stamp import action_entry
 from .store import Store, entry_problem
+
+ENV_KEY, ENV_TRUSTED = "MODELBUILD_SIGNING_KEY", "MODELBUILD_TRUSTED_KEYS"
 
 ENV_URL, ENV_PUSH, ENV_REQUIRED = "MODELBUILD_REMOTE_CACHE", "MODELBUILD_REMOTE_PUSH", "MODELBUILD_REMOTE_REQUIRED"
 PENDING = "remote-pending"  # folder in the local cache: keys whose push has not completed
@@ -50,6 +53,60 @@ class RemoteConfig:
     push: bool
     required: bool
     required_from: str  # where ``required`` came from, for its error message
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Who signs what this builder pushes, and whose remote entries it serves.
+
+    ``signer``: the builder's key (signing.Signer) or None: entries go up unsigned. ``trusted``:
+    key id -> public key, the builder's own included; None when no trusted keys are set (then
+    remote entries are not signature-checked, as before #24)."""
+    signer: object
+    trusted: dict | None
+
+    def problem(self, entry: dict) -> str | None:
+        """Why a remote entry must not be served by these keys, or None (always None unchecked)."""
+        if self.trusted is None:
+            return None
+        from ..core.signing import signature_problem
+
+        return signature_problem(entry, self.trusted)[0]
+
+    def describe(self) -> str:
+        signing = f"pushes signed by key {self.signer.key_id}" if self.signer else "pushes unsigned (no signing key)"
+        if self.trusted is None:
+            return f"remote entries are not signature-checked (set {ENV_TRUSTED} or [cache] trusted_keys); {signing}"
+        return f"remote entries served only when signed by {', '.join(sorted(self.trusted))}; {signing}"
+
+
+def trust_config(project: Project, env: settings.Settings | None = None) -> Trust:
+    """The signing key and the trusted keys, from the environment or the [cache] table (the
+    environment wins). A missing file or a key of the wrong kind is one line naming it. Paths in
+    the table are relative to the project folder; in the environment, to the current folder."""
+    from ..core.signing import key_id, load_public, load_signer
+
+    env = settings.current() if env is None else env
+    table = project.cache
+    where = f"{project.cache_from}: cache"
+    signer = None
+    if env.signing_key:
+        signer = load_signer(Path(env.signing_key), ENV_KEY)
+    elif table.get("signing_key"):
+        signer = load_signer(project.root / table["signing_key"], f"{where}.signing_key")
+    if env.trusted_keys is not None:
+        named = [(Path(p), ENV_TRUSTED) for p in env.trusted_keys]
+    elif "trusted_keys" in table:
+        named = [(project.root / p, f"{where}.trusted_keys") for p in table["trusted_keys"]]
+    else:
+        return Trust(signer, None)
+    trusted = {}
+    for path, source in named:
+        public = load_public(path, source)
+        trusted[key_id(public)] = public
+    if signer is not None:
+        trusted[signer.key_id] = signer.public  # the builder's own key is trusted implicitly
+    return Trust(signer, trusted)
 
 
 def remote_config(project: Project, env: settings.Settings | None = None) -> RemoteConfig | None:
@@ -70,9 +127,10 @@ def remote_config(project: Project, env: settings.Settings | None = None) -> Rem
 class RemoteTier:
     """One remote cache for one doit process (thread-safe: ``doit -n N`` runs stages in threads)."""
 
-    def __init__(self, config: RemoteConfig, store: Store):
+    def __init__(self, config: RemoteConfig, store: Store, trust: Trust | None = None):
         self.config = config
         self.store = store
+        self.trust = trust or Trust(None, None)
         self._lock = threading.Lock()
         self._remote = None
         self._down: str | None = None  # why it is unusable for the rest of this run
@@ -160,6 +218,13 @@ class RemoteTier:
                 with self._lock:
                     self._bad[key] = ()
                 return None
+            distrust = self.trust.problem(entry)
+            if distrust:  # unsigned, another key, or a signature that does not match: never served
+                say(f"'{name}': remote cache {self.url}: {distrust}: rebuilding")
+                with self._lock:
+                    self._bad[key] = ()
+                return None
+            entry = unsigned(entry)
             if not download:
                 lacking = remote.lacking(entry["manifest"])
                 if lacking:
@@ -231,7 +296,7 @@ class RemoteTier:
         with self._lock:
             replace = self._bad.get(key, ())
         try:
-            stats = remote.push(entry, files, replace=replace)
+            stats = remote.push(entry, files, replace=replace, signer=self.trust.signer)
         except RemoteUnavailable as error:
             self._queue(key, only_entry)
             where = "its outputs on the remote, its entry queued" if only_entry else "in the local cache"
@@ -306,7 +371,7 @@ def remote_tier(project: Project) -> RemoteTier | None:
     """The remote tier of this doit run (one per project and process), or None."""
     if project.root not in _tiers:
         config = remote_config(project)
-        _tiers[project.root] = RemoteTier(config, Store(project.cache_dir)) if config else None
+        _tiers[project.root] = RemoteTier(config, Store(project.cache_dir), trust_config(project)) if config else None
     return _tiers[project.root]
 
 
@@ -315,3 +380,5 @@ def check_remote(project: Project) -> None:
     tier = remote_tier(project)
     if tier is not None:
         tier.check()
+    else:
+        trust_config(project)  # a bad key file is one line even while no remote is set

@@ -7,6 +7,7 @@
     why TARGET...                 per stage: up to date (and from where), or what changed
     plan [TARGET...] [--json]     per stage, before anything runs: what doit will do, why, time and bytes
     cache info | gc --max-size N | verify [--remote]   (info shows the local and the remote tier)
+    keys generate DIR             a signing key: DIR/modelbuild.key (0600) and DIR/modelbuild.pub; prints its id
     release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
     verify LOCK.json|s3://...     rebuild from scratch, cache bypassed, and compare every output
     report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
@@ -21,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from .. import UserError
+from .. import UserError, say
 from ..passdef import PassDef, registry, type_name
 
 
@@ -136,11 +137,12 @@ def cmd_plan(args) -> int:
 def cmd_cache(args) -> int:
     from ..exec.executor import load_here
     from ..cache.store import Store
-    from ..cache.tiers import remote_config
+    from ..cache.tiers import remote_config, trust_config
 
     project = load_here(args.project)
     store = Store(project.cache_dir)
     remote = remote_config(project)
+    trust = trust_config(project)
     if args.remote and args.action != "verify":
         raise UserError(f"cache {args.action}: --remote is for verify (info always shows both tiers)")
     if args.remote and remote is None:
@@ -151,16 +153,20 @@ def cmd_cache(args) -> int:
               f"{info['bytes'] / 1e6:.1f} MB, {info['pins']} release pins")
         if remote is not None:
             print(f"remote {remote_info(remote)}")
+            print(f"trust  {trust.describe()}")
     elif args.remote:
         from ..cache.remote import RemoteError, RemoteStore
 
         try:
-            problems = RemoteStore.from_url(remote.url).verify(drop=remote.push)
+            problems = RemoteStore.from_url(remote.url).verify(drop=remote.push,
+                                                                trust=trust if trust.trusted is not None else None)
         except RemoteError as error:
             raise UserError(str(error)) from None
-        if problems and remote.push:
+        if remote.push and any(" not served here: " not in p for p in problems):
             problems.append("dropped from the remote: the next build that needs them rebuilds and pushes them")
-        print("\n".join(problems) if problems else f"remote cache {remote.url} verified: every object matches its digest")
+        checked = "" if trust.trusted is None else ", every entry signed by a trusted key"
+        print("\n".join(problems) if problems else
+              f"remote cache {remote.url} verified: every object matches its digest{checked}")
         return 1 if problems else 0
     elif args.action == "gc":
         if args.max_size is None:
@@ -185,6 +191,16 @@ def remote_info(config) -> str:
     except RemoteError as error:
         return f"{config.url} ({mode}): unreachable: {getattr(error, 'reason', None) or error}"
     return f"{config.url} ({mode}): {info['actions']} actions, {info['objects']} objects, {info['bytes'] / 1e6:.1f} MB"
+
+
+def cmd_keys(args) -> int:
+    from ..core.signing import KEY_FILE, PUB_FILE, generate
+
+    kid = generate(Path(args.dir))
+    print(kid)
+    say(f"key {kid}: private {Path(args.dir) / KEY_FILE} (mode 0600, keep it secret: MODELBUILD_SIGNING_KEY or "
+        f"[cache] signing_key), public {Path(args.dir) / PUB_FILE} (for the readers' trusted_keys)")
+    return 0
 
 
 def parse_size(text: str) -> int:
@@ -289,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote", action="store_true",
                    help="verify: re-hash every object of the remote cache (bad ones are dropped when pushing)")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("keys", help="signing keys of the cache: keys generate DIR")
+    p.add_argument("action", choices=["generate"])
+    p.add_argument("dir", help="folder for modelbuild.key (private, 0600) and modelbuild.pub")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("release", help="build a target, write its lock manifest and pack it into an archive")
     p.add_argument("target")

@@ -220,8 +220,9 @@ class Planner:
             entry = client.lookup(key) if client is not None else None
         except RemoteError:
             return None
-        if entry is None or entry_problem(key, entry) or not self.remote_has(entry["manifest"]):
-            return None
+        if entry is None or entry_problem(key, entry) or self.tier.trust.problem(entry) \
+                or not self.remote_has(entry["manifest"]):
+            return None  # an unsigned or untrusted entry is not served (tiers.RemoteTier.restore)
         return entry
 
     def doit_recorded(self, name: str) -> str | None:

@@ -129,9 +129,13 @@ def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> lis
     ``url`` (objects it has are skipped), so the release restores anywhere. Report lines."""
     from ..cache.remote import RemoteError, RemoteStore
 
+    from ..cache.tiers import trust_config
+
     lock = read_lock(lock_path)
     name = lock["target"]
-    store = Store(load_here(project_root).cache_dir)
+    project = load_here(project_root)
+    store = Store(project.cache_dir)
+    trust = trust_config(project)
     lines = []
     try:
         remote = RemoteStore.from_url(url)
@@ -141,7 +145,7 @@ def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> lis
                 raise UserError(f"release --to: stage {stage['action_key'][:12]}… is not in the local cache "
                                 "(run the release again)")
             files = {info["digest"]: store.object_path(info["digest"]) for info in entry["manifest"].values()}
-            stats = remote.push(entry, files)
+            stats = remote.push(entry, files, signer=trust.signer)  # signed like a build's push
             lines.append(f"pushed {entry.get('target', '?')}: {stats['uploaded']} objects "
                          f"({stats['uploaded_bytes'] / 1e6:.1f} MB), {stats['skipped']} already there")
         for path in (archive, lock_path):

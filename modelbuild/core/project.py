@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 # `doit <name>` runs the doit command of that name, never a task: such a target could not be built.
 DOIT_COMMANDS = frozenset({"clean", "dumpdb", "forget", "help", "ignore", "info", "list", "reset-dep",
                            "run", "strace", "tabcompletion"})
-CACHE_KEYS = {"remote", "push", "required", "download"}
+CACHE_KEYS = {"remote", "push", "required", "download", "signing_key", "trusted_keys"}
 EXECUTOR_KEYS = {"kind"}
 
 
@@ -224,7 +224,8 @@ def check_devices_table(table: object, where: str) -> dict:
 
 
 def check_cache_table(table: object, where: str) -> dict[str, Any]:
-    """The [cache] table: remote (s3 URL), push and required (booleans), download (download.py)."""
+    """The [cache] table: remote (s3 URL), push and required (booleans), download (download.py),
+    signing_key (a path) and trusted_keys (a list of paths; signing.py reads the files)."""
     if not isinstance(table, dict):
         raise UserError(f"{where}: expected a table ([cache])")
     for key in table:
@@ -240,6 +241,15 @@ def check_cache_table(table: object, where: str) -> dict[str, Any]:
             if not isinstance(table[key], bool):
                 raise UserError(f"{where}.{key}: expected true or false, got {type(table[key]).__name__}")
             out[key] = table[key]
+    if "signing_key" in table:  # a path (relative: to the project folder); the key itself never goes here
+        if not isinstance(table["signing_key"], str) or not table["signing_key"].strip():
+            raise UserError(f"{where}.signing_key: expected the path of a private key file (a string)")
+        out["signing_key"] = table["signing_key"]
+    if "trusted_keys" in table:
+        keys = table["trusted_keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
+            raise UserError(f"{where}.trusted_keys: expected a list of paths of .pub files")
+        out["trusted_keys"] = list(keys)
     return out
 
 

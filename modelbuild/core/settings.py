@@ -7,7 +7,8 @@ rejects a bad value before anything runs), a pass's worker process the one its p
 A value that is empty (or only spaces) is unset, except ``MODELBUILD_GPUS`` where it means no GPU.
 Booleans: 1/true/yes/on, 0/false/no/off (any case); anything else, or a bad number, is one line.
 Every variable, its type, default and the TOML key it overrides: docs/settings.md. Credentials
-(AWS_*) are not read here: remote.py hands them to the S3 client, never into an object.
+(AWS_*) are not read here: remote.py hands them to the S3 client, never into an object. The
+signing key is a path here (MODELBUILD_SIGNING_KEY); its bytes are read only by signing.py.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def _text(name, text):
     return text
 
 
+def _path(name, text):
+    return text.strip()
+
+
+def _paths(name, text):
+    """PATH[,PATH...]: empty items are refused (a stray comma would silently trust nothing more)."""
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise _bad(name, text, "PATH[,PATH...] of .pub files")
+    return items
+
+
 def check_remote_url(value: object, where: str) -> str:
     """An ``s3://bucket[/prefix]`` URL; anything else is one line (a URL carrying credentials or
     an endpoint is refused without echoing it: those come from the AWS chain only)."""
@@ -126,6 +139,8 @@ VARIABLES = {
     "MODELBUILD_REMOTE_CACHE": ("remote_cache", _remote, None),
     "MODELBUILD_REMOTE_PUSH": ("remote_push", parse_bool, None),
     "MODELBUILD_REMOTE_REQUIRED": ("remote_required", parse_bool, None),
+    "MODELBUILD_SIGNING_KEY": ("signing_key", _path, None),
+    "MODELBUILD_TRUSTED_KEYS": ("trusted_keys", _paths, None),
     "MODELBUILD_EXECUTOR": ("executor", _choice(EXECUTOR_KINDS), None),
     "MODELBUILD_GPUS": ("gpus", _gpus, None),
     "MODELBUILD_GPU_MEMORY_GB": ("gpu_memory_gb", _positive_float, None),
