@@ -286,6 +286,23 @@ def test_minimal_download_leaves_only_trusted_entries_on_the_remote(world, tmp_p
     assert not any(c.stamp(t).get("left_on_remote") for t in CHAIN)
 
 
+def test_plan_predicts_a_rebuild_where_the_remote_entry_is_not_trusted(world, tmp_path):
+    b = reader(world, tmp_path / "b", words=WORDS_E)
+
+    def actions(env):
+        result = b.modelbuild("plan", "--json", "shout", env=env)
+        world.outputs.append(result.out)
+        assert result.returncode == 0, result.out
+        return {s["name"]: s["action"] for s in json.loads(result.out[result.out.index("{"):])["stages"]}
+
+    assert actions(world.env)["words"] == "restore remotely"  # unchecked: E's entry would be served
+    trusting_a = actions({**world.env, "MODELBUILD_TRUSTED_KEYS": str(world.key_a.public)})
+    assert trusting_a["words"] == "run", trusting_a
+    trusting_e = actions({**world.env, "MODELBUILD_TRUSTED_KEYS": str(world.key_e.public)})
+    assert trusting_e["words"] == "restore remotely", trusting_e
+    assert b.runs() == [] and not b.path("build/words").exists()  # plan built nothing
+
+
 def test_keys_generate_writes_a_private_key_0600_never_overwritten_and_prints_its_id(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
