@@ -303,6 +303,23 @@ def test_plan_predicts_a_rebuild_where_the_remote_entry_is_not_trusted(world, tm
     assert b.runs() == [] and not b.path("build/words").exists()  # plan built nothing
 
 
+def test_release_to_pushes_its_stages_signed_by_the_builder_key(world, tmp_path):
+    url = f"{world.url}-release-{uuid.uuid4().hex[:8]}"
+    b = reader(world, tmp_path / "b")
+    build(world, b, trusted=[world.key_a])  # words and shout rebuilt here, upper restored
+    result = b.modelbuild("release", "shout", "--to", url,
+                          env={**world.env, "MODELBUILD_SIGNING_KEY": str(world.key_a.private)})
+    world.outputs.append(result.out)
+    assert result.returncode == 0 and "published:" in result.out, result.out[-3000:]
+    raw = raw_store(world.server, url)
+    for target in CHAIN:
+        entry = json.loads(bytes(obstore.get(raw, f"actions/{b.stamp(target)['action_key']}.json").bytes()))
+        assert entry["signature"]["signer"] == world.key_a.id, target
+    c = reader(world, tmp_path / "c")  # the release's stages restore where only A is trusted
+    restored = build(world, c, trusted=[world.key_a], MODELBUILD_REMOTE_CACHE=url)
+    assert said(restored, "restored from the remote cache") == CHAIN and c.runs() == [], restored.out[-3000:]
+
+
 def test_keys_generate_writes_a_private_key_0600_never_overwritten_and_prints_its_id(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
