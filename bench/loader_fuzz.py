@@ -87,8 +87,7 @@ def load_like_doit(root: Path) -> int:
     """What `doit` does on loading, in-process: 0 for a graph, 2 for a UserError (anything else raises)."""
     from modelbuild import tasks
 
-    tasks._projects.clear()
-    tasks._machines.clear()
+    tasks._loaded.clear()  # each fuzzed file is a new doit process
     try:
         project = tasks.project_at(root)
         tasks.doit_config(root)

@@ -25,42 +25,46 @@ from .exec.devices import Machine, doit_jobs
 from .exec.executor import resolve_devices
 from .graph.graph_cache import load as load_graph
 from .core.project import Project, Target, executor_kind
+from .core.run import UNSET
 from .engine.stage import StageError, build, check_state, is_up_to_date, slot_pool
 
-_projects: dict[Path, Project] = {}
-_machines: dict[Path, Machine | None] = {}
+_loaded: dict[Path, Project] = {}  # dodo.py asks twice (DOIT_CONFIG, then the tasks): one load, one Run
 
 
-def project_at(root: Path) -> Project:
-    """The validated project, loaded once per process (from the graph cache when nothing it
-    depends on changed, graph_cache.py), its device preference lists then resolved on the
-    machine the stages' slot pool schedules on; a user mistake exits with one line."""
+def project_at(root: Path, argv: list[str] | None = None) -> Project:
+    """The validated project of this doit process, loaded once (from the graph cache when
+    nothing it depends on changed, graph_cache.py) with its Run (core/run.py), which is given
+    doit's command line (``argv``, default ``sys.argv[1:]``: read here and nowhere else); its
+    device preference lists are then resolved on the machine the stages' slot pool schedules
+    on. A user mistake exits with one line."""
     root = Path(root).resolve()
-    if root not in _projects:
+    if root not in _loaded:
         try:
             project = load_graph(root)
-            _projects[root] = resolve_devices(project, lambda: slot_pool(project).machine)
-            doit_jobs()  # `doit -n -1` would otherwise exit 0 having built nothing
-            check_state(_projects[root])
+            project.run.argv = tuple(sys.argv[1:] if argv is None else argv)
+            doit_jobs(project.run.argv)  # `doit -n -1` would otherwise exit 0 having built nothing
+            _loaded[root] = resolve_devices(project, lambda: slot_pool(project).machine)
+            check_state(project)
         except UserError as error:
             print(f"modelbuild: {error}", file=sys.stderr)
             raise SystemExit(2) from None
-    return _projects[root]
+    return _loaded[root]
 
 
 def machine_for(project: Project) -> Machine | None:
     """The machine's devices, discovered only when the project has GPU targets (a no-op stays
-    fast); the same discovery the stages' slot pool then schedules on. Decided once per project
+    fast); the same discovery the stages' slot pool then schedules on. Decided once per run
     (graph loading stays linear in the number of targets)."""
-    if project.root not in _machines:
-        _machines[project.root] = None
+    run = project.run
+    if run.machine is UNSET:
+        run.machine = None
         if any(t.device != "cpu" for t in project.targets.values()):
             try:
-                _machines[project.root] = slot_pool(project).machine
+                run.machine = slot_pool(project).machine
             except UserError as error:
                 print(f"modelbuild: {error}", file=sys.stderr)
                 raise SystemExit(2) from None
-    return _machines[project.root]
+    return run.machine
 
 
 def unavailable_device(project: Project, target: Target) -> str | None:

@@ -36,9 +36,8 @@ PASS = PassDef(name="count-words", version=VERSION, doc="count words", params=Pa
 @pytest.fixture
 def cached(project, monkeypatch):
     """The test project, with the same-tick guard narrowed to files changed during the load itself
-    (a test writes its files moments before loading) and no machine discovery left over."""
+    (a test writes its files moments before loading)."""
     monkeypatch.setattr(graph_cache, "RACY_NS", 0)
-    monkeypatch.setattr(stage, "_slot_pools", {})
     for name in ("MODELBUILD_GPUS", "MODELBUILD_GRAPH_CACHE", "MODELBUILD_SIMULATED_GPUS"):
         monkeypatch.delenv(name, raising=False)
     return project
@@ -46,10 +45,10 @@ def cached(project, monkeypatch):
 
 def load(project):
     """What a doit process starts from (tasks.project_at): the cached graph, then its device
-    preference lists resolved on the slot pool's machine."""
+    preference lists resolved on the slot pool's machine. Each load is a new Run, as in a new
+    process: nothing the previous one learned about the machine carries over."""
     graph = graph_cache.load(project.root)
-    outcome = graph_cache.last_outcome
-    return resolve_devices(graph, lambda: stage.slot_pool(graph).machine), outcome
+    return resolve_devices(graph, lambda: stage.slot_pool(graph).machine), graph.run.graph_outcome
 
 
 def test_the_second_load_is_served_from_the_cache_and_equals_the_first(cached):
@@ -112,7 +111,6 @@ def test_an_environment_change_is_seen(cached, monkeypatch):
     assert graph.targets["phi35-travel-adapter"].device == "cpu"  # device = ["cuda", "cpu"]
     assert load(cached)[1] == "hit"
     monkeypatch.setenv("MODELBUILD_GPUS", "0")
-    stage._slot_pools.clear()  # a new process discovers the machine again
     graph, outcome = load(cached)
     assert outcome == "stored" and graph.targets["phi35-travel-adapter"].device == "cuda"
     monkeypatch.setenv("MODELBUILD_EXECUTOR", "local")  # any MODELBUILD_* variable: loaded again
@@ -123,10 +121,8 @@ def test_the_cache_holds_no_machine_answer_each_run_asks(cached, monkeypatch):
     gpus: list = []
     monkeypatch.setattr(devices, "discover_gpus", lambda: (list(gpus), "test"))
     assert load(cached)[0].targets["phi35-travel-adapter"].device == "cpu"
-    stage._slot_pools.clear()  # a new process discovers the machine again
     assert load(cached)[1] == "hit"
     gpus.append(devices.Gpu(0, 80.0))  # the machine gained a GPU: the same cached graph, another answer
-    stage._slot_pools.clear()
     graph, outcome = load(cached)
     assert outcome == "hit" and graph.targets["phi35-travel-adapter"].device == "cuda"
     cache_file = cached.path("build/.modelbuild/graph.pickle")
@@ -186,8 +182,9 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(cached, junk):
 
 def test_it_can_be_turned_off(cached, monkeypatch):
     monkeypatch.setenv("MODELBUILD_GRAPH_CACHE", "0")
-    assert "tiny-base" in load(cached)[0].targets
-    assert graph_cache.last_outcome == "off" and not cached.path("build/.modelbuild/graph.pickle").exists()
+    graph, outcome = load(cached)
+    assert "tiny-base" in graph.targets
+    assert outcome == "off" and not cached.path("build/.modelbuild/graph.pickle").exists()
 
 
 def test_a_plug_in_edited_or_removed_is_seen(cached, tmp_path, monkeypatch):

@@ -280,6 +280,51 @@ def test_the_folders_show_the_layers():
     assert packages == sorted(LAYERS.keys()), packages
 
 
+# What may live at module level beside constants: state of the Python environment, not of a run
+# (core/run.py says why), and the one project a doit process loaded (dodo.py asks for it twice).
+PROCESS_WIDE = {("modelbuild.passdef", "_entries"), ("modelbuild.passdef", "_loaded"),
+                ("modelbuild.core.key", "_library_versions"), ("modelbuild.tasks", "_loaded")}
+CONTAINERS = ("dict", "list", "set", "defaultdict", "OrderedDict", "deque")
+
+
+def module_state(root: Path = ROOT, package: str = PACKAGE) -> list[tuple[str, str, int]]:
+    """(module, name, line) of each module-level name that holds state a run could change: a
+    mutable container, a name assigned None to be filled later, or a ``global`` statement.
+    ALL_CAPS names are constants by convention and left out."""
+    found = []
+    for module, path in module_files(root, package).items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            value = getattr(node, "value", None)
+            mutable = isinstance(value, (ast.Dict, ast.List, ast.Set)) or (
+                isinstance(value, ast.Constant) and value.value is None) or (
+                isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", "")) in CONTAINERS)
+            found += [(module, t.id, node.lineno) for t in targets
+                      if isinstance(t, ast.Name) and not t.id.isupper() and mutable]
+        found += [(module, name, node.lineno) for node in ast.walk(tree) if isinstance(node, ast.Global)
+                  for name in node.names]
+    return sorted(set(found))
+
+
+def test_no_module_holds_run_state():
+    """What a run learns lives in its Run (core/run.py), passed with the project; a new
+    module-level cache would be a hidden run object again."""
+    hidden = [f"{module}.{name} (line {line})" for module, name, line in module_state()
+              if (module, name) not in PROCESS_WIDE]
+    assert not hidden, "module-level state outside core/run.py's Run:\n" + "\n".join(hidden)
+
+
+def test_module_state_finder_can_fail(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("LIMIT = {}\n")
+    (pkg / "a.py").write_text("_seen: dict = {}\nlast = None\npools = dict()\nname = 'x'\n"
+                              "def f():\n    global last\n    last = 1\n")
+    assert module_state(pkg, "pkg") == [("pkg.a", "_seen", 1), ("pkg.a", "last", 2), ("pkg.a", "last", 6),
+                                        ("pkg.a", "pools", 3)]
+
+
 def test_finder_sees_a_known_circle():
     """The finder can fail: a synthetic graph with known circles, and one without."""
     graph = {"a": {"b": []}, "b": {"c": []}, "c": {"a": [], "d": []}, "d": {}, "e": {"e": []},

@@ -116,11 +116,13 @@ def test_template_substitution_names_an_unknown_variable_and_its_key():
         substitute({"params": {"steps": [1, "{stpes}"]}}, {"model": "m", "steps": 3}, "targets/x.toml: recipe 'r'")
 
 
-def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line(monkeypatch, tmp_path):
-    """download.toplevel: which outputs a minimal-download run must bring here."""
+def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line(tmp_path):
+    """download.toplevel: which outputs a minimal-download run must bring here, from the command
+    line the run was given (tasks.project_at passes doit's), never from this process's sys.argv."""
     from conftest import new_project
 
     from modelbuild.cache.download import toplevel
+    from modelbuild.core.run import Run
     from modelbuild.graph.loader import load_project as load
 
     project = load(new_project(tmp_path / "project").root)
@@ -133,6 +135,7 @@ def test_the_targets_a_doit_run_asks_for_are_read_as_doit_reads_its_command_line
         (["list"], set(project.targets)),  # another doit command: everything counts as asked for
         (["tiny-base?"], {"tiny-base?"}),  # only "*" is a pattern to doit
         (["--no-such-option", "x"], set(project.targets)),  # unreadable: everything counts as asked for
+        (None, set(project.targets)),  # a command beside doit (release, plan...): every output is wanted here
     ):
-        monkeypatch.setattr("sys.argv", ["doit", *argv])
+        project.run = Run(argv)
         assert toplevel(project) == wanted, argv

@@ -19,10 +19,10 @@ with every object re-hashed, or rebuilt and pushed back): stage.py, ``_inputs_he
 from __future__ import annotations
 
 import fnmatch
-import sys
 
 from ..core import settings
 from ..core.project import executor_kind
+from ..core.run import UNSET
 
 def mode(project) -> str:
     chosen = settings.current().download or project.cache.get("download")
@@ -56,21 +56,20 @@ def _doit_commands() -> set[str]:
     return {command.get_name() for command in DoitMain.DOIT_CMDS}
 
 
-_asked: dict[tuple, frozenset[str]] = {}  # (project root, argv) -> targets: worked out once per run
-
-
 def toplevel(project) -> frozenset[str]:
-    """The targets this doit run was asked for (group members included)."""
-    argv = tuple(sys.argv[1:])
-    if (project.root, argv) not in _asked:
-        names = _command_line_tasks(argv)
-        wanted: set[str] = set()
-        for name in project.targets if names is None else names or project.default_targets or project.targets:
-            # doit's own selection: a name with "*" is a glob over task names, anything else is literal
-            for match in fnmatch.filter([*project.targets, *project.groups], name) if "*" in name else [name]:
-                wanted.update(project.groups.get(match, [match]))
-        _asked[project.root, argv] = frozenset(wanted)
-    return _asked[project.root, argv]
+    """The targets this doit run was asked for (group members included), from the command line
+    its Run was given (core/run.py); beside doit, every target."""
+    run = project.run
+    with run.lock:
+        if run.asked is UNSET:
+            names = None if run.argv is None else _command_line_tasks(run.argv)
+            wanted: set[str] = set()
+            for name in project.targets if names is None else names or project.default_targets or project.targets:
+                # doit's own selection: a name with "*" is a glob over task names, anything else is literal
+                for match in fnmatch.filter([*project.targets, *project.groups], name) if "*" in name else [name]:
+                    wanted.update(project.groups.get(match, [match]))
+            run.asked = frozenset(wanted)
+    return run.asked
 
 
 def needed_here(project, target) -> bool:

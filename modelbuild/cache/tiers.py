@@ -33,6 +33,7 @@ from .. import UserError, say
 from ..core import settings
 from ..core.digest import hash_file
 from ..core.project import Project
+from ..core.run import UNSET
 from ..core.signing import unsigned
 from ..core.stamp import action_entry
 from .store import Store, entry_problem
@@ -364,15 +365,14 @@ def _queued_entry(marker: Path) -> dict | None:
     return entry
 
 
-_tiers: dict[Path, RemoteTier | None] = {}
-
-
 def remote_tier(project: Project) -> RemoteTier | None:
-    """The remote tier of this doit run (one per project and process), or None."""
-    if project.root not in _tiers:
-        config = remote_config(project)
-        _tiers[project.root] = RemoteTier(config, Store(project.cache_dir), trust_config(project)) if config else None
-    return _tiers[project.root]
+    """The remote tier of this run (core/run.py), or None without a remote."""
+    run = project.run
+    with run.lock:
+        if run.remote_tier is UNSET:
+            config = remote_config(project)
+            run.remote_tier = RemoteTier(config, Store(project.cache_dir), trust_config(project)) if config else None
+    return run.remote_tier
 
 
 def check_remote(project: Project) -> None:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import UserError
 from . import settings
+from .run import Run
 from .settings import check_download_mode, check_remote_url
 
 if TYPE_CHECKING:
@@ -158,6 +159,14 @@ class Project(_Fields):
         self.cache_from = cache_from  # the file that sets it
         self.executor = {} if executor is None else executor  # the [executor] table (executor.py)
         self.executor_from = executor_from
+        self.run = Run()  # this process's run (core/run.py); tasks.project_at gives it doit's command line
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "run"}  # a run is never cached
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.run = Run()
 
     @property
     def build_dir(self) -> Path:

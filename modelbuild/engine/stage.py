@@ -24,12 +24,13 @@ from pathlib import Path
 
 from .. import UserError, say
 from ..core import settings
-from ..exec.devices import Assignment, SlotPool, machine_from
+from ..exec.devices import Assignment, SlotPool, doit_jobs, machine_from
 from ..core.digest import ALGORITHM, StatCache, hash_json, tree_manifest
 from ..cache.download import mode as download_mode, needed_here
 from ..exec.executor import check_executor, run_on_ray
 from ..core.gates import check_gates, gate_failures
 from ..core.key import key_components
+from ..core.run import UNSET
 from ..core.project import Project, Target, executor_kind, input_path
 from ..core.stamp import STAMP_DIR, action_entry, read_stamp, write_stamp
 from ..core.status import Fresh, Missing, Stale, status
@@ -40,16 +41,14 @@ class StageError(Exception):
     """A stage failed to build; the message is shown as doit's task failure."""
 
 
-_stat_caches: dict[Path, StatCache] = {}
-
-
 def stat_cache(project: Project) -> StatCache:
-    """One StatCache per project and process, so its per-thread sqlite connection is reused
-    across the uptodate checks of a run instead of reopened for every task."""
-    path = project.state_dir / f"stat-{ALGORITHM}.sqlite3"
-    if path not in _stat_caches:
-        _stat_caches[path] = StatCache(path)
-    return _stat_caches[path]
+    """The run's StatCache (core/run.py), so its per-thread sqlite connection is reused across the
+    uptodate checks of a run instead of reopened for every task."""
+    run = project.run
+    with run.lock:
+        if run.stat_cache is UNSET:
+            run.stat_cache = StatCache(project.state_dir / f"stat-{ALGORITHM}.sqlite3")
+    return run.stat_cache
 
 
 def check_state(project: Project) -> None:
@@ -88,14 +87,13 @@ def check_state(project: Project) -> None:
     download_mode(project)  # MODELBUILD_DOWNLOAD: one line if it is not a mode
 
 
-_slot_pools: dict[Path, SlotPool] = {}
-
-
 def slot_pool(project: Project) -> SlotPool:
-    """The device slots of this doit run (one pool per project and process)."""
-    if project.root not in _slot_pools:
-        _slot_pools[project.root] = SlotPool(machine_from(project.devices))
-    return _slot_pools[project.root]
+    """The device slots of this run, sized by doit's ``-n`` (core/run.py)."""
+    run = project.run
+    with run.lock:
+        if run.slot_pool is UNSET:
+            run.slot_pool = SlotPool(machine_from(project.devices, jobs=doit_jobs(run.argv or ())))
+    return run.slot_pool
 
 
 def is_up_to_date(project: Project, target: Target, values: dict) -> bool:

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -107,13 +106,12 @@ def discover_gpus() -> tuple[list[Gpu], str]:
     return gpus, "nvidia-smi"
 
 
-def doit_jobs(argv: list[str] | None = None) -> int:
-    """The ``-n``/``--process`` doit was started with (1 when not running under doit -n).
+def doit_jobs(argv: tuple[str, ...] | list[str]) -> int:
+    """The ``-n``/``--process`` in doit's arguments ``argv`` (1 when there is none).
 
     doit itself takes ``-n -1`` and then builds nothing and exits 0: a negative count is a
     ``UserError`` here, checked when the tasks load, before anything runs.
     """
-    argv = sys.argv if argv is None else argv
     for i, arg in enumerate(argv):
         match = re.fullmatch(r"(?:-n|--process)(=?)(.*)", arg)
         if match:
@@ -135,8 +133,9 @@ def _env_config(env: settings.Settings) -> dict:
     return check_devices_table({key: value for key, value in config.items() if value is not None}, "environment")
 
 
-def machine_from(config: dict, env: settings.Settings | None = None) -> Machine:
-    """The machine: project config (a validated [devices] table) overlaid by the environment."""
+def machine_from(config: dict, env: settings.Settings | None = None, jobs: int = 1) -> Machine:
+    """The machine: project config (a validated [devices] table) overlaid by the environment;
+    without ``cpu_slots`` it runs as many CPU stages at once as doit's ``jobs`` (``-n``)."""
     config = {**config, **_env_config(settings.current() if env is None else env)}
     if "gpus" in config:
         memory = config.get("gpu_memory_gb", DEFAULT_GPU_MEMORY_GB)
@@ -147,7 +146,7 @@ def machine_from(config: dict, env: settings.Settings | None = None) -> Machine:
         if "gpu_memory_gb" in config:
             gpus = [Gpu(g.index, config["gpu_memory_gb"]) for g in gpus]
     threads = config.get("cpu_threads") or _usable_cores()
-    slots = config.get("cpu_slots") or max(1, min(doit_jobs(), threads))
+    slots = config.get("cpu_slots") or max(1, min(jobs, threads))
     return Machine(gpus, bool(config.get("simulated")), threads, slots, found_by)
 
 

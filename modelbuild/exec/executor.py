@@ -16,7 +16,6 @@ with the cluster's address: a build that cannot run there is one line before any
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -82,10 +81,6 @@ def load_here(root):
     return resolve_devices(load_project(root))
 
 
-_connected: dict[str, object] = {}
-_connect_lock = threading.Lock()
-
-
 def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
                download: bool = True) -> tuple[float, dict, dict | None]:
     """Run ``target``'s pass as a Ray task and fetch its outputs into ``out_dir``; (seconds, ran_on,
@@ -100,11 +95,11 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
     remote = remote_tier(project).client()
     if remote is None:
         raise UserError(f"target '{target.name}': the Ray executor needs the remote cache, which is unreachable")
-    with _connect_lock:
-        address = settings.current().ray_address
-        if address not in _connected:
+    address = settings.current().ray_address
+    with project.run.lock:  # one connection per cluster and run (core/run.py)
+        if address not in project.run.ray:
             try:
-                _connected[address] = RayExecutor.connect(address)
+                project.run.ray[address] = RayExecutor.connect(address)
             except RayStageError as error:
                 raise UserError(str(error)) from None
     plan = target_plan(target, components["cpu_numerics"])
@@ -113,7 +108,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
     say(f"'{target.name}' running on the Ray cluster ({target.device})")
     started = time.perf_counter()
     try:
-        result = _connected[address].run_stage(plan, inputs, remote, target.device, threads, target.gpu_memory_gb,
+        result = project.run.ray[address].run_stage(plan, inputs, remote, target.device, threads, target.gpu_memory_gb,
                                                expected_versions=expected)
         if download:
             fetch_outputs(result, out_dir, remote)

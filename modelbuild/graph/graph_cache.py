@@ -48,7 +48,6 @@ FORMAT = 2  # bump when the shape of the cached data changes
 RUN_ONLY = settings.RUN_ONLY  # read by the executor at build time, never by the loader
 FILE = "graph.pickle"
 RACY_NS = 2_000_000_000
-last_outcome = ""  # what the last load did ("hit", "stored", "not stored: ...", "off"): for tests
 
 
 class PassHandle:
@@ -87,20 +86,22 @@ class PassHandle:
 
 def load(root: Path | str) -> Project:
     """The validated project at ``root``: from the cache when nothing it depends on changed, else
-    loaded (a ``UserError`` propagates, nothing is cached) and cached for the next run."""
-    global last_outcome
+    loaded (a ``UserError`` propagates, nothing is cached) and cached for the next run. What it
+    did is ``project.run.graph_outcome``."""
     root = Path(root).resolve()
     if not settings.current().graph_cache:  # also where a bad MODELBUILD_* value stops the load
-        last_outcome = "off"
         from .loader import load_project  # only off or on a miss: a no-op served from the cache never compiles it
 
-        return load_project(root)
+        project = load_project(root)
+        project.run.graph_outcome = "off"
+        return project
     path = Project(root=root).state_dir / FILE
     key = _key(root)
     cached = _read(path)
     if key is not None and cached is not None and cached["key"] == key and _still_valid(cached):
-        last_outcome = "hit"
-        return cached["project"]
+        project = cached["project"]
+        project.run.graph_outcome = "hit"
+        return project
     started = time.time_ns()
     record: dict = {"modules": set(sys.modules)}
     from .loader import load_project
@@ -108,7 +109,7 @@ def load(root: Path | str) -> Project:
     project = load_project(root, record)
     from .graph_store import store  # the writing half: compiled and imported only on a miss
 
-    last_outcome = store(path, key, project, record, started,
+    project.run.graph_outcome = store(path, key, project, record, started,
                          racy_ns=RACY_NS, pass_handle=PassHandle, identity=_identity, tree=_tree)
     return project
 

@@ -38,7 +38,7 @@ def _code_files(project: Project, before: set[str]) -> set[str]:
 def store(path: Path, key: tuple | None, project: Project, record: dict, started: int, *,
           racy_ns: int, pass_handle, identity, tree) -> str:
     """Write the cache for ``project`` to ``path``, loaded from ``key`` at ``started`` (ns) with
-    ``record`` (loader.py); what happened, for graph_cache.last_outcome. graph_cache's own parts:
+    ``record`` (loader.py); what happened, for project.run.graph_outcome. graph_cache's own parts:
     ``racy_ns`` its same-tick guard (read at the call: tests narrow it), ``pass_handle`` its
     PassHandle, ``identity`` and ``tree`` the stat identities its check compares."""
     if key is None:
