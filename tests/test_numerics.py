@@ -115,5 +115,5 @@ def test_a_worker_refuses_a_plan_for_a_branch_its_cpu_lacks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "modelbuild.exec.worker", str(tmp_path / "plan.json")],
                           capture_output=True, text=True, env={**os.environ, "MODELBUILD_THREADS": "1"})
     assert proc.returncode == 2 and not any(out.iterdir())
-    assert proc.stderr.strip() == ("modelbuild: target 'probe': CPU numerics native: an x86 machine pins a branch "
+    assert proc.stderr.strip() == ("modelbuild: targets/t.toml: target 'probe': CPU numerics native: an x86 machine pins a branch "
                                    "(avx512, avx2, compatible), not 'native'")

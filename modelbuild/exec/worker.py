@@ -65,11 +65,11 @@ def main(plan_file: str) -> int:
     plan = json.loads(Path(plan_file).read_text())
     pass_def = get_pass(plan["pass"])
     if pass_def is None:
-        print(f"modelbuild: target '{plan['target']}': pass '{plan['pass']}' is not installed", file=sys.stderr)
+        print(f"modelbuild: {plan['file']}: target '{plan['target']}': pass '{plan['pass']}' is not installed", file=sys.stderr)
         return 2
     lacking = missing(plan["cpu_numerics"])
     if lacking:  # the key promises bytes of that branch; another would file other bytes under it
-        print(f"modelbuild: target '{plan['target']}': CPU numerics {plan['cpu_numerics']}: {lacking}", file=sys.stderr)
+        print(f"modelbuild: {plan['file']}: target '{plan['target']}': CPU numerics {plan['cpu_numerics']}: {lacking}", file=sys.stderr)
         return 2
     inputs = pass_def.group_inputs({key: Path(path) for key, path in plan["inputs"].items()})
     ctx = StageContext(
