@@ -54,7 +54,8 @@ class PassHandle:
     """A pass of a cached graph: what key_components and the task list read of it (plain values,
     recorded when the graph was validated); the pass module, and passdef.py, are imported only
     when something else is asked (its run, params, inputs, check...). Its code digest is the one
-    computed then: the files it covers are part of what the cache checks."""
+    computed then: the files it covers are part of what the cache checks. It offers exactly the
+    PassDef attributes listed here; anything else is an AttributeError, never a silent import."""
 
     def __init__(self, pass_def: PassDef, entry: str):
         self.name, self.doc, self.version = pass_def.name, pass_def.doc, pass_def.version
@@ -75,10 +76,17 @@ class PassHandle:
 
         return load_entry(self.name, self._entry)
 
-    def __getattr__(self, attr: str):
-        if attr.startswith("_"):  # pickle probes __setstate__ & co. before the state is set
-            raise AttributeError(attr)
-        return getattr(self._pass(), attr)
+    # The rest of PassDef, from the pass module itself (imported on first use).
+    params = property(lambda self: self._pass().params)
+    inputs = property(lambda self: self._pass().inputs)
+    run = property(lambda self: self._pass().run)
+    check = property(lambda self: self._pass().check)
+    module = property(lambda self: self._pass().module)
+    code_files = property(lambda self: self._pass().code_files)
+    group_inputs = property(lambda self: self._pass().group_inputs)
+    param_fields = property(lambda self: self._pass().param_fields)
+    param_types = property(lambda self: self._pass().param_types)
+    resolve_params = property(lambda self: self._pass().resolve_params)
 
     def __repr__(self) -> str:
         return f"PassHandle({self.name!r}, {self._entry!r})"
