@@ -172,17 +172,20 @@ def check_signature(bundle: Path, signature: Path, keys: dict, scratch: Path) ->
 # -- reading a bundle back ----------------------------------------------------------------
 
 def unpack(archive: Path, folder: Path, target: str) -> Path:
-    """The archive's bundle, unpacked under ``folder`` (regular files below ``<target>/`` only:
-    an archive from a bucket is untrusted input); its path."""
+    """The archive's bundle, unpacked under ``folder`` (folders and regular files below
+    ``<target>/`` only: an archive from a bucket is untrusted input); its path."""
     bundle = folder / target
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
                 parts = Path(member.name).parts
-                if not member.isfile() or len(parts) < 2 or parts[0] != target or ".." in parts \
-                        or Path(member.name).is_absolute():
+                if not parts or parts[0] != target or ".." in parts or Path(member.name).is_absolute() \
+                        or not (member.isfile() or member.isdir()):
                     raise UserError(f"{archive}: {member.name!r} is not a file of the {target}/ bundle")
                 out = folder.joinpath(*parts)
+                if member.isdir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as source, open(out, "wb") as handle:
                     shutil.copyfileobj(source, handle)
