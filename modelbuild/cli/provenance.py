@@ -109,7 +109,7 @@ def statement_bytes(value: dict) -> bytes:
 
 # -- the bundle's signature (OpenSSF model-signing) ----------------------------------------
 
-def _model_signing(what: str):
+def model_signing_module(what: str):
     try:
         import model_signing
     except ImportError:
@@ -119,9 +119,9 @@ def _model_signing(what: str):
 
 
 def sign_bundle(bundle: Path, signature: Path, key_path: Path) -> None:
-    """Sign the folder ``bundle`` with the private key file ``key_path`` (read by model_signing
-    itself: the key's bytes pass through no modelbuild object) into ``signature``."""
-    model_signing = _model_signing("signing a release")
+    """Sign the folder ``bundle`` with the private key file ``key_path`` into ``signature``;
+    model_signing reads the key file itself, and writes only the public key's hint."""
+    model_signing = model_signing_module("signing a release")
     tmp = signature.with_name(f".tmp-{signature.name}")
     model_signing.signing.Config().use_elliptic_key_signer(private_key=key_path).sign(bundle, tmp)
     tmp.chmod(0o644)
@@ -147,8 +147,8 @@ def signature_hint(signature: Path) -> str | None:
 
 def check_signature(bundle: Path, signature: Path, keys: dict, scratch: Path) -> tuple[str | None, str | None]:
     """(problem, signer key id). ``keys``: key id -> public key, the keys this reader knows. The
-    signature names its key by a hint; the key it names is asked to verify it, the way
-    ``model_signing verify key`` does (every file of ``bundle``, sha256, nothing left out)."""
+    signature names its key by a hint; the key it names is asked to verify it with the
+    hashing of ``model_signing verify key``'s defaults (sha256 of every file of ``bundle``)."""
     from cryptography.hazmat.primitives import serialization
 
     hint = signature_hint(signature)
@@ -160,7 +160,7 @@ def check_signature(bundle: Path, signature: Path, keys: dict, scratch: Path) ->
     kid = known[hint]
     pem = scratch / f"{kid}.pub"
     pem.write_bytes(keys[kid].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    model_signing = _model_signing("checking a release's signature")
+    model_signing = model_signing_module("checking a release's signature")
     try:
         model_signing.verifying.Config().use_elliptic_key_verifier(public_key=pem).set_hashing_config(
             model_signing.hashing.Config()).verify(bundle, signature)

@@ -2,14 +2,17 @@
 
 ``release`` builds the target, writes ``release/<target>/<target>.lock.json`` (every input
 digest of the whole build graph, target files, resolved params, pass and package versions,
-every output digest) and packs the target's output with the lock into a deterministic
-``release/<target>/<target>.tar.gz``; the cache pins what the release needs.
+every output digest) and its SLSA provenance, and packs the target's output with both into a
+deterministic ``release/<target>/<target>.tar.gz``; with a signing key, ``<target>.sig`` beside
+it is the bundle's OpenSSF model-signing signature (cli/provenance.py). The cache pins what the
+release needs.
 
-``verify`` rebuilds the release in a temporary copy of the project with an empty cache (only the
-sha256-pinned downloads are shared, no remote cache is used) and compares every output file; for
-ONNX files that differ it reports the largest absolute difference per initializer.
+``verify`` checks the release's provenance and signature, then rebuilds it in a temporary copy
+of the project with an empty cache (only the sha256-pinned downloads are shared, no remote
+cache is used) and compares every output file; for ONNX files that differ it reports the
+largest absolute difference per initializer.
 
-``release --to s3://bucket/prefix`` publishes the archive and lock under
+``release --to s3://bucket/prefix`` publishes the archive, provenance, signature and lock under
 ``prefix/releases/<target>/`` and pushes the release's stages into the remote cache at that
 prefix; ``verify`` accepts the lock's s3:// URL, so a release built on CI is checked anywhere.
 """
@@ -37,8 +40,8 @@ from ..engine.stage import stat_cache
 from ..core.stamp import read_stamp
 from ..core.status import Fresh, status
 from ..cache.store import Store, write_json_atomic
-from .provenance import (check_release, provenance_name, sha256_file, sign_bundle, signature_name, statement, statement_bytes,
-                         unpack)
+from .provenance import (check_release, model_signing_module, provenance_name, sha256_file, sign_bundle,
+                         signature_name, statement, statement_bytes, unpack)
 
 LOCK_FORMAT = 2  # 2: named inputs flat ("adapters.travel"), keys with python and platform
 
@@ -104,6 +107,8 @@ def release(project_root: Path, name: str, out_dir: Path | None = None) -> dict[
     if name not in project.targets:
         raise UserError(f"unknown target '{name}' (see: doit list)")
     signer = trust_config(project).signer  # a bad key file is one line before minutes of building
+    if signer is not None:
+        model_signing_module("signing a release")  # so is a missing model-signing package
     run_doit(project.root, name, env={"MODELBUILD_DOWNLOAD": "all"})  # it packs and pins every stage's files
     lock = lock_manifest(project, name)
     out_dir = Path(out_dir or project.root / "release" / name)
@@ -147,9 +152,10 @@ def release(project_root: Path, name: str, out_dir: Path | None = None) -> dict[
 
 
 def publish(project_root: Path, written: dict[str, Path], url: str) -> list[str]:
-    """Upload the archive, its provenance and signature, then the lock (last: a lock that is
-    there has its archive) of ``written`` (what ``release`` wrote) to ``url/releases/<target>/``, and push every stage of the release into the remote cache at
-    ``url`` (objects it has are skipped), so the release restores anywhere. Report lines."""
+    """Upload what ``release`` wrote (``written``) to ``url/releases/<target>/``: the archive,
+    its provenance and signature, then the lock (last: a lock that is there has the rest), and
+    push every stage of the release into the remote cache at ``url`` (objects it has are
+    skipped), so the release restores anywhere. Report lines."""
     from ..cache.remote import RemoteError, RemoteStore
 
     from ..cache.tiers import trust_config
