@@ -213,6 +213,27 @@ def test_verify_from_the_bucket_names_the_signer(released, tmp_path):
     assert unsigned.returncode == 1 and "no trusted keys to check it with" in unsigned.out, unsigned.out[-3000:]
 
 
+def test_an_archive_with_a_link_or_a_path_out_of_the_bundle_is_one_line(released, tmp_path):
+    """An archive from a bucket is untrusted: verify unpacks folders and regular files under
+    <target>/ only, and anything else is one line naming the archive and the member."""
+    import io
+
+    link = tarfile.TarInfo(f"{TARGET}/total.txt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    for info in (link, tarfile.TarInfo(f"{TARGET}/../../escaped.txt")):
+        member = info.name
+        folder = tmp_path / f"case-{len(member)}"
+        shutil.copytree(released.release, folder)
+        with tarfile.open(folder / f"{TARGET}.tar.gz", "w:gz") as tar:
+            tar.addfile(info, io.BytesIO(b""))
+        result = released.a.modelbuild("verify", str(folder / f"{TARGET}.lock.json"),
+                                       env={"MODELBUILD_TRUSTED_KEYS": str(released.key_a.public)})
+        released.outputs.append(result.out)
+        assert result.returncode == 2 and result.out.strip() == \
+            f"modelbuild: {folder / f'{TARGET}.tar.gz'}: {member!r} is not a file of the {TARGET}/ bundle", result.out
+        assert not (tmp_path / "escaped.txt").exists()
+
+
 def test_the_private_key_appears_in_no_file_object_or_output(released):
     """Last in the module: every project, cache, release and bucket object the tests above left."""
     secrets = released.key_a.secret_fragments()
