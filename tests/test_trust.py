@@ -311,6 +311,7 @@ def test_release_to_pushes_its_stages_signed_by_the_builder_key(world, tmp_path)
                           env={**world.env, "MODELBUILD_SIGNING_KEY": str(world.key_a.private)})
     world.outputs.append(result.out)
     assert result.returncode == 0 and "published:" in result.out, result.out[-3000:]
+    assert b.path("release/shout/shout.sig").is_file()  # signed with A's key: the hygiene test reads it too
     raw = raw_store(world.server, url)
     for target in CHAIN:
         entry = json.loads(bytes(obstore.get(raw, f"actions/{b.stamp(target)['action_key']}.json").bytes()))

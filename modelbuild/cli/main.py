@@ -9,7 +9,7 @@
     cache info | gc --max-size N | verify [--remote]   (info shows the local and the remote tier)
     keys generate DIR             a signing key: DIR/modelbuild.key (0600) and DIR/modelbuild.pub; prints its id
     release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
-    verify LOCK.json|s3://...     rebuild from scratch, cache bypassed, and compare every output
+    verify LOCK.json|s3://...     check the release's signature and provenance, rebuild from scratch, compare
     report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
     devices                       the devices and slots `doit -n N` schedules stages on
 """
@@ -216,10 +216,11 @@ def cmd_release(args) -> int:
     from .release import publish, release
 
     to = check_remote_url(args.to, "release --to") if args.to else None  # before minutes of building
-    lock, archive = release(Path(args.project), args.target, args.out)
-    print(f"lock manifest: {lock}\narchive: {archive}")
+    written = release(Path(args.project), args.target, args.out)
+    for what, path in written.items():
+        print(f"{what}: {path}")
     if to:
-        for line in publish(Path(args.project), lock, archive, to):
+        for line in publish(Path(args.project), written, to):
             print(line)
     return 0
 
@@ -238,8 +239,7 @@ def cmd_verify(args) -> int:
             if not lock.is_file():
                 raise UserError(f"{lock}: no such lock manifest")
         identical, report = verify(lock, Path(args.project), keep=args.keep)
-    print("\n".join(report))
-    print("VERIFIED: byte-identical rebuild" if identical else "NOT REPRODUCED: outputs differ (see above)")
+    print("\n".join(report))  # ends in the verdict
     return 0 if identical else 1
 
 

@@ -2,14 +2,17 @@
 
 ``release`` builds the target, writes ``release/<target>/<target>.lock.json`` (every input
 digest of the whole build graph, target files, resolved params, pass and package versions,
-every output digest) and packs the target's output with the lock into a deterministic
-``release/<target>/<target>.tar.gz``; the cache pins what the release needs.
+every output digest) and its SLSA provenance, and packs the target's output with both into a
+deterministic ``release/<target>/<target>.tar.gz``; with a signing key, ``<target>.sig`` beside
+it is the bundle's OpenSSF model-signing signature (cli/provenance.py). The cache pins what the
+release needs.
 
-``verify`` rebuilds the release in a temporary copy of the project with an empty cache (only the
-sha256-pinned downloads are shared, no remote cache is used) and compares every output file; for
-ONNX files that differ it reports the largest absolute difference per initializer.
+``verify`` checks the release's provenance and signature, then rebuilds it in a temporary copy
+of the project with an empty cache (only the sha256-pinned downloads are shared, no remote
+cache is used) and compares every output file; for ONNX files that differ it reports the
+largest absolute difference per initializer.
 
-``release --to s3://bucket/prefix`` publishes the archive and lock under
+``release --to s3://bucket/prefix`` publishes the archive, provenance, signature and lock under
 ``prefix/releases/<target>/`` and pushes the release's stages into the remote cache at that
 prefix; ``verify`` accepts the lock's s3:// URL, so a release built on CI is checked anywhere.
 """
@@ -37,6 +40,8 @@ from ..engine.stage import stat_cache
 from ..core.stamp import read_stamp
 from ..core.status import Fresh, status
 from ..cache.store import Store, write_json_atomic
+from .provenance import (check_release, model_signing_module, provenance_name, sha256_file, sign_bundle,
+                         signature_name, statement, statement_bytes, unpack)
 
 LOCK_FORMAT = 2  # 2: named inputs flat ("adapters.travel"), keys with python and platform
 
@@ -93,44 +98,69 @@ def _tar_add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def release(project_root: Path, name: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+def release(project_root: Path, name: str, out_dir: Path | None = None) -> dict[str, Path]:
+    """Build ``name`` and write its release; {what: path} of the files written (a signature only
+    with a signing key)."""
+    from ..cache.tiers import trust_config
+
     project = load_here(project_root)
     if name not in project.targets:
         raise UserError(f"unknown target '{name}' (see: doit list)")
+    signer = trust_config(project).signer  # a bad key file is one line before minutes of building
+    if signer is not None:
+        model_signing_module("signing a release")  # so is a missing model-signing package
     run_doit(project.root, name, env={"MODELBUILD_DOWNLOAD": "all"})  # it packs and pins every stage's files
     lock = lock_manifest(project, name)
     out_dir = Path(out_dir or project.root / "release" / name)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir / f"{name}.lock.json"
     write_json_atomic(lock_path, lock)
+    source = project.output_dir(name)
+    outputs = sorted(lock["stages"][name]["outputs"])
+    subjects = {rel: sha256_file(source / rel) for rel in outputs}
+    subjects[lock_path.name] = sha256_file(lock_path)
+    provenance = out_dir / provenance_name(name)
+    provenance_data = statement_bytes(statement(lock, subjects, signer.key_id if signer else None))
+    tmp = provenance.with_name(f".tmp-{provenance.name}")
+    tmp.write_bytes(provenance_data)
+    os.replace(tmp, provenance)
     archive = out_dir / f"{name}.tar.gz"
     tmp = archive.with_suffix(".tmp")
-    source = project.output_dir(name)
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel in sorted(lock["stages"][name]["outputs"]):
+        for rel in outputs:
             info = tar.gettarinfo(str(source / rel), arcname=f"{name}/{rel}")
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with open(source / rel, "rb") as handle:
                 tar.addfile(info, handle)
         _tar_add_bytes(tar, f"{name}/{name}.lock.json", lock_path.read_bytes())
+        _tar_add_bytes(tar, f"{name}/{provenance.name}", provenance_data)
     os.replace(tmp, archive)
+    written = {"lock manifest": lock_path, "provenance": provenance, "archive": archive}
+    signature = out_dir / signature_name(name)
+    signature.unlink(missing_ok=True)  # never leave an older release's signature beside this one
+    if signer is not None:
+        with tempfile.TemporaryDirectory(prefix="modelbuild-sign-") as scratch:
+            sign_bundle(unpack(archive, Path(scratch), name), signature, signer.path)  # what the archive unpacks to
+        written["signature"] = signature
     store = Store(project.cache_dir)
     for stage in lock["stages"]:  # the store must hold what it pins, even after a gc emptied it
         store.record(project.output_dir(stage), read_stamp(project.output_dir(stage)))
     digests = [info["digest"] for stage in lock["stages"].values() for info in stage["outputs"].values()]
     store.pin(f"release-{name}", digests, [stage["action_key"] for stage in lock["stages"].values()])
-    return lock_path, archive
+    return written
 
 
-def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> list[str]:
-    """Upload the archive, then the lock (last: a lock that is there has its archive), to
-    ``url/releases/<target>/``, and push every stage of the release into the remote cache at
-    ``url`` (objects it has are skipped), so the release restores anywhere. Report lines."""
+def publish(project_root: Path, written: dict[str, Path], url: str) -> list[str]:
+    """Upload what ``release`` wrote (``written``) to ``url/releases/<target>/``: the archive,
+    its provenance and signature, then the lock (last: a lock that is there has the rest), and
+    push every stage of the release into the remote cache at ``url`` (objects it has are
+    skipped), so the release restores anywhere. Report lines."""
     from ..cache.remote import RemoteError, RemoteStore
 
     from ..cache.tiers import trust_config
 
+    lock_path = written["lock manifest"]
     lock = read_lock(lock_path)
     name = lock["target"]
     project = load_here(project_root)
@@ -148,12 +178,12 @@ def publish(project_root: Path, lock_path: Path, archive: Path, url: str) -> lis
             stats = remote.push(entry, files, signer=trust.signer)  # signed like a build's push
             lines.append(f"pushed {entry.get('target', '?')}: {stats['uploaded']} objects "
                          f"({stats['uploaded_bytes'] / 1e6:.1f} MB), {stats['skipped']} already there")
-        for path in (archive, lock_path):
+        uploads = [path for what, path in written.items() if what != "lock manifest"] + [lock_path]
+        for path in uploads:
             remote.put_file(f"releases/{name}/{path.name}", path)
     except RemoteError as error:
         raise UserError(f"release --to: {error}") from None
-    lines.append(f"published: {url}/releases/{name}/{lock_path.name}")
-    lines.append(f"published: {url}/releases/{name}/{archive.name}")
+    lines += [f"published: {url}/releases/{name}/{path.name}" for path in uploads]
     return lines
 
 
@@ -168,7 +198,12 @@ def download_lock(url: str, folder: Path) -> Path:
     check_remote_url(base, "verify")
     path = Path(folder) / name
     try:
-        found = RemoteStore.from_url(base).get_file(name, path)
+        remote = RemoteStore.from_url(base)
+        found = remote.get_file(name, path)
+        if found:  # what verify checks beside the lock, where the release has it
+            target = name.removesuffix(".lock.json")
+            for beside in (f"{target}.tar.gz", provenance_name(target), signature_name(target)):
+                remote.get_file(beside, Path(folder) / beside)
     except RemoteError as error:
         raise UserError(f"verify: {error}") from None
     if not found:
@@ -216,16 +251,23 @@ def read_lock(path: Path) -> dict:
 
 
 def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[bool, list[str]]:
-    """Rebuild from scratch, cache bypassed; (all byte-identical?, report lines)."""
+    """Check the release's provenance and signature (provenance.check_release), then rebuild
+    from scratch, cache bypassed, and compare; (verified?, report lines ending in the verdict)."""
     lock = read_lock(Path(lock_path))
     project = load_here(project_root)
     report = []
-    for rel, digest in lock["target_files"].items():
-        path = project.root / rel
-        if not path.exists() or hash_file(path) != digest:
-            report.append(f"note: {rel} differs from the release; rebuilding from the current target files")
     work = Path(tempfile.mkdtemp(prefix="modelbuild-verify-"))
     try:
+        (work / "release").mkdir()
+        problems, lines = check_release(Path(lock_path), project, work / "release")
+        report += lines
+        if problems:  # a release that is not what it claims is not worth a rebuild
+            report += [f"NOT VERIFIED: {problem}" for problem in problems]
+            return False, report
+        for rel, digest in lock["target_files"].items():
+            path = project.root / rel
+            if not path.exists() or hash_file(path) != digest:
+                report.append(f"note: {rel} differs from the release; rebuilding from the current target files")
         clean = work / "project"
         clean.mkdir()
         shutil.copy(project.root / "dodo.py", clean / "dodo.py")
@@ -267,6 +309,7 @@ def verify(lock_path: Path, project_root: Path, keep: bool = False) -> tuple[boo
                     worst = max(diffs.items(), key=lambda item: item[1]) if diffs else None
                     line += f"; {len(diffs)} initializers differ" + (f", max |diff| {worst[1]:.3g} in {worst[0]}" if worst else "")
                 report.append(line)
+        report.append("VERIFIED: byte-identical rebuild" if identical else "NOT REPRODUCED: outputs differ (see above)")
         return identical, report
     finally:
         if keep:
