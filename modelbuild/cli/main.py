@@ -235,7 +235,7 @@ def cmd_verify(args) -> int:
             print(f"lock manifest downloaded from {args.manifest}")
         else:
             lock = Path(args.manifest)
-            if not lock.is_file():
+            if not lock.exists():  # a named pipe or a device: read_lock says what it is
                 raise UserError(f"{lock}: no such lock manifest")
         identical, report = verify(lock, Path(args.project), keep=args.keep)
     print("\n".join(report))
