@@ -35,6 +35,7 @@ from ..core.digest import hash_file
 from ..core.project import Project
 from ..core.signing import unsigned
 from ..core.stamp import action_entry
+from .audit import denial, refusal
 from .store import Store, entry_problem
 
 ENV_KEY, ENV_TRUSTED = "MODELBUILD_SIGNING_KEY", "MODELBUILD_TRUSTED_KEYS"
@@ -196,7 +197,8 @@ class RemoteTier:
         """Fetch the action's outputs into ``dest`` (an empty folder); the entry, or None on a miss.
 
         A remote entry is served only if it is self-consistent (store.entry_problem, as for a
-        local one) and every object re-hashes to its digest (remote.fetch); anything else is
+        local one), no rebuild audit here found other bytes (audit.denial), it is signed by a
+        trusted key where keys are trusted, and every object re-hashes to its digest (remote.fetch); anything else is
         reported and the caller builds the stage. ``download=False`` (download.py): the entry is
         served if the remote holds every object it names, and nothing is fetched.
         """
@@ -215,6 +217,12 @@ class RemoteTier:
             problem = entry_problem(key, entry)
             if problem:
                 say(f"'{name}': remote cache entry {key[:12]}… is {problem}: never served; building")
+                with self._lock:
+                    self._bad[key] = ()
+                return None
+            denied = denial(self.store.root, key, entry)
+            if denied:  # a rebuild audit here built other bytes: never served, whoever signed it
+                say(f"'{name}': remote cache entry {key[:12]}… {refusal(denied, entry)}: never served; rebuilding")
                 with self._lock:
                     self._bad[key] = ()
                 return None

@@ -143,6 +143,12 @@ def cmd_cache(args) -> int:
     store = Store(project.cache_dir)
     remote = remote_config(project)
     trust = trust_config(project)
+    if args.action == "audit":
+        from .audit import audit
+
+        return audit(project, args.targets, args.sample)
+    if args.targets or args.sample is not None:
+        raise UserError(f"cache {args.action}: targets and --sample are for audit")
     if args.remote and args.action != "verify":
         raise UserError(f"cache {args.action}: --remote is for verify (info always shows both tiers)")
     if args.remote and remote is None:
@@ -300,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("cache", help="inspect or maintain the build cache")
-    p.add_argument("action", choices=("info", "gc", "verify"))
+    p.add_argument("action", choices=("info", "gc", "verify", "audit"))
+    p.add_argument("targets", nargs="*", help="audit: targets or groups whose stages to rebuild and compare "
+                   "(default: the default targets)")
+    p.add_argument("--sample", type=int, help="audit: that many of those stages, chosen at random")
     p.add_argument("--max-size", help="gc: size budget, e.g. 2GB (least recently used actions go first)")
     p.add_argument("--remote", action="store_true",
                    help="verify: re-hash every object of the remote cache (bad ones are dropped when pushing)")
@@ -336,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     from .init_project import add_command as add_init  # init (modelbuild/cli/init_project.py)
     add_init(sub)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is cmd_cache and not any(e.startswith("-") for e in extra):
+        args.targets += extra  # `cache audit --sample 2 T…`: argparse gave the targets slot away before --sample
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as error:

@@ -265,6 +265,22 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     return {"action_key": key}
 
 
+def rebuild_elsewhere(project: Project, target: Target, scratch: Path) -> dict:
+    """Run ``target``'s pass from its inputs into ``scratch/out`` and return what its stamp would be
+    (key, components, manifest): for ``cache audit``, which compares it with a cached entry. No
+    cache, tier, lock or file under build/ is written: the stat cache is a fresh one in ``scratch``
+    (the inputs are hashed anew) and nothing is recorded or pushed. An upstream output must be in
+    build/ (its stamp is part of the key): StageError otherwise."""
+    cache = StatCache(scratch / f"stat-{ALGORITHM}.sqlite3")
+    components = key_components(project, target, cache)
+    missing = [k for k, v in components["inputs"].items() if v is None]
+    if missing:
+        raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
+    out = scratch / "out"
+    out.mkdir()
+    return _run_pass(project, target, components, hash_json(components), out, scratch, cache, leave=False)
+
+
 def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool) -> dict | None:
     try:
         return remote.restore(target.name, key, out_tmp, download=not leave)
