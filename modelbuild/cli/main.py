@@ -160,6 +160,9 @@ def cmd_cache(args) -> int:
         if remote is not None:
             print(f"remote {remote_info(remote)}")
             print(f"trust  {trust.describe()}")
+            shared = numerics_line(project)
+            if shared:
+                print(f"numerics {shared}")
     elif args.remote:
         from ..cache.remote import RemoteError, RemoteStore
 
@@ -185,6 +188,49 @@ def cmd_cache(args) -> int:
         print("\n".join(problems) if problems else "cache verified: every object matches its digest")
         return 1 if problems else 0
     return 0
+
+
+def numerics_line(project) -> str | None:
+    """When the remote holds stages of the default targets built under another CPU numerics branch
+    and not under this machine's (so machines of two CPU generations build apart), one line that
+    says so and how to share; else None. Every stage that can be keyed here (its upstream outputs are in build/) is looked
+    up under each other branch (tiers.other_branches); nothing is written (plan's read-only stat cache)."""
+    from ..cache.remote import RemoteError
+    from ..cache.tiers import RemoteRequired, other_branches, remote_tier, share_hint
+    from ..core.digest import ALGORITHM, hash_json
+    from ..core.key import key_components
+    from .audit import closure
+    from .plan import ReadOnlyStatCache
+
+    try:
+        client = remote_tier(project).client()
+    except RemoteRequired:
+        return None  # the remote line above already says it is unreachable
+    if client is None:
+        return None
+    cache = ReadOnlyStatCache(project.state_dir / f"stat-{ALGORITHM}.sqlite3")
+    keyed, branches, here = 0, set(), None
+    matched = 0
+    try:
+        for name in closure(project, []):
+            components = key_components(project, project.targets[name], cache)
+            if any(v is None for v in components["inputs"].values()):
+                continue
+            keyed += 1
+            here = components["cpu_numerics"]
+            if client.lookup(hash_json(components)) is not None:
+                continue  # served under this machine's branch: nothing to share
+            others = other_branches(client, components)
+            matched += bool(others)
+            branches.update(others)
+    except RemoteError:
+        return None
+    if not matched:
+        return None
+    from ..core.numerics import BRANCHES
+
+    return share_hint(here, sorted(branches, key=list(BRANCHES).index),
+                      f"{matched} of the {keyed} stages of the default targets keyed here")
 
 
 def remote_info(config) -> str:

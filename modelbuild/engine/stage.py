@@ -240,7 +240,8 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
                     decision = decide(project, target, key, decision.state, here=here, lookup=store.lookup,
                                       remote=remote, past="restore")
                 leave = decision.leave
-                entry = _remote_restore(remote, target, key, out_tmp, leave) if decision.kind == "remote" else None
+                entry = _remote_restore(remote, target, key, out_tmp, leave, components) \
+                    if decision.kind == "remote" else None
                 if entry is not None and leave:  # on the remote, re-hashed there by whoever needs it
                     stamp = {**entry, "origin": "left on the remote cache", "left_on_remote": remote.url,
                              "restored_at": _now()}
@@ -281,9 +282,9 @@ def rebuild_elsewhere(project: Project, target: Target, scratch: Path) -> dict:
     return _run_pass(project, target, components, hash_json(components), out, scratch, cache, leave=False)
 
 
-def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool) -> dict | None:
+def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool, components: dict) -> dict | None:
     try:
-        return remote.restore(target.name, key, out_tmp, download=not leave)
+        return remote.restore(target.name, key, out_tmp, download=not leave, components=components)
     except RemoteRequired as error:
         raise StageError(f"target '{target.name}': {error}") from None
 
