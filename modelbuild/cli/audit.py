@@ -66,12 +66,15 @@ def differences(rebuilt: dict, cached: dict) -> list[str]:
 def cached_entries(project: Project, store: Store, tier, key: str) -> list[tuple[str, dict]]:
     """(where, entry) for each distinct self-consistent entry under ``key``: the remote's, the local's."""
     from ..cache.remote import RemoteError
+    from ..cache.tiers import RemoteRequired
 
     found: list[tuple[str, dict]] = []
     if tier is not None:
         try:
-            client = tier.client()
+            client = tier.client()  # down: None, said once (tiers.RemoteTier._went_down)
             remote = client.lookup(key) if client is not None else None
+        except RemoteRequired as error:
+            raise UserError(str(error)) from None
         except RemoteError as error:
             print(f"modelbuild: remote cache {tier.url}: {error}; auditing the local tier only")
             remote = None
