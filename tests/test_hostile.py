@@ -21,6 +21,9 @@ import json
 import os
 import re
 import shutil
+import stat
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,7 +330,98 @@ def test_gc_keeps_what_a_release_pins_so_it_restores(built):
 def test_corpus_size_is_stated_in_the_reliability_doc():
     """The reliability page (docs/reliability.md) states how many cases this module holds."""
     doc = Path(__file__).resolve().parent.parent.joinpath("docs", "reliability.md").read_text()
-    count = len(LOAD_CASES) + len(BAD_DATA) + 6  # + the not-text corpus, chat, two entry tamperings, gc pins, doit names
+    count = len(LOAD_CASES) + len(BAD_DATA) + len(NOT_A_FILE) + 6  # + the not-text corpus, chat, two entry tamperings, gc pins, doit names
     match = re.search(r"tests/test_hostile\.py.{0,200}?\*\*(\d+) cases\*\*", doc, re.S)
     assert match, "docs/reliability.md: state the number of cases of tests/test_hostile.py"
     assert int(match.group(1)) == count
+
+
+# --- inputs that are not files: a named pipe, a device or a socket where a file is read (#24, item 7).
+# Opening a named pipe blocks until something writes to it; a device such as /dev/zero reads
+# without end (its size says 0). Each is refused in one line naming the path, within seconds:
+# the commands run under a timeout, as a hang is the bug these rows keep out.
+
+HF_LOCAL = '[target.x]\npass = "hf-import"\ninputs = { local = "model" }\n'
+
+
+def _fifo(rel: str):
+    def prepare(project):
+        os.mkfifo(project.path(rel))
+    return prepare
+
+
+def _socket(rel: str):
+    def prepare(project):
+        import socket
+
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(project.path(rel)))  # the file stays after close: a socket node, as a crashed server leaves
+        server.close()
+    return prepare
+
+
+def _zero_device(rel: str):
+    def prepare(project):
+        try:
+            os.mknod(project.path(rel), 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero's major, minor
+        except PermissionError:
+            pytest.skip("making a device node needs root (CAP_MKNOD)")
+    return prepare
+
+
+def _model_folder(then: Callable):
+    def prepare(project):
+        folder = project.path("targets/model")
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"\0" * 16)
+        then(project)
+    return prepare
+
+
+NOT_A_FILE = [
+    Case("target-file-fifo", prepare=_fifo("targets/x.toml"),
+         says=("targets/x.toml: a named pipe (FIFO), not a regular file",)),
+    Case("target-file-fifo-plan", args=("modelbuild", "plan"), prepare=_fifo("targets/x.toml"),
+         says=("targets/x.toml: a named pipe (FIFO), not a regular file",)),
+    Case("target-file-dev-zero", prepare=_link("/dev/zero", "targets/x.toml"),
+         says=("targets/x.toml: a character device, not a regular file",)),
+    Case("target-file-socket", prepare=_socket("targets/x.toml"),
+         says=("targets/x.toml: a socket, not a regular file",)),
+    Case("hf-folder-fifo", {"targets/bad.toml": HF_LOCAL}, args=("x",), prepare=_model_folder(_fifo("targets/model/weights.bin")),
+         says=("weights.bin is a named pipe (FIFO), not a file or a folder: remove it from model/",), no_output="x"),
+    Case("hf-folder-dev-zero", {"targets/bad.toml": HF_LOCAL}, args=("x",),
+         prepare=_model_folder(_zero_device("targets/model/weights.bin")),
+         says=("weights.bin is a character device, not a file or a folder: remove it from model/",), no_output="x"),
+    Case("hf-folder-link-to-dev-zero", {"targets/bad.toml": HF_LOCAL}, args=("x",),
+         prepare=_model_folder(_link("/dev/zero", "targets/model/weights.bin")),
+         says=("weights.bin is a symbolic link to /dev/zero, outside model/",), no_output="x"),
+    Case("hf-folder-socket", {"targets/bad.toml": HF_LOCAL}, args=("x",), prepare=_model_folder(_socket("targets/model/agent.sock")),
+         says=("agent.sock is a socket, not a file or a folder: remove it from model/",), no_output="x"),
+    Case("corpus-fifo", {"targets/bad.toml": '[target.x]\npass = "random-init"\ninputs = { corpus = "data/pipe.txt" }\n'},
+         prepare=_fifo("targets/data/pipe.txt"),
+         says=("target 'x'", "inputs.corpus: targets/data/pipe.txt is a named pipe (FIFO), not a file")),
+]
+
+
+@pytest.mark.parametrize("case", NOT_A_FILE, ids=[c.id for c in NOT_A_FILE])
+def test_an_input_that_is_not_a_file_is_one_line_never_a_hang(tmp_path, case):
+    project = new_project(tmp_path / "project")
+    for rel, content in case.files.items():
+        project.path(rel).write_text(content)
+    case.prepare(project)
+    argv = ["-m", "modelbuild", *case.args[1:]] if case.args[0] == "modelbuild" else ["-m", "doit", *case.args]
+    try:
+        proc = subprocess.run([sys.executable, *argv], cwd=project.root, env={**os.environ, **project.env(), "HF_HUB_OFFLINE": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(case.args)} hung on {case.id} (killed after 60 s)")
+    assert proc.returncode == case.exit, proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("modelbuild: "), proc.stdout
+    for part in case.says:
+        assert part in lines[0], (part, lines[0])
+    if case.no_output:
+        assert not project.path(f"build/{case.no_output}").exists()
+    assert not list(project.root.glob("build/*/.modelbuild/stamp.json"))

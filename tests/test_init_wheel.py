@@ -75,7 +75,7 @@ def test_init_an_empty_folder_and_build_the_tiny_recipe(venv, tmp_path):
     assert f"next: cd {folder} && doit list && doit" in result.out
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         ".gitignore", "dodo.py", "targets/data/README.md", "targets/data/tokenizer_corpus.txt",
-        "targets/data/travel_eval.jsonl", "targets/data/travel_train.jsonl", "targets/example.toml"]
+        "targets/data/travel_eval.jsonl", "targets/data/travel_train.jsonl", "targets/devices.toml", "targets/example.toml"]
     assert {"build/", "cache/"} <= set((folder / ".gitignore").read_text().splitlines())
 
     built = run_cmd([python, "-m", "doit"], folder, env)

@@ -36,6 +36,7 @@ from ..core.project import Project
 from ..core.run import UNSET
 from ..core.signing import unsigned
 from ..core.stamp import action_entry
+from .audit import denial, refusal
 from .store import Store, entry_problem
 
 ENV_KEY, ENV_TRUSTED = "MODELBUILD_SIGNING_KEY", "MODELBUILD_TRUSTED_KEYS"
@@ -125,6 +126,39 @@ def remote_config(project: Project, env: settings.Settings | None = None) -> Rem
                         f"{ENV_REQUIRED}=1" if required is not None else f"{project.cache_from}: cache.required = true")
 
 
+def other_branches(remote, components: dict) -> list[str]:
+    """The CPU numerics branches (numerics.py) other than this one under which ``remote`` holds
+    this very action: the key these components would have with ``cpu_numerics`` set to each
+    other branch, looked up (at most three small GETs). An action of another machine matches only
+    when everything else in its key does (inputs, pass, libraries, platform): then a pin is what
+    keeps the two machines from sharing."""
+    from ..core.digest import hash_json
+    from ..core.numerics import BRANCHES
+
+    here = components.get("cpu_numerics")
+    if here not in BRANCHES:  # "native" (not x86): nothing to pin, nothing another branch shares
+        return []
+    found = []
+    for name in BRANCHES:
+        if name != here:
+            key = hash_json({**components, "cpu_numerics": name})
+            entry = remote.lookup(key)
+            if entry is not None and not entry_problem(key, entry):
+                found.append(name)
+    return found
+
+
+def share_hint(here: str, others: list[str], what: str) -> str:
+    """One line: the remote holds ``what`` built under other branches, and the pin that shares it.
+    The pin is the narrowest of the branches met, which every machine among them can run."""
+    from ..core.numerics import BRANCHES
+
+    narrowest = max([here, *others], key=list(BRANCHES).index)
+    return (f"the remote cache holds {what} built on CPU numerics branch {', '.join(others)}, not this machine's "
+            f"{here}: to share one cache, pin [devices] cpu_numerics = \"{narrowest}\" in the project "
+            f"(or MODELBUILD_CPU_NUMERICS={narrowest} on every machine)")
+
+
 class RemoteTier:
     """One remote cache for one doit process (thread-safe: ``doit -n N`` runs stages in threads)."""
 
@@ -136,6 +170,7 @@ class RemoteTier:
         self._remote = None
         self._down: str | None = None  # why it is unusable for the rest of this run
         self._bad: dict[str, tuple[str, ...]] = {}  # action key -> corrupt remote digests to replace
+        self._missed = False  # the first miss of the run looks for the action under other CPU numerics branches
 
     @property
     def url(self) -> str:
@@ -193,13 +228,16 @@ class RemoteTier:
 
     # -- restore ---------------------------------------------------------------------------
 
-    def restore(self, name: str, key: str, dest: Path, download: bool = True) -> dict | None:
+    def restore(self, name: str, key: str, dest: Path, download: bool = True, components: dict | None = None) -> dict | None:
         """Fetch the action's outputs into ``dest`` (an empty folder); the entry, or None on a miss.
 
         A remote entry is served only if it is self-consistent (store.entry_problem, as for a
-        local one) and every object re-hashes to its digest (remote.fetch); anything else is
+        local one), no rebuild audit here found other bytes (audit.denial), it is signed by a
+        trusted key where keys are trusted, and every object re-hashes to its digest (remote.fetch); anything else is
         reported and the caller builds the stage. ``download=False`` (download.py): the entry is
-        served if the remote holds every object it names, and nothing is fetched.
+        served if the remote holds every object it names, and nothing is fetched. On the run's
+        first miss, ``components`` (the action's key components) are looked up under the other CPU
+        numerics branches: one line says when the remote holds the action built on another.
         """
         from .remote import RemoteCorrupt, RemoteUnavailable
 
@@ -212,10 +250,17 @@ class RemoteTier:
         try:
             entry = remote.lookup(key)
             if entry is None:
+                self._first_miss(remote, name, components)
                 return None
             problem = entry_problem(key, entry)
             if problem:
                 say(f"'{name}': remote cache entry {key[:12]}… is {problem}: never served; building")
+                with self._lock:
+                    self._bad[key] = ()
+                return None
+            denied = denial(self.store.root, key, entry)
+            if denied:  # a rebuild audit here built other bytes: never served, whoever signed it
+                say(f"'{name}': remote cache entry {key[:12]}… {refusal(denied, entry)}: never served; rebuilding")
                 with self._lock:
                     self._bad[key] = ()
                 return None
@@ -246,6 +291,15 @@ class RemoteTier:
         say(f"'{name}': restored from the remote cache (built in {entry['seconds']} s; "
             f"{stats['bytes'] / 1e6:.1f} MB downloaded)")
         return entry
+
+    def _first_miss(self, remote, name: str, components: dict | None) -> None:
+        with self._lock:
+            if self._missed or components is None:
+                return
+            self._missed = True
+        others = other_branches(remote, components)
+        if others:
+            say(f"'{name}': not on the remote cache; {share_hint(components['cpu_numerics'], others, 'it')}")
 
     def download(self, name: str, entry: dict, dest: Path) -> bool:
         """Fetch the outputs an entry names into ``dest`` by their digests (an output left on the

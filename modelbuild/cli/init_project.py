@@ -1,7 +1,7 @@
 """``python -m modelbuild init [DIR] [--from-olive WORKFLOW.json]``: start a project anywhere.
 
 Writes ``dodo.py``, ``targets/`` (the example tiny travel recipe with its data files, or the
-imported Olive workflow) and a ``.gitignore`` for ``build/`` and ``cache/``, then prints the next
+imported Olive workflow, and ``devices.toml``: the CPU numerics pin) and a ``.gitignore`` for ``build/`` and ``cache/``, then prints the next
 command. The files come from package data (``modelbuild/cli/templates/project``), so this works from
 an installed wheel, not only from a checkout. Existing files are never overwritten.
 """
@@ -14,6 +14,30 @@ from pathlib import Path
 from .. import UserError
 
 TEMPLATE = ("templates", "project")
+DEVICES_FILE = "targets/devices.toml"
+
+
+def numerics_pin() -> str:
+    """The CPU numerics branch a new project pins (core/numerics.py): ``avx2`` where this CPU runs
+    it, the branch x86 machines of the last decade share (an AVX-512 machine left unpinned
+    would build apart from its AVX2 colleagues); else the widest this machine has."""
+    from ..core.numerics import missing, widest
+
+    return "avx2" if missing("avx2") is None else widest()
+
+
+def devices_toml(pin: str) -> str:
+    return f"""\
+# Written by `python -m modelbuild init`. The CPU code branch every stage's float math runs
+# (docs/devices.md): it is part of every action key, so only machines that build under one
+# branch share cache entries. Unpinned, each machine takes the widest its CPU has, and an
+# AVX-512 machine and an AVX2 one never share. Pinned here, every machine of the team builds
+# (and shares) this branch; a machine whose CPU lacks it says so in one line.
+# MODELBUILD_CPU_NUMERICS overrides it for one run.
+
+[devices]
+cpu_numerics = "{pin}"
+"""
 IGNORE_LINES = ("build/", "cache/", "reports/", "release/")
 
 
@@ -44,6 +68,7 @@ def init(folder: Path, from_olive=None, args=None) -> list[str]:
     wanted = {"dodo.py": files["dodo.py"]}
     if from_olive is None:
         wanted.update({rel: data for rel, data in files.items() if rel.startswith("targets/")})
+    wanted[DEVICES_FILE] = devices_toml(numerics_pin()).encode()  # so a team shares one cache (#24, item 6)
     clashes = [rel for rel in wanted if (folder / rel).exists()]
     if (folder / "targets").is_dir() and any((folder / "targets").glob("*.toml")):
         clashes.append("targets/*.toml")

@@ -143,6 +143,12 @@ def cmd_cache(args) -> int:
     store = Store(project.cache_dir)
     remote = remote_config(project)
     trust = trust_config(project)
+    if args.action == "audit":
+        from .audit import audit
+
+        return audit(project, args.targets, args.sample)
+    if args.targets or args.sample is not None:
+        raise UserError(f"cache {args.action}: targets and --sample are for audit")
     if args.remote and args.action != "verify":
         raise UserError(f"cache {args.action}: --remote is for verify (info always shows both tiers)")
     if args.remote and remote is None:
@@ -154,6 +160,9 @@ def cmd_cache(args) -> int:
         if remote is not None:
             print(f"remote {remote_info(remote)}")
             print(f"trust  {trust.describe()}")
+            shared = numerics_line(project)
+            if shared:
+                print(f"numerics {shared}")
     elif args.remote:
         from ..cache.remote import RemoteError, RemoteStore
 
@@ -179,6 +188,49 @@ def cmd_cache(args) -> int:
         print("\n".join(problems) if problems else "cache verified: every object matches its digest")
         return 1 if problems else 0
     return 0
+
+
+def numerics_line(project) -> str | None:
+    """When the remote holds stages of the default targets built under another CPU numerics branch
+    and not under this machine's (so machines of two CPU generations build apart), one line that
+    says so and how to share; else None. Every stage that can be keyed here (its upstream outputs are in build/) is looked
+    up under each other branch (tiers.other_branches); nothing is written (plan's read-only stat cache)."""
+    from ..cache.remote import RemoteError
+    from ..cache.tiers import RemoteRequired, other_branches, remote_tier, share_hint
+    from ..core.digest import ALGORITHM, hash_json
+    from ..core.key import key_components
+    from .audit import closure
+    from .plan import ReadOnlyStatCache
+
+    try:
+        client = remote_tier(project).client()
+    except RemoteRequired:
+        return None  # the remote line above already says it is unreachable
+    if client is None:
+        return None
+    cache = ReadOnlyStatCache(project.state_dir / f"stat-{ALGORITHM}.sqlite3")
+    keyed, branches, here = 0, set(), None
+    matched = 0
+    try:
+        for name in closure(project, []):
+            components = key_components(project, project.targets[name], cache)
+            if any(v is None for v in components["inputs"].values()):
+                continue
+            keyed += 1
+            here = components["cpu_numerics"]
+            if client.lookup(hash_json(components)) is not None:
+                continue  # served under this machine's branch: nothing to share
+            others = other_branches(client, components)
+            matched += bool(others)
+            branches.update(others)
+    except RemoteError:
+        return None
+    if not matched:
+        return None
+    from ..core.numerics import BRANCHES
+
+    return share_hint(here, sorted(branches, key=list(BRANCHES).index),
+                      f"{matched} of the {keyed} stages of the default targets keyed here")
 
 
 def remote_info(config) -> str:
@@ -236,7 +288,7 @@ def cmd_verify(args) -> int:
             print(f"lock manifest downloaded from {args.manifest}")
         else:
             lock = Path(args.manifest)
-            if not lock.is_file():
+            if not lock.exists():  # a named pipe or a device: read_lock says what it is
                 raise UserError(f"{lock}: no such lock manifest")
         identical, report = verify(lock, Path(args.project), keep=args.keep)
     print("\n".join(report))  # ends in the verdict
@@ -300,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("cache", help="inspect or maintain the build cache")
-    p.add_argument("action", choices=("info", "gc", "verify"))
+    p.add_argument("action", choices=("info", "gc", "verify", "audit"))
+    p.add_argument("targets", nargs="*", help="audit: targets or groups whose stages to rebuild and compare "
+                   "(default: the default targets)")
+    p.add_argument("--sample", type=int, help="audit: that many of those stages, chosen at random")
     p.add_argument("--max-size", help="gc: size budget, e.g. 2GB (least recently used actions go first)")
     p.add_argument("--remote", action="store_true",
                    help="verify: re-hash every object of the remote cache (bad ones are dropped when pushing)")
@@ -336,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     from .init_project import add_command as add_init  # init (modelbuild/cli/init_project.py)
     add_init(sub)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is cmd_cache and not any(e.startswith("-") for e in extra):
+        args.targets += extra  # `cache audit --sample 2 T…`: argparse gave the targets slot away before --sample
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as error:

@@ -30,6 +30,7 @@ from .. import UserError
 from ..core.digest import ALGORITHM, RACY_NS, StatCache, hash_file, hash_json
 from ..core.project import Project, Target
 from ..core.status import STAMP_DIR, Fresh, Stale, key_differences, read_stamp, status
+from ..cache.audit import denial
 from ..cache.store import Store, entry_problem
 
 LABELS = {"reuse": "fresh", "restore": "restore locally", "remote": "restore remotely", "run": "run", "fail": "fail"}
@@ -220,9 +221,9 @@ class Planner:
             entry = client.lookup(key) if client is not None else None
         except RemoteError:
             return None
-        if entry is None or entry_problem(key, entry) or self.tier.trust.problem(entry) \
-                or not self.remote_has(entry["manifest"]):
-            return None  # an unsigned or untrusted entry is not served (tiers.RemoteTier.restore)
+        if entry is None or entry_problem(key, entry) or denial(self.store.root, key, entry) \
+                or self.tier.trust.problem(entry) or not self.remote_has(entry["manifest"]):
+            return None  # an audited-differing, unsigned or untrusted entry is not served (tiers.RemoteTier.restore)
         return entry
 
     def doit_recorded(self, name: str) -> str | None:

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from .. import UserError
-from ..core.digest import hash_file
+from ..core.digest import NotAFile, hash_file, read_regular
 from ..core.numerics import check_name, missing
 from ..exec.executor import load_here
 from ..core.project import Project
@@ -233,7 +233,9 @@ def onnx_initializer_diff(a: Path, b: Path) -> dict[str, float]:
 def read_lock(path: Path) -> dict:
     """A lock manifest written by ``release``; anything else is one line saying what it is."""
     try:
-        lock = json.loads(path.read_bytes().decode("utf-8"))
+        lock = json.loads(read_regular(path).decode("utf-8"))  # never blocks on a named pipe
+    except NotAFile as error:
+        raise UserError(f"{path}: {error}: a lock manifest is a JSON file") from None
     except UnicodeDecodeError:
         hint = " (that is the release archive: give the .lock.json beside it)" if path.name.endswith(".tar.gz") else ""
         raise UserError(f"{path}: not a lock manifest: binary data{hint}") from None

@@ -238,7 +238,8 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
                     decision = decide(project, target, key, decision.state, here=here, lookup=store.lookup,
                                       remote=remote, past="restore")
                 leave = decision.leave
-                entry = _remote_restore(remote, target, key, out_tmp, leave) if decision.kind == "remote" else None
+                entry = _remote_restore(remote, target, key, out_tmp, leave, components) \
+                    if decision.kind == "remote" else None
                 if entry is not None and leave:  # on the remote, re-hashed there by whoever needs it
                     stamp = {**entry, "origin": "left on the remote cache", "left_on_remote": remote.url,
                              "restored_at": _now()}
@@ -263,9 +264,25 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     return {"action_key": key}
 
 
-def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool) -> dict | None:
+def rebuild_elsewhere(project: Project, target: Target, scratch: Path) -> dict:
+    """Run ``target``'s pass from its inputs into ``scratch/out`` and return what its stamp would be
+    (key, components, manifest): for ``cache audit``, which compares it with a cached entry. No
+    cache, tier, lock or file under build/ is written: the stat cache is a fresh one in ``scratch``
+    (the inputs are hashed anew) and nothing is recorded or pushed. An upstream output must be in
+    build/ (its stamp is part of the key): StageError otherwise."""
+    cache = StatCache(scratch / f"stat-{ALGORITHM}.sqlite3")
+    components = key_components(project, target, cache)
+    missing = [k for k, v in components["inputs"].items() if v is None]
+    if missing:
+        raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
+    out = scratch / "out"
+    out.mkdir()
+    return _run_pass(project, target, components, hash_json(components), out, scratch, cache, leave=False)
+
+
+def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool, components: dict) -> dict | None:
     try:
-        return remote.restore(target.name, key, out_tmp, download=not leave)
+        return remote.restore(target.name, key, out_tmp, download=not leave, components=components)
     except RemoteRequired as error:
         raise StageError(f"{target.where}: {error}") from None
 

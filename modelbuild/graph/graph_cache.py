@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core import settings
+from ..core.digest import read_regular
 from ..core.project import Project
 
 if TYPE_CHECKING:  # passdef.py is imported only on a miss, or when a handle loads its pass
@@ -165,11 +166,9 @@ def _key(root: Path) -> tuple | None:
     targets = root / "targets"
     try:
         names = sorted(n for n in os.listdir(targets) if n.endswith(".toml"))  # as Path.glob("*.toml"): dot-files too
-        files = []
-        for name in names:
-            with open(targets / name, "rb") as handle:
-                files.append((name, handle.read()))
-    except OSError:
+        # never open(): a named pipe there would block every command before the loader could refuse it
+        files = [(name, read_regular(targets / name)) for name in names]
+    except OSError:  # NotAFile too
         return None  # load_project says what is wrong
     env = settings.graph_environment()
     paths = [(entry, _importable(entry)) for entry in sys.path]

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import UserError
 from ..core import settings
+from ..core.digest import NotAFile, read_regular_text, special
 from ..passdef import PassDef, get_pass, pass_names
 from ..core.project import (
     DOIT_COMMANDS,
@@ -69,7 +70,11 @@ def load_project(root: Path | str, record: dict | None = None) -> Project:
     for path in sorted(targets_dir.glob("*.toml")):
         rel = path.relative_to(root).as_posix()
         try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            doc = tomllib.loads(read_regular_text(path))
+        except NotAFile as error:  # a named pipe would block the open, a device read without end
+            raise UserError(f"{rel}: {error}: a target file holds TOML text") from None
+        except OSError as error:
+            raise UserError(f"{rel}: cannot read: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise UserError(f"{rel}: malformed TOML: {error}") from None
         except UnicodeDecodeError as error:
@@ -280,6 +285,8 @@ def _make_ref(root: Path, base_dir: Path, value: Any, kind: str, where: str, rec
                         "project; write that path itself if you mean to use it")
     if not path.exists():
         raise UserError(f"{where}: missing input file {shown}")
+    if what := special(path.stat().st_mode):  # a named pipe, a device, a socket: never read
+        raise UserError(f"{where}: {shown} is {what}, not a {'folder' if kind == 'dir' else 'file'}")
     if kind == "file" and not path.is_file():
         raise UserError(f"{where}: {shown} is not a file")
     if kind == "dir" and not path.is_dir():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from modelbuild import UserError
+from modelbuild.core.digest import NotAFile, read_regular_text
 
 # Top-level / engine keys Olive accepts that say nothing about what is built (logging, caching,
 # output folders, cloud plumbing): accepted and listed in the header comment of the TOML file.
@@ -84,9 +85,11 @@ def expect(value: Any, kinds: tuple, source: str, path: str, what: str = "") -> 
 
 def load_json(path: Path, shown: str) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path)  # a named pipe would block, a device read without end
     except FileNotFoundError:
         raise OliveError(shown, "", "no such file") from None
+    except NotAFile as error:
+        raise OliveError(shown, "", f"{error}: a workflow is a JSON file") from None
     except (UnicodeDecodeError, IsADirectoryError) as error:
         raise OliveError(shown, "", f"cannot read a JSON text: {error}") from None
     try:
