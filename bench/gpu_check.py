@@ -1,5 +1,6 @@
 """GPU check: the recipe's LoRA finetunes on CUDA (twice: same bytes?), torch evaluation tokens/s,
-and a Phi-3.5-mini-shaped finetune step time. One script, at most 8 minutes on one GPU.
+and a Phi-3.5-mini-shaped finetune step time. One script, sized for at most 8 minutes on one GPU
+(an estimate: it has not run on a GPU yet; ``--device cpu --quick`` takes about 2 minutes on 2 cores).
 
 What runs is the project's own code, stage by stage as doit runs it (each in a process of its
 own through ``modelbuild.exec.worker``), with the travel recipe's own settings read from

@@ -55,7 +55,8 @@ def _evaluations(project: Project, name: str) -> tuple[str, list[str]]:
     return name, evaluations
 
 
-def _current_metrics(project: Project, evaluations: list[str], asked: str) -> dict[str, dict]:
+def _current_metrics(project: Project, evaluations: list[str]) -> dict[str, dict]:
+    """Every evaluation's metrics.json; one that is not current is an error, never left out quietly."""
     found, missing = {}, []
     for name in evaluations:
         state, metrics, note = evaluation_state(project, name)
@@ -63,7 +64,7 @@ def _current_metrics(project: Project, evaluations: list[str], asked: str) -> di
             found[name] = metrics
         else:
             missing.append(f"{name} ({state}{': ' + note if note else ''})")
-    if missing and (asked in evaluations or not found):
+    if missing:
         raise UserError(f"no current measurement for {', '.join(missing)}; build it first: doit {missing[0].split()[0]}")
     return found
 
@@ -247,7 +248,7 @@ def write_card(project: Project, name: str, out_dir: Path | None = None, base_mo
     if not isinstance(state, Fresh) or state.stamp.get("left_on_remote"):
         why = state.text if not isinstance(state, Fresh) else "its files were left on the remote cache"
         raise UserError(f"target '{model}' is not built here ({why}); build it first: doit {model}")
-    metrics = _current_metrics(project, evaluations, name)
+    metrics = _current_metrics(project, evaluations)
     base = _base(project, model, base_model, license)
     model_dir = project.output_dir(model)
     library, relation = _library(model_dir, target.pass_def.name)
