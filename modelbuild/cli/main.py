@@ -11,6 +11,7 @@
     release TARGET [--to s3://B/P] lock manifest + deterministic archive under release/TARGET/ (and published)
     verify LOCK.json|s3://...     check the release's signature and provenance, rebuild from scratch, compare
     report [PATTERN...] [--out D] table + plot of evaluate targets (globs), into reports/ by default
+    card TARGET [--out D]         Hugging Face model card + files, ready for huggingface-cli upload (hub/<model>/)
     devices                       the devices and slots `doit -n N` schedules stages on
 """
 
@@ -306,6 +307,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    from ..exec.executor import load_here
+    from .card import write_card
+
+    project = load_here(args.project)
+    card = write_card(project, args.target, Path(args.out) if args.out else None, args.base_model, args.license)
+    print(f"model card: {card}")
+    print(f"upload: huggingface-cli upload OWNER/NAME {card.parent} .")
+    return 0
+
+
 def cmd_devices(args) -> int:
     from ..core import numerics, settings
     from ..exec.devices import machine_from
@@ -382,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("patterns", nargs="*", help="target names or globs (default: every evaluate target)")
     p.add_argument("--out", help="output folder (default: reports/)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("card", help="Hugging Face model card (README.md) + the model's files, ready for upload")
+    p.add_argument("target", help="an evaluate target, or the model target evaluate targets measure")
+    p.add_argument("--out", help="output folder (default: hub/<model target>)")
+    p.add_argument("--base-model", help="hub id OWNER/NAME of the base, where the build cannot tell it")
+    p.add_argument("--license", help="license id of the base, where the build cannot tell it (default: from the base)")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("devices", help="the devices and slots that doit -n schedules stages on")
     p.set_defaults(func=cmd_devices)
