@@ -1,0 +1,70 @@
+"""import-olive maps the GraphSurgeries surgeons the CPU/CUDA LLM recipes use to graph-surgery
+steps: Olive's order and options carried into one target per pass, GemmToMatMulAdd named as no
+step where the graph is modelbuild's own, the rest refused in one line; and the imported targets
+build on the tiny model (real doit runs), the surgeries really in the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+import pass_registration
+from test_olive_import import assert_refused, bare, import_olive, targets_of, tiny  # noqa: F401 (tiny: fixture)
+
+SURGERIES = [
+    {"surgeon": "GemmToMatMulAdd"},
+    {"surgeon": "SimplifiedLayerNormToL2Norm"},
+    {"surgeon": "RenameOutputDims", "output_idx": 0, "dim_idx": 1, "dim_name": "tokens"},
+    {"surgeon": "AttentionMaskToSequenceLengths"},
+]
+
+
+def workflow(tmp_path, surgeries, name="workflow.json"):
+    doc = {"input_model": {"type": "HfModel", "model_path": "org/model"},
+           "passes": {"m": {"type": "ModelBuilder", "precision": "fp32"}, "g": {"type": "GraphSurgeries", "surgeries": surgeries}}}
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def registered(project, tmp_path):
+    plain_env = project.env
+    extra = pass_registration.env(tmp_path / "registration")
+    project.env = lambda more=None: plain_env({**extra, **(more or {})})
+    return project
+
+
+def test_surgeons_become_one_graph_surgery_target_that_builds(tiny, tmp_path):
+    project = registered(bare(tmp_path), tmp_path)
+    result = import_olive(project, workflow(tmp_path, SURGERIES), "--name", "gs", "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    targets = targets_of(project)
+    assert targets["gs-g"]["pass"] == "graph-surgery" and targets["gs-g"]["inputs"] == {"model": ":gs-m"}
+    assert targets["gs-g"]["params"]["steps"] == SURGERIES[1:]  # Olive's order and options
+    assert [n for n, t in targets.items() if t["pass"] == "graph-surgery"] == ["gs-g"]
+    text = (project.root / "targets" / "gs.toml").read_text()
+    assert "GemmToMatMulAdd needs no step: gs-m (genai-build) writes Linear layers as MatMul already" in text
+
+    built = project.doit("gs-g")
+    assert {"gs-m", "gs-g"} <= built.executed
+    model = onnx.load(str(project.root / "build" / "gs-g" / "model.onnx"), load_external_data=False)
+    op_types = {node.op_type for node in model.graph.node}
+    assert "LpNormalization" in op_types and not {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"} & op_types
+    assert {"past_seq_len", "total_seq_len"} <= {i.name for i in model.graph.input}
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_param == "tokens"
+    record = json.loads((project.root / "build" / "gs-g" / "graph_surgery.json").read_text())
+    assert [s["surgeon"] for s in record["steps"]] == [s["surgeon"] for s in SURGERIES[1:]]
+
+
+def test_surgeons_that_cannot_apply_are_refused_in_one_line(tmp_path):
+    cases = {
+        "packed": ([{"surgeon": "PackedAttentionToLoopMHA"}], "passes.g.surgeries[0].surgeon", "custom::PackedAttention"),
+        "option": ([{"surgeon": "RemoveRopeMultiCache", "large": True}], "passes.g.surgeries[0].large", "RemoveRopeMultiCache has no option 'large'"),
+        "missing": ([{"surgeon": "RenameOutputDims", "dim_idx": 0, "dim_name": "b"}], "passes.g.surgeries[0].output_idx", "RenameOutputDims needs it"),
+    }
+    for name, (surgeries, json_path, words) in cases.items():
+        path = workflow(tmp_path, surgeries, f"{name}.json")
+        project = bare(tmp_path, name)
+        assert_refused(import_olive(project, path), path, json_path, words)
+        assert not list((project.root / "targets").iterdir())
