@@ -343,7 +343,6 @@ def remove_rope_multi_cache(model, where: str, use_large_cache: bool) -> dict:
     if_node = producers.get(caches["cos_cache"])
     if if_node is None or if_node.op_type != "If" or producers.get(caches["sin_cache"]) is not if_node:
         return {"changed": 0, "why": "the cos/sin caches do not come from an If (one cache only: not a LongRoPE model)"}
-    branch = "then_branch" if use_large_cache else "else_branch"  # Greater(total length, original max): then = large
     constants = {}
     for attr in if_node.attribute:
         for node in (attr.g.node if attr.HasField("g") else []):

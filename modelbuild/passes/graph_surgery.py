@@ -34,6 +34,7 @@ from pathlib import Path
 
 from modelbuild import UserError, say
 from modelbuild.ml.bundle import GENAI_CONFIG, copy_rest, decoder_of, external_data_files, save_decoder
+from modelbuild.ml.graph_logits import LENGTH_INPUTS, graph_logits
 from modelbuild.ml.onnx_models import (
     compare,
     copy_source_files,
@@ -43,7 +44,6 @@ from modelbuild.ml.onnx_models import (
     probe_ids,
     rounded,
     save_model,
-    session,
     status,
     write_record,
 )
@@ -51,8 +51,6 @@ from modelbuild.ml.surgeons import OPTIONS, apply, parse_step, without_epsilon
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "graph_surgery.json"
-# Input kinds the surgeons leave for sequence lengths.
-LENGTH_INPUTS = ("past_seq_len", "total_seq_len")
 
 
 @dataclass(frozen=True)
@@ -69,58 +67,6 @@ class Params:
             parse_step(raw, f"params.steps[{i}]")
         if not self.max_logit_diff > 0:
             raise ValueError(f"params.max_logit_diff: must be positive, got {self.max_logit_diff}")
-
-
-def _feeds(names: list[str], ids, decoder: dict | None, past_shape: tuple) -> dict:
-    """The input dict of either graph for one sequence with an empty KV cache, every token attended."""
-    import numpy as np
-
-    ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-    length = ids.shape[1]
-    declared = (decoder or {}).get("inputs", {})
-    out = {}
-    for name in names:
-        if name == declared.get("input_ids", "input_ids"):
-            out[name] = ids
-        elif name == declared.get("attention_mask", "attention_mask"):
-            out[name] = np.ones_like(ids)
-        elif name == declared.get("position_ids", "position_ids"):
-            out[name] = np.arange(length, dtype=np.int64)[None, :]
-        elif name == "past_seq_len":  # GroupQueryAttention's seqlens_k: total length - 1
-            out[name] = np.array([[length - 1]], dtype=np.int32)
-        elif name == "total_seq_len":
-            out[name] = np.array(length, dtype=np.int32)
-        elif decoder is not None and name.startswith(("past_key_values.", "past.")):
-            out[name] = np.zeros(past_shape, dtype=np.float32)
-        else:
-            raise UserError(f"inputs.model: graph input '{name}' is none of input_ids, attention_mask, position_ids, "
-                            f"{', '.join(LENGTH_INPUTS)} or the KV cache")
-    return out
-
-
-def _logits(path: Path, probes, decoder: dict | None, threads: int, what: str) -> list:
-    import numpy as np
-
-    try:
-        sess = session(path, threads)
-    except Exception as error:  # onnxruntime: invalid graph, missing kernel
-        raise UserError(f"{what}: onnxruntime cannot load it: {str(error).strip().splitlines()[0]}") from None
-    names = [value.name for value in sess.get_inputs()]
-    logits_name = (decoder or {}).get("outputs", {}).get("logits", "logits")
-    float_type = {value.name: value.type for value in sess.get_inputs()}
-    past = (1, (decoder or {}).get("num_key_value_heads", 1), 0, (decoder or {}).get("head_size", 1))
-    result = []
-    for ids in probes:
-        fed = _feeds(names, ids, decoder, past)
-        for name in fed:
-            if float_type[name] == "tensor(float16)":
-                fed[name] = fed[name].astype(np.float16)
-        try:
-            out = sess.run([logits_name], fed)[0]
-        except Exception as error:
-            raise UserError(f"{what}: onnxruntime cannot run it: {str(error).strip().splitlines()[0]}") from None
-        result.append(np.asarray(out, dtype=np.float64).reshape(len(ids), -1))
-    return result
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
@@ -170,15 +116,15 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
             length = large["original_max_length"] + 8  # the input graph takes the large cache above it
             probes = [[probes[0][i % len(probes[0])] for i in range(length)]]
         line.update("checking: onnxruntime logits of the input and the rewritten graph on the probes")
-        reference = _logits(source_file, probes, decoder, ctx.threads, "inputs.model")
-        got = _logits(out_dir / filename, probes, decoder, ctx.threads, "rewritten graph")
+        reference = graph_logits(source_file, probes, decoder, ctx.threads, "inputs.model")
+        got = graph_logits(out_dir / filename, probes, decoder, ctx.threads, "rewritten graph")
         epsilon_effect = None
         if reference_model is not None:
             with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
                 save_decoder(reference_model, Path(tmp) / filename, f"{filename}.data")
                 del reference_model
                 epsilon_effect = rounded(compare(reference, got))
-                reference = _logits(Path(tmp) / filename, probes, decoder, ctx.threads, "inputs.model without epsilon")
+                reference = graph_logits(Path(tmp) / filename, probes, decoder, ctx.threads, "inputs.model without epsilon")
     stats = compare(reference, got)
     if not stats["finite"] or not stats["max_abs_diff"] <= params.max_logit_diff:
         raise UserError(f"the rewritten graph's logits differ from the input's: max |dlogit| {stats['max_abs_diff']:.3g} "
