@@ -68,3 +68,46 @@ def test_surgeons_that_cannot_apply_are_refused_in_one_line(tmp_path):
         project = bare(tmp_path, name)
         assert_refused(import_olive(project, path), path, json_path, words)
         assert not list((project.root / "targets").iterdir())
+
+
+def chain_workflow(tmp_path, passes, name):
+    path = tmp_path / name
+    path.write_text(json.dumps({"input_model": {"type": "HfModel", "model_path": "org/model"}, "passes": passes}))
+    return path
+
+
+def test_qdq_and_fixed_shape_map_with_olives_options_and_build(tiny, tmp_path):
+    passes = {"m": {"type": "ModelBuilder", "precision": "int4"},
+              "q": {"type": "MatMulNBitsToQDQ", "use_signed_int": True, "add_zero_point": False, "save_as_external_data": True},
+              "f": {"type": "DynamicToFixedShape", "dim_param": ["batch_size"], "dim_value": [1]}}
+    project = registered(bare(tmp_path), tmp_path)
+    result = import_olive(project, chain_workflow(tmp_path, passes, "qdq.json"), "--name", "qf", "--model-path", tiny)
+    assert result.returncode == 0, result.out
+    targets = targets_of(project)
+    assert targets["qf-q"] == {"doc": targets["qf-q"]["doc"], "pass": "nbits-to-qdq", "inputs": {"model": ":qf-m"},
+                               "params": {"use_signed_int": True, "add_zero_point": False}}
+    assert targets["qf-f"]["pass"] == "fixed-shape" and targets["qf-f"]["inputs"] == {"model": ":qf-q"}
+    assert targets["qf-f"]["params"] == {"dim_param": ["batch_size"], "dim_value": [1]}
+    assert "not carried over: save_as_external_data" in (project.root / "targets" / "qf.toml").read_text()
+
+    assert {"qf-m", "qf-q", "qf-f"} <= project.doit("qf-f").executed
+    model = onnx.load(str(project.root / "build" / "qf-f" / "model.onnx"), load_external_data=False)
+    assert not any(node.op_type == "MatMulNBits" for node in model.graph.node)
+    assert any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+    assert all(value.type.tensor_type.shape.dim[0].dim_value == 1 for value in model.graph.input)
+
+
+def test_graph_pass_options_olive_would_reject_are_one_line(tmp_path):
+    cases = {
+        "both": ({"m": {"type": "ModelBuilder", "precision": "int4"},
+                  "f": {"type": "DynamicToFixedShape", "dim_param": ["batch_size"], "dim_value": [1], "input_name": ["input_ids"], "input_shape": [[1, 8]]}},
+                 "passes.f.dim_param", "cannot be set together with params.input_name"),
+        "count": ({"m": {"type": "ModelBuilder", "precision": "int4"}, "f": {"type": "DynamicToFixedShape", "dim_param": ["a", "b"], "dim_value": [1]}},
+                  "passes.f.dim_value", "1 values for 2 dim_param names"),
+        "fp32": ({"m": {"type": "ModelBuilder", "precision": "fp32"}, "q": {"type": "MatMulNBitsToQDQ"}},
+                 "passes.q.type", "the chain's bundle is fp32, which has none"),
+    }
+    for name, (passes, json_path, words) in cases.items():
+        path = chain_workflow(tmp_path, passes, f"{name}.json")
+        project = bare(tmp_path, name)
+        assert_refused(import_olive(project, path), path, json_path, words)

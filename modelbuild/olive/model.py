@@ -30,6 +30,8 @@ PASS_TYPES = {
     "onnxquantization": "OnnxQuantization",
     "extractadapters": "ExtractAdapters",
     "graphsurgeries": "GraphSurgeries",
+    "dynamictofixedshape": "DynamicToFixedShape",
+    "matmulnbitstoqdq": "MatMulNBitsToQDQ",
 }
 SUPPORTED = ", ".join(sorted(set(PASS_TYPES.values()), key=str.lower))
 # TieWordEmbeddings -> tie-embeddings; the others -> graph-surgery steps (surgery.py).
