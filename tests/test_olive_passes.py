@@ -1,7 +1,8 @@
-"""import-olive maps the GraphSurgeries surgeons the CPU/CUDA LLM recipes use to graph-surgery
-steps: Olive's order and options carried into one target per pass, GemmToMatMulAdd named as no
-step where the graph is modelbuild's own, the rest refused in one line; and the imported targets
-build on the tiny model (real doit runs), the surgeries really in the bundle."""
+"""import-olive maps the passes the CPU/CUDA LLM recipes use most: the GraphSurgeries surgeons to
+graph-surgery steps (Olive's order and options, one target per pass; GemmToMatMulAdd named as no
+step where the graph is modelbuild's own), OnnxPeepholeOptimizer, MatMulNBitsToQDQ and
+DynamicToFixedShape to their passes with Olive's options; what cannot be faithful is one line.
+The imported targets build on the tiny model (real doit runs), the changes really in the bundle."""
 
 from __future__ import annotations
 
@@ -78,19 +79,21 @@ def chain_workflow(tmp_path, passes, name):
 
 def test_qdq_and_fixed_shape_map_with_olives_options_and_build(tiny, tmp_path):
     passes = {"m": {"type": "ModelBuilder", "precision": "int4"},
+              "p": {"type": "OnnxPeepholeOptimizer", "onnxscript_optimize": False},
               "q": {"type": "MatMulNBitsToQDQ", "use_signed_int": True, "add_zero_point": False, "save_as_external_data": True},
               "f": {"type": "DynamicToFixedShape", "dim_param": ["batch_size"], "dim_value": [1]}}
     project = registered(bare(tmp_path), tmp_path)
     result = import_olive(project, chain_workflow(tmp_path, passes, "qdq.json"), "--name", "qf", "--model-path", tiny)
     assert result.returncode == 0, result.out
     targets = targets_of(project)
-    assert targets["qf-q"] == {"doc": targets["qf-q"]["doc"], "pass": "nbits-to-qdq", "inputs": {"model": ":qf-m"},
+    assert targets["qf-p"]["pass"] == "onnx-peephole" and targets["qf-p"]["params"] == {"onnxscript_optimize": False}
+    assert targets["qf-q"] == {"doc": targets["qf-q"]["doc"], "pass": "nbits-to-qdq", "inputs": {"model": ":qf-p"},
                                "params": {"use_signed_int": True, "add_zero_point": False}}
     assert targets["qf-f"]["pass"] == "fixed-shape" and targets["qf-f"]["inputs"] == {"model": ":qf-q"}
     assert targets["qf-f"]["params"] == {"dim_param": ["batch_size"], "dim_value": [1]}
     assert "not carried over: save_as_external_data" in (project.root / "targets" / "qf.toml").read_text()
 
-    assert {"qf-m", "qf-q", "qf-f"} <= project.doit("qf-f").executed
+    assert {"qf-m", "qf-p", "qf-q", "qf-f"} <= project.doit("qf-f").executed
     model = onnx.load(str(project.root / "build" / "qf-f" / "model.onnx"), load_external_data=False)
     assert not any(node.op_type == "MatMulNBits" for node in model.graph.node)
     assert any(node.op_type == "DequantizeLinear" for node in model.graph.node)
@@ -106,6 +109,8 @@ def test_graph_pass_options_olive_would_reject_are_one_line(tmp_path):
                   "passes.f.dim_value", "1 values for 2 dim_param names"),
         "fp32": ({"m": {"type": "ModelBuilder", "precision": "fp32"}, "q": {"type": "MatMulNBitsToQDQ"}},
                  "passes.q.type", "the chain's bundle is fp32, which has none"),
+        "cast": ({"m": {"type": "ModelBuilder", "precision": "fp32"}, "p": {"type": "OnnxPeepholeOptimizer", "cast_chain_elimination": True}},
+                 "passes.p.cast_chain_elimination", "not the Cast round-trip collapse"),
     }
     for name, (passes, json_path, words) in cases.items():
         path = chain_workflow(tmp_path, passes, f"{name}.json")

@@ -1,5 +1,6 @@
 """Handlers of the ONNX graph passes the CPU/CUDA LLM recipes use after their model is built:
-DynamicToFixedShape -> fixed-shape, MatMulNBitsToQDQ -> nbits-to-qdq. Each carries Olive's
+DynamicToFixedShape -> fixed-shape, MatMulNBitsToQDQ -> nbits-to-qdq, OnnxPeepholeOptimizer ->
+onnx-peephole. Each carries Olive's
 options as the pass's params and validates them with the pass's own typed config, so a bad
 combination is one line at import, naming the JSON path, not a file ``doit`` then refuses.
 """
@@ -59,3 +60,23 @@ def matmulnbitstoqdq(chain: Chain, e: PassEntry, o: Options) -> None:
     art = chain.add(Target(chain.tname(e.key), "nbits-to-qdq", params, {"model": source.ref}, doc=f"MatMulNBits as DequantizeLinear + MatMul (Olive pass '{e.key}')"),
                     e, o.finish())
     chain.art = Artifact(art.ref, source.kind, "qdq", art.target)  # no MatMulNBits left for a pass that needs them
+
+
+def onnxpeepholeoptimizer(chain: Chain, e: PassEntry, o: Options) -> None:
+    from modelbuild.passes.onnx_peephole import Params
+
+    params: dict[str, Any] = {}
+    for key in ("onnxscript_optimize", "onnxoptimizer_optimize", "fuse_reshape_operations", "fix_com_microsoft_opset", "cast_chain_elimination"):
+        value = o.get(key, (bool,))
+        if value is not None:
+            params[key] = value
+    o.note(*STORAGE)
+    if params.get("cast_chain_elimination"):
+        return chain.unsupported(o.path("cast_chain_elimination"), "onnx-peephole runs OnnxPeepholeOptimizer's other four stages, not the Cast round-trip collapse")
+    _validated(chain, e, Params, params)
+    if not chain.need(e, "onnx", "bundle"):
+        return
+    source = chain.art
+    art = chain.add(Target(chain.tname(e.key), "onnx-peephole", params, {"model": source.ref}, doc=f"peephole-optimized graph (Olive pass '{e.key}')"),
+                    e, o.finish())
+    chain.art = Artifact(art.ref, source.kind, source.precision, art.target)

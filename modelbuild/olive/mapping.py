@@ -46,6 +46,7 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "graphsurgeries": passes.graphsurgeries,
     "dynamictofixedshape": graph_passes.dynamictofixedshape,
     "matmulnbitstoqdq": graph_passes.matmulnbitstoqdq,
+    "onnxpeepholeoptimizer": graph_passes.onnxpeepholeoptimizer,
 }
 if HANDLERS.keys() != PASS_TYPES.keys():  # the two tables name the same pass types
     raise AssertionError(f"olive HANDLERS and PASS_TYPES differ: {sorted(HANDLERS.keys() ^ PASS_TYPES.keys())}")

@@ -32,6 +32,7 @@ PASS_TYPES = {
     "graphsurgeries": "GraphSurgeries",
     "dynamictofixedshape": "DynamicToFixedShape",
     "matmulnbitstoqdq": "MatMulNBitsToQDQ",
+    "onnxpeepholeoptimizer": "OnnxPeepholeOptimizer",
 }
 SUPPORTED = ", ".join(sorted(set(PASS_TYPES.values()), key=str.lower))
 # TieWordEmbeddings -> tie-embeddings; the others -> graph-surgery steps (surgery.py).
