@@ -11,7 +11,7 @@ import json
 import onnx
 
 import pass_registration
-from test_olive_import import assert_refused, bare, import_olive, targets_of, tiny  # noqa: F401 (tiny: fixture)
+from test_olive_import import TRAIN, assert_refused, bare, import_olive, targets_of, tiny  # noqa: F401 (tiny: fixture)
 
 SURGERIES = [
     {"surgeon": "GemmToMatMulAdd"},
@@ -116,3 +116,29 @@ def test_graph_pass_options_olive_would_reject_are_one_line(tmp_path):
         path = chain_workflow(tmp_path, passes, f"{name}.json")
         project = bare(tmp_path, name)
         assert_refused(import_olive(project, path), path, json_path, words)
+
+
+def test_gptqmodel_is_the_gptq_mapping_with_gptqmodels_defaults(tmp_path):
+    data = [{"name": "calib", "type": "HuggingfaceContainer", "load_dataset_config": {"data_name": "json", "data_files": str(TRAIN)}}]
+    passes = {"g": {"type": "GptqModel", "bits": 4, "group_size": 64, "desc_act": False, "data_config": "calib"},
+              "m": {"type": "ModelBuilder", "precision": "int4"}}
+    path = tmp_path / "gptqmodel.json"
+    path.write_text(json.dumps({"input_model": {"type": "HfModel", "model_path": "org/model"}, "data_configs": data, "passes": passes}))
+    project = bare(tmp_path)
+    result = import_olive(project, path, "--name", "gm")
+    assert result.returncode == 0, result.out
+    quantized = [t for t in targets_of(project).values() if t["pass"] == "quantize-onnx"]
+    assert len(quantized) == 1
+    assert quantized[0]["params"]["algorithm"] == "gptq" and quantized[0]["params"]["block_size"] == 64
+    assert quantized[0]["params"]["symmetric"] is True  # GptqModel's default, not gptq's (asymmetric)
+    assert quantized[0]["inputs"]["calibration"] == str(TRAIN)
+
+    for name, change, json_path, words in (
+        ("channel", {}, "passes.g.group_size", "group_size -1"),  # GptqModel's default: one group per channel
+        ("rotation", {"group_size": 64, "rotation": "hadamard"}, "passes.g.rotation", "quantizes the model as it is"),
+    ):
+        doc = json.loads(path.read_text())
+        doc["passes"]["g"] = {"type": "GptqModel", "data_config": "calib", **change}
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(doc))
+        assert_refused(import_olive(bare(tmp_path, name), bad), bad, json_path, words)

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any, Callable
 
-from . import graph_passes, passes, quantizers
+from . import gptqmodel, graph_passes, passes, quantizers
 from .chain import Chain, Options
 from .model import PASS_TYPES, SUPPORTED, Artifact, Target, norm_type
 from .workflow import OliveError, PassEntry, expect
@@ -47,6 +47,7 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "dynamictofixedshape": graph_passes.dynamictofixedshape,
     "matmulnbitstoqdq": graph_passes.matmulnbitstoqdq,
     "onnxpeepholeoptimizer": graph_passes.onnxpeepholeoptimizer,
+    "gptqmodel": gptqmodel.gptqmodel,
 }
 if HANDLERS.keys() != PASS_TYPES.keys():  # the two tables name the same pass types
     raise AssertionError(f"olive HANDLERS and PASS_TYPES differ: {sorted(HANDLERS.keys() ^ PASS_TYPES.keys())}")

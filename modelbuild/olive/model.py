@@ -33,6 +33,7 @@ PASS_TYPES = {
     "dynamictofixedshape": "DynamicToFixedShape",
     "matmulnbitstoqdq": "MatMulNBitsToQDQ",
     "onnxpeepholeoptimizer": "OnnxPeepholeOptimizer",
+    "gptqmodel": "GptqModel",
 }
 SUPPORTED = ", ".join(sorted(set(PASS_TYPES.values()), key=str.lower))
 # TieWordEmbeddings -> tie-embeddings; the others -> graph-surgery steps (surgery.py).
