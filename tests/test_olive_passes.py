@@ -91,7 +91,6 @@ def test_qdq_and_fixed_shape_map_with_olives_options_and_build(tiny, tmp_path):
                                "params": {"use_signed_int": True, "add_zero_point": False}}
     assert targets["qf-f"]["pass"] == "fixed-shape" and targets["qf-f"]["inputs"] == {"model": ":qf-q"}
     assert targets["qf-f"]["params"] == {"dim_param": ["batch_size"], "dim_value": [1]}
-    assert "not carried over: save_as_external_data" in (project.root / "targets" / "qf.toml").read_text()
 
     assert {"qf-m", "qf-p", "qf-q", "qf-f"} <= project.doit("qf-f").executed
     model = onnx.load(str(project.root / "build" / "qf-f" / "model.onnx"), load_external_data=False)

@@ -14,6 +14,12 @@ from .model import STORAGE, Artifact, Target
 from .workflow import PassEntry
 
 
+def _layout_only(o: Options) -> None:
+    """Olive's external-data options say how it lays out its files; modelbuild writes its own
+    layout and the graph and weights are the same either way: known, nothing to carry."""
+    o.known.update(STORAGE)
+
+
 def _validated(chain: Chain, e: PassEntry, params_class: type, params: dict) -> None:
     try:
         params_class(**params)
@@ -30,7 +36,7 @@ def dynamictofixedshape(chain: Chain, e: PassEntry, o: Options) -> None:
         value = o.get(key, kinds)
         if value:
             params[key] = value
-    o.note(*STORAGE)
+    _layout_only(o)
     _validated(chain, e, Params, params)
     if not chain.need(e, "onnx", "bundle"):
         return
@@ -50,7 +56,7 @@ def matmulnbitstoqdq(chain: Chain, e: PassEntry, o: Options) -> None:
     exclude = o.get("nodes_to_exclude", (list,))
     if exclude:
         params["nodes_to_exclude"] = [str(x) for x in exclude]
-    o.note(*STORAGE)
+    _layout_only(o)
     _validated(chain, e, Params, params)
     if not chain.need(e, "onnx", "bundle"):
         return
@@ -70,7 +76,7 @@ def onnxpeepholeoptimizer(chain: Chain, e: PassEntry, o: Options) -> None:
         value = o.get(key, (bool,))
         if value is not None:
             params[key] = value
-    o.note(*STORAGE)
+    _layout_only(o)
     if params.get("cast_chain_elimination"):
         return chain.unsupported(o.path("cast_chain_elimination"), "onnx-peephole runs OnnxPeepholeOptimizer's other four stages, not the Cast round-trip collapse")
     _validated(chain, e, Params, params)
