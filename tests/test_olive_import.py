@@ -266,7 +266,7 @@ BASE = {"input_model": {"type": "HfModel", "model_path": "org/model"}, "passes":
     (lambda d: d["passes"].update(q={"type": "QNNConversion"}), "passes.q.type", ["QNNConversion", "supported:"]),
     (lambda d: d.update(data_configs=[{"name": "d", "type": "HuggingfaceContainer", "load_dataset_config": {"data_name": "tatsu-lab/alpaca"}}],
                         passes={"l": {"type": "LoRA", "train_data_config": "d"}}), "data_configs[0]", ["hub dataset 'tatsu-lab/alpaca'", "--data d=FILE"]),
-    (lambda d: d["passes"].update(g={"type": "GraphSurgeries", "surgeries": [{"surgeon": "RemoveRopeMultiCache"}]}), "passes.g.surgeries[0].surgeon", ["RemoveRopeMultiCache"]),
+    (lambda d: d["passes"].update(g={"type": "GraphSurgeries", "surgeries": [{"surgeon": "DecomposeRotaryEmbedding"}]}), "passes.g.surgeries[0].surgeon", ["DecomposeRotaryEmbedding"]),
     (lambda d: d.update(systems={"s": {"type": "LocalSystem", "accelerators": [{"device": "npu", "execution_providers": ["QNNExecutionProvider"]}]}}),
      "systems.s.accelerators[0].execution_providers[0]", ["QNNExecutionProvider has no modelbuild device"]),
     (lambda d: d["input_model"].update(model_path="<MODEL_PATH>"), "input_model.model_path", ["--model-path"]),

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any, Callable
 
-from . import passes, quantizers
+from . import gptqmodel, graph_passes, passes, quantizers
 from .chain import Chain, Options
 from .model import PASS_TYPES, SUPPORTED, Artifact, Target, norm_type
 from .workflow import OliveError, PassEntry, expect
@@ -44,6 +44,10 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "onnxquantization": passes.int8,
     "extractadapters": passes.extractadapters,
     "graphsurgeries": passes.graphsurgeries,
+    "dynamictofixedshape": graph_passes.dynamictofixedshape,
+    "matmulnbitstoqdq": graph_passes.matmulnbitstoqdq,
+    "onnxpeepholeoptimizer": graph_passes.onnxpeepholeoptimizer,
+    "gptqmodel": gptqmodel.gptqmodel,
 }
 if HANDLERS.keys() != PASS_TYPES.keys():  # the two tables name the same pass types
     raise AssertionError(f"olive HANDLERS and PASS_TYPES differ: {sorted(HANDLERS.keys() ^ PASS_TYPES.keys())}")

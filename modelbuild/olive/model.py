@@ -30,9 +30,15 @@ PASS_TYPES = {
     "onnxquantization": "OnnxQuantization",
     "extractadapters": "ExtractAdapters",
     "graphsurgeries": "GraphSurgeries",
+    "dynamictofixedshape": "DynamicToFixedShape",
+    "matmulnbitstoqdq": "MatMulNBitsToQDQ",
+    "onnxpeepholeoptimizer": "OnnxPeepholeOptimizer",
+    "gptqmodel": "GptqModel",
 }
 SUPPORTED = ", ".join(sorted(set(PASS_TYPES.values()), key=str.lower))
-SURGEONS = {"TieWordEmbeddings"}
+# TieWordEmbeddings -> tie-embeddings; the others -> graph-surgery steps (surgery.py).
+SURGEONS = {"TieWordEmbeddings", "GemmToMatMulAdd", "AttentionMaskToSequenceLengths", "RemoveRopeMultiCache",
+            "ReplaceAttentionMaskValue", "SimplifiedLayerNormToL2Norm", "RenameOutputDims"}
 # Options any ONNX-writing pass may carry: how the file is laid out on disk, never its content.
 STORAGE = ("save_as_external_data", "all_tensors_to_one_file", "external_data_name", "size_threshold", "convert_attribute")
 BLOCK_SIZES = (16, 32, 64, 128, 256)

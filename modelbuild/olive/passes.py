@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from . import surgery as surgery_steps
 from .chain import Chain, Options
 from .model import BLOCK_SIZES, NAME_SAFE, STORAGE, SURGEONS, Artifact, Pending, Target, norm_type
 from .workflow import PassEntry, expect
@@ -343,6 +344,9 @@ def graphsurgeries(chain: Chain, e: PassEntry, o: Options) -> None:
         path = f"{o.path('surgeries')}[{i}]"
         expect(surgery, (dict,), chain.wf.source, path)
         surgeon = surgery.get("surgeon")
+        if surgeon in surgery_steps.STEPS:
+            surgery_steps.surgery_step(chain, e, i, path, surgery, notes)
+            continue
         if surgeon not in SURGEONS:
             chain.unsupported(f"{path}.surgeon", f"graph surgeon {surgeon!r} has no modelbuild counterpart (supported: {', '.join(sorted(SURGEONS))})")
             continue
