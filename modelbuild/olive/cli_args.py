@@ -92,8 +92,11 @@ def _auto_opt(rest: list[str]) -> dict:
     }
     if args.use_ort_genai or args.use_model_builder:
         builder = {"type": "ModelBuilder", "precision": args.precision}
-        if args.precision == "int4":
-            builder["int4_algo_config"] = "rtn"  # auto-opt's int4 is RTN
+        if args.precision == "int4" and not args.use_model_builder:
+            # Olive 0.13's route: OnnxConversion -> OrtTransformersOptimization -> OnnxBlockWiseRtnQuantization
+            # (its defaults: block 128, symmetric, accuracy level unset) -> ModelBuilder metadata_only;
+            # the builder's RTN at the same grid makes the same MatMulNBits
+            builder.update(int4_algo_config="rtn", int4_block_size=128, int4_is_symmetric=True, int4_accuracy_level=0)
         workflow["passes"] = {"builder": builder}
         if args.adapter_path:
             workflow["passes"]["extract"] = {"type": "ExtractAdapters"}

@@ -72,6 +72,8 @@ class Pending:
     symmetric: bool | None = None
     int8_nodes: list[str] = field(default_factory=list)
     mixed: str = ""  # SelectiveMixedPrecision algorithm carried to the builder
+    mixed_path: str = ""  # its JSON path
+    lm_head: str = ""  # how the LM head is quantized: "" (float, as Olive's gptq leaves it), "gptq", "rtn", "int8"
     calibration: str | None = None
     precision: str = ""  # "int8" when an 8-bit rtn is the only quantizer
     sources: list[tuple[str, str]] = field(default_factory=list)  # (pass path, text) for comments

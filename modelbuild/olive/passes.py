@@ -3,7 +3,7 @@ quantizers: quantizers.py): one function per pass family, ``(chain, entry, optio
 through mapping.py's HANDLERS table.
 
 Each reads the pass's options through ``Options`` (typed; unknown options are errors; options that
-change nothing modelbuild builds are listed in the target's comment as not carried over), checks
+modelbuild cannot carry are left out: a ``# left out:`` comment, a stderr line, a count), checks
 what the chain holds (``need``) and adds targets, or refuses with ``unsupported``.
 """
 
@@ -42,15 +42,24 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
     level = o.get("int4_accuracy_level", (int,), None, (0, 1, 2, 3, 4))
     sym = o.get("int4_is_symmetric", (bool,))
     algo = o.get("int4_algo_config", (str,))
-    o.note("search", "int4_tied_embeddings", "use_ort_genai", "use_dynamo_exporter", *STORAGE)
+    o.same(*STORAGE)
+    o.note("search", "use_dynamo_exporter", "int4_tied_embeddings")
+    if o.get("use_ort_genai", (bool,)) is False:
+        o.note("use_ort_genai", why="genai-build always writes an onnxruntime-genai bundle")
     pend = chain.pending
     if pend.precision == "int8" and precision == "int4":
         precision = "int8"
-        notes.append(f"precision int8: {pend.sources[0][0]} quantized the torch model to 8 bits")
+        notes.append(f"params.precision = \"int8\": {pend.sources[0][0]} quantized the torch model to 8 bits")
     quantize_after = precision == "int4" and (pend.algorithm == "gptq" or pend.int8_nodes)
     if pend.mixed and quantize_after:
-        path, _ = next(s for s in pend.sources if "SelectiveMixedPrecision" in s[1])
-        chain.unsupported(path, f"SelectiveMixedPrecision {pend.mixed} with gptq: modelbuild's mixed int4/int8 is either the builder's own (int4_algorithm k_quant_mixed) or explicit quantize-onnx int8_nodes")
+        # quantize-onnx carries k_quant_mixed's 8-bit LM head by name; its 8-bit layers need the layer count
+        if "/lm_head/MatMul" not in pend.int8_nodes:
+            pend.int8_nodes.append("/lm_head/MatMul")
+        pend.lm_head = "int8"
+        pend.sources = [(path, "SelectiveMixedPrecision k_quant_mixed: the LM head in int8 (quantize-onnx int8_nodes)") if path == pend.mixed_path else (path, text)
+                        for path, text in pend.sources]
+        chain.leave_out(pend.mixed_path, "its 8-bit q/k/v and down_proj in the first and last eighth of the layers and every third between: "
+                        "quantize-onnx's int8_nodes carries the LM head; those layers stay int4", pend.mixed)
         pend.mixed = ""
     if (pend.algorithm or pend.int8_nodes or pend.mixed) and precision != "int4":
         path, text = pend.sources[0]
@@ -62,17 +71,20 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
             params["int4_algorithm"] = "rtn"
             block = pend.block_size or block
             sym = pend.symmetric if pend.symmetric is not None else sym
-            notes.append(f"int4_algorithm rtn: the int4 grid of {', '.join(p for p, _ in pend.sources)}")
+            notes.append(f"params.int4_algorithm = \"rtn\": the int4 grid of {', '.join(p for p, _ in pend.sources)}")
+            if pend.algorithm == "rtn" and not pend.lm_head:
+                extra["exclude_lm_head"] = "true"
+                notes.append("params.extra_options.exclude_lm_head = \"true\": Olive's rtn leaves the LM head float (lm_head false)")
         elif pend.mixed:
             params["int4_algorithm"] = pend.mixed
-            notes.append(f"int4_algorithm {pend.mixed}: from {pend.sources[0][0]}")
+            notes.append(f"params.int4_algorithm = \"{pend.mixed}\": from {pend.sources[0][0]}")
         else:
             params["int4_algorithm"] = {"rtn_last": "rtn_last", "k_quant_mixed": "k_quant_mixed", "k_quant_last": "k_quant_last",
                                         "k_quant": "k_quant", "rtn": "rtn"}.get((algo or "default").lower(), None) or "default"
             if algo and algo.lower() not in ("rtn_last", "k_quant_mixed", "k_quant_last", "k_quant", "rtn", "default"):
                 return chain.unsupported(o.path("int4_algo_config"), f"{algo!r}: genai-build int4_algorithm is one of default, rtn, rtn_last, k_quant, k_quant_last, k_quant_mixed")
             if not algo:
-                notes.append("int4_algorithm 'default': Olive's ModelBuilder default (modelbuild's own default is k_quant_mixed)")
+                notes.append("params.int4_algorithm = \"default\": Olive's ModelBuilder default (modelbuild's own default is k_quant_mixed)")
         if block is not None:
             params["block_size"] = block
         if level is not None:
@@ -86,13 +98,10 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
         inputs["adapters"] = dict(chain.adapters)
         notes.append(f"adapters {', '.join(chain.adapters)}: kept switchable (.onnx_adapter), as ExtractAdapters makes them")
     device = chain.device
-    if quantize_after and device == "cuda":
-        device = "cpu"
-        notes.append("device cpu: quantize-onnx runs on CPU, so the fp32 bundle it quantizes is a CPU bundle")
     name = chain.tname(e.key)
     if quantize_after:
         fp32 = Target(f"{name}-fp32", "genai-build", params, inputs, device, doc=f"fp32 bundle for {name} (Olive pass '{e.key}')")
-        chain.add(fp32, e, notes + [f"precision fp32 here, int4 in {name}: {', '.join(t for _, t in pend.sources)} -> quantize-onnx"] + o.finish())
+        chain.add(fp32, e, notes + [f"params.precision = \"fp32\": int4 in {name} (quantize-onnx: {', '.join(t for _, t in pend.sources)})"] + o.finish())
         q_params: dict[str, Any] = {"algorithm": "gptq" if pend.algorithm == "gptq" else "rtn"}
         q_params["block_size"] = pend.block_size or block or 32
         if pend.symmetric is not None:
@@ -101,12 +110,20 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
             q_params["accuracy_level"] = level
         if pend.int8_nodes:
             q_params["int8_nodes"] = list(pend.int8_nodes)
+        if pend.algorithm == "gptq" and not pend.lm_head:
+            q_params["keep_float"] = ["/lm_head/MatMul"]
         q_inputs = {"bundle": f":{fp32.name}"}
         if pend.algorithm == "gptq":
             q_inputs["calibration"] = pend.calibration
         quant = Target(name, "quantize-onnx", q_params, q_inputs, "cpu", doc=f"int4 bundle (Olive pass '{e.key}' after {', '.join(p for p, _ in pend.sources)})")
+        if device != "cpu":
+            quant.comments.append(f"runs on cpu (quantize-onnx is a CPU pass); the bundle keeps {fp32.name}'s device ({device})")
         quant.comments.append("int4 as Olive's torch-side quantizers chose it:")
         quant.comments += [f"  {p}: {t}" for p, t in pend.sources]
+        if "int8_nodes" in q_params:
+            quant.comments.append(f"  params.int8_nodes = {json.dumps(q_params['int8_nodes'])}: the 8-bit LM head")
+        if "keep_float" in q_params:
+            quant.comments.append("  params.keep_float = [\"/lm_head/MatMul\"]: Olive's gptq leaves the LM head float (lm_head false) and its ModelBuilder keeps it so")
         art = chain.add(quant, None, [])
     else:
         art = chain.add(Target(name, "genai-build", params, inputs, device, doc=f"onnxruntime-genai bundle (Olive pass '{e.key}')"), e, notes + o.finish())
@@ -117,8 +134,8 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
 def onnxconversion(chain: Chain, e: PassEntry, o: Options) -> None:
     opset = o.get("target_opset", (int,))
     dtype = o.get("torch_dtype", (str,))
-    o.note("use_dynamo_exporter", "save_metadata_for_token_generation", "dynamic", "past_key_value_name", "device",
-           "use_device", "merge_adapter_weights", "optimize", "use_ort_genai", "torch_dtype", *STORAGE)
+    o.same(*STORAGE, "use_dynamo_exporter", "torch_dtype")  # onnx-export is the dynamo exporter; torch_dtype: below
+    o.note("save_metadata_for_token_generation", "dynamic", "past_key_value_name", "device", "use_device", "merge_adapter_weights", "optimize", "use_ort_genai")
     if not chain.need(e, "hf"):
         return
     if chain.pending.sources:
@@ -135,9 +152,9 @@ def onnxconversion(chain: Chain, e: PassEntry, o: Options) -> None:
     if opset is not None:
         params["opset"] = min(max(opset, 18), 23)
         if params["opset"] != opset:
-            notes.append(f"opset {params['opset']}: torch.onnx's dynamo exporter writes opset 18 to 23, not {opset}")
+            chain.leave_out(o.path("target_opset"), f"torch.onnx's dynamo exporter writes opset 18 to 23: onnx-export writes {params['opset']}")
     if dtype and dtype not in ("float32", "fp32"):
-        notes.append(f"torch_dtype {dtype}: onnx-export writes fp32; an OnnxFloatToFloat16 pass gives fp16")
+        chain.leave_out(o.path("torch_dtype"), "onnx-export exports in float32 (an OnnxFloatToFloat16 pass gives fp16)")
     art = chain.add(Target(chain.tname(e.key), "onnx-export", params, {"model": chain.art.ref}, doc=f"ONNX export (Olive pass '{e.key}')"), e, notes + o.finish())
     chain.art = Artifact(art.ref, "onnx", "fp32", art.target)
 
@@ -159,15 +176,16 @@ def orttransformersoptimization(chain: Chain, e: PassEntry, o: Options) -> None:
     fp16 = o.get("float16", (bool,), False)
     keep_io = o.get("keep_io_types", (bool,), False)
     fp32_ops = o.get("force_fp32_ops", (list,), [])
-    o.note("use_gpu", "optimization_options", "use_gqa", "input_int32", "force_fp16_inputs", "ep_path", "opt_level_ext", *STORAGE)
+    o.same(*STORAGE)
     if chain.art.kind == "bundle":
-        chain.pending_comments.append(f"Olive pass '{e.key}' ({e.type}) at {e.path}: {json.dumps(e.options, sort_keys=True)}")
-        chain.pending_comments.append(f"  no target of its own: {chain.art.ref.lstrip(':')} comes from the model builder, whose graph is already fused "
+        o.same("use_gpu", "optimization_options", "use_gqa", "input_int32", "force_fp16_inputs", "ep_path", "opt_level_ext", "model_type", "opt_level", "num_heads", "hidden_size", "only_onnxruntime", "keep_io_types", "force_fp32_ops")
+        chain.pending_comments.append(f"Olive pass '{e.key}' ({e.type}) at {e.path}: no target of its own: {chain.art.ref.lstrip(':')} comes from the model builder, whose graph is already fused "
                                      "(GroupQueryAttention, SkipSimplifiedLayerNormalization, RotaryEmbedding, MatMulNBits); graph-optimize optimizes plain ONNX exports (OnnxConversion -> onnx-export)")
         o.finish()
         if fp16 and not chain.rebuild_as(e, "fp16", "float16 = true"):
             chain.unsupported(o.path("float16"), "float16 on a genai bundle that is not an fp32 ModelBuilder output")
         return
+    o.note("use_gpu", "optimization_options", "use_gqa", "input_int32", "force_fp16_inputs", "ep_path", "opt_level_ext")
     if not chain.need(e, "onnx"):
         return
     source = chain.art
@@ -185,7 +203,8 @@ def onnxfloattofloat16(chain: Chain, e: PassEntry, o: Options) -> None:
     keep_io = o.get("keep_io_types", (bool,), False)
     blocked = o.get("op_block_list", (list,), []) or []
     nodes = o.get("node_block_list", (list,), []) or []
-    o.note("min_positive_val", "max_finite_val", "disable_shape_infer", *STORAGE)
+    o.same(*STORAGE, "disable_shape_infer")
+    o.note("min_positive_val", "max_finite_val")
     if chain.art.kind == "bundle":
         o.finish()
         if not chain.rebuild_as(e, "fp16", "the model builder writes fp16 itself; onnx-fp16 converts plain ONNX exports"):
@@ -198,7 +217,7 @@ def onnxfloattofloat16(chain: Chain, e: PassEntry, o: Options) -> None:
         params["node_block_list"] = [str(x) for x in nodes]
     source = chain.art
     art = chain.add(Target(chain.tname(e.key), "onnx-fp16", params, {"model": source.ref}, doc=f"fp16 ONNX (Olive pass '{e.key}')"),
-                   e, ["keep_io_types written out: Olive's default is false, onnx-fp16's true"] + o.finish())
+                   e, [f"params.keep_io_types = {str(keep_io).lower()}: written out (Olive's default is false, onnx-fp16's true)"] + o.finish())
     chain.art = Artifact(art.ref, source.kind, "fp16", art.target)
 
 
@@ -226,7 +245,10 @@ def nbits(chain: Chain, e: PassEntry, o: Options) -> None:
     exclude = o.get("nodes_to_exclude", (list,), []) or []
     if exclude:
         params["keep_float"] = [str(x) for x in exclude]
-    o.note("op_types_to_quantize", "nodes_to_include", "axis", "quant_format", "weight_only_quant_configs", "quant_axes", "data_config", "calibration_sampling_size", *STORAGE)
+    o.same(*STORAGE)
+    o.note("op_types_to_quantize", "nodes_to_include", "axis", "quant_format", "weight_only_quant_configs", "quant_axes", "calibration_sampling_size")
+    if algorithm != "gptq":
+        o.note("data_config", why=f"{algorithm} needs no data")
     if not chain.need(e, "bundle"):
         return
     notes = []
@@ -240,8 +262,8 @@ def nbits(chain: Chain, e: PassEntry, o: Options) -> None:
         upstream.params["precision"] = "fp32"
         for key in ("int4_algorithm", "block_size", "accuracy_level", "symmetric"):
             upstream.params.pop(key, None)
-        upstream.comments.append(f"  precision fp32 (Olive: {chain.art.precision}): {e.key} ({e.type}) quantizes it with quantize-onnx, which reads fp32")
-        notes.append(f"reads {upstream.name} in fp32 where Olive quantized its {chain.art.precision} model")
+        upstream.comments.append(f"  params.precision = \"fp32\": {e.key} ({e.type}) quantizes it with quantize-onnx, which reads fp32")
+        chain.leave_out(f"{e.path}.type", f"Olive quantizes the {chain.art.precision} model; quantize-onnx reads {upstream.name} in fp32", e.type)
     art = chain.add(Target(chain.tname(e.key), "quantize-onnx", params, inputs, doc=f"int4 {algorithm} (Olive pass '{e.key}')"), e, notes + o.finish())
     chain.art = Artifact(art.ref, "bundle", "int4", art.target)
 
@@ -262,9 +284,10 @@ def lora(chain: Chain, e: PassEntry, o: Options) -> None:
         if key in args:
             value = expect(args[key], kinds, chain.wf.source, f"{o.path('training_args')}.{key}")
             params[to] = float(value) if to == "learning_rate" else value
-    dropped_args = sorted(k for k in args if k not in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed"))
     o.note("eval_data_config", "torch_dtype", "device_map", "ephemeral_gpu_offload", "use_ort_trainer", "bits", "double_quant", "quant_type",
            "compute_dtype", "merge_adapter_weights", "save_adapter", "modules_to_save", "ortmodule", "lora_r", "lora_alpha")
+    for key in sorted(k for k in args if k not in ("max_steps", "learning_rate", "per_device_train_batch_size", "seed")):
+        chain.leave_out(f"{o.path('training_args')}.{key}", "lora-finetune has no such training argument")
     if not chain.need(e, "hf"):
         return
     if train is None:
@@ -282,10 +305,8 @@ def lora(chain: Chain, e: PassEntry, o: Options) -> None:
     if isinstance(pre.get("max_seq_len"), int):
         params["max_length"] = pre["max_seq_len"]
     if norm_type(e.type) == "qlora":
-        notes.append("QLoRA trains on a 4-bit base (bitsandbytes, CUDA); lora-finetune trains LoRA on the full-precision base")
-    if dropped_args:
-        notes.append(f"training_args not carried over: {', '.join(dropped_args)}")
-    notes.append("Olive's defaults where the workflow gives none (r 64, alpha 16) are written out; steps and batch come from training_args or lora-finetune's defaults")
+        chain.leave_out(f"{e.path}.type", "QLoRA trains on a 4-bit base (bitsandbytes, CUDA); lora-finetune trains LoRA on the full-precision base", e.type)
+    notes.append("params.rank, params.alpha: Olive's defaults (64, 16) where the workflow gives none; steps and batch come from training_args or lora-finetune's defaults")
     params.setdefault("rank", 64)
     params.setdefault("alpha", 16.0)
     target = Target(chain.tname(e.key), "lora-finetune", params, {"base": chain.art.ref, "data": data}, doc=f"LoRA adapter (Olive pass '{e.key}')")
@@ -308,8 +329,9 @@ def int8(chain: Chain, e: PassEntry, o: Options) -> None:
     samples = o.get("calibration_sampling_size", (int, list))
     if isinstance(samples, int):
         params["calibration_samples"] = samples
+    o.same(*STORAGE)
     o.note("weight_type", "activation_type", "reduce_range", "nodes_to_exclude", "nodes_to_quantize", "quant_format", "calibrate_method",
-           "extra_options", "quant_preprocess", "prepare_qnn_config", "qnn_extra_options", "WeightSymmetric", "ActivationSymmetric", "MatMulConstBOnly", *STORAGE)
+           "extra_options", "quant_preprocess", "prepare_qnn_config", "qnn_extra_options", "WeightSymmetric", "ActivationSymmetric", "MatMulConstBOnly")
     if chain.art.kind == "bundle":
         o.finish()
         if mode != "dynamic" or not chain.rebuild_as(e, "int8", "the builder's int8 (8-bit weight-only MatMulNBits) stands in for onnxruntime's dynamic int8; onnx-int8 quantizes plain ONNX exports"):
@@ -328,7 +350,8 @@ def int8(chain: Chain, e: PassEntry, o: Options) -> None:
 
 
 def extractadapters(chain: Chain, e: PassEntry, o: Options) -> None:
-    o.note("make_inputs", "dynamic_lora_r", "optional_inputs", "save_format", "adapter_type", *STORAGE)
+    o.same(*STORAGE)
+    o.note("make_inputs", "dynamic_lora_r", "optional_inputs", "save_format", "adapter_type")
     o.finish()
     if chain.art.kind != "bundle" or not chain.adapters:
         return chain.unsupported(f"{e.path}.type", "ExtractAdapters needs a genai bundle built with a LoRA adapter (a LoRA pass or input_model.adapter_path before ModelBuilder)")
@@ -337,7 +360,7 @@ def extractadapters(chain: Chain, e: PassEntry, o: Options) -> None:
 
 def graphsurgeries(chain: Chain, e: PassEntry, o: Options) -> None:
     surgeries = o.get("surgeries", (list,), [])
-    o.note(*STORAGE)
+    o.same(*STORAGE)
     notes = o.finish()
     for i, surgery in enumerate(surgeries):
         path = f"{o.path('surgeries')}[{i}]"
