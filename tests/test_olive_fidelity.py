@@ -189,16 +189,6 @@ def test_auto_opt_int4_uses_olive_rtn_defaults(tmp_path):
     assert result.returncode == 0, result.out
 
 
-def test_gptq_without_lm_head_keeps_it_float(tmp_path):
-    """Olive's gptq leaves the LM head float (lm_head false) and its ModelBuilder keeps it float."""
-    doc = {**BASE, "passes": {"g": {"type": "gptq"}, "m": {"type": "ModelBuilder", "precision": "int4"}}}
-    project = bare(tmp_path)
-    assert import_olive(project, write(tmp_path, doc), "--data", f"calibration={TRAIN}").returncode == 0
-    text, t = imported(project)
-    assert t["model-m"]["params"] == {"algorithm": "gptq", "block_size": 128, "symmetric": False, "keep_float": ["/lm_head/MatMul"]}
-    assert_comments_match(text, t)
-
-
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
     project = new_project(tmp_path_factory.mktemp("tiny") / "project")

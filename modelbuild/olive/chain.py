@@ -132,7 +132,8 @@ class Chain:
         if data_name in ("json", "jsonl") and isinstance(files, str):
             return self.rel(self.local(files, f"{spec_path}.load_dataset_config.data_files"))
         source = f"the hub dataset '{data_name}'" if data_name else f"data of type {spec.get('type', '?')}"
-        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE")
+        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE "
+                        "(its text_template names the hub's columns: modelbuild's own renders the records)")
 
     def calibration(self, o: Options, path: str) -> str:
         ref = o.get("data_config", (str, dict))

@@ -36,7 +36,7 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "onnxhqqquantization": passes.nbits,
     "gptq": quantizers.gptq, "gptqquantizer": quantizers.gptq,
     "rtn": quantizers.rtn,
-    "awq": quantizers.awq, "awqquantizer": quantizers.awq,
+    "awq": quantizers.awq, "awqquantizer": quantizers.awq, "autoawqquantizer": quantizers.awq,
     "selectivemixedprecision": quantizers.selectivemixedprecision,
     "lora": passes.lora, "qlora": passes.lora,
     "onnxdynamicquantization": passes.int8,

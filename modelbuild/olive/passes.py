@@ -55,7 +55,6 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
         # quantize-onnx carries k_quant_mixed's 8-bit LM head by name; its 8-bit layers need the layer count
         if "/lm_head/MatMul" not in pend.int8_nodes:
             pend.int8_nodes.append("/lm_head/MatMul")
-        pend.lm_head = "int8"
         pend.sources = [(path, "SelectiveMixedPrecision k_quant_mixed: the LM head in int8 (quantize-onnx int8_nodes)") if path == pend.mixed_path else (path, text)
                         for path, text in pend.sources]
         chain.leave_out(pend.mixed_path, "its 8-bit q/k/v and down_proj in the first and last eighth of the layers and every third between: "
@@ -65,6 +64,15 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
         path, text = pend.sources[0]
         chain.unsupported(path, f"{text} quantizes to int4, but ModelBuilder {e.path} builds {precision}")
         chain.pending = pend = Pending()
+    if quantize_after:  # the builder makes fp32 here; its int4 options would do nothing in silence
+        for key in ("int4_op_types_to_quantize", "int4_nodes_to_exclude"):
+            if key in extra and extra.pop(key) != "MatMul":
+                chain.leave_out(o.path(key), "quantize-onnx quantizes the MatMuls of the fp32 build (the embedding Gather stays float; no per-node exclusions)")
+        if block is not None and block != pend.block_size:
+            chain.leave_out(o.path("int4_block_size"), f"quantize-onnx quantizes every MatMul at the torch quantizer's block ({pend.block_size or 32})")
+        if pend.algorithm == "gptq" and not pend.lm_head_quantized:
+            path = next(p for p, t in pend.sources if t.startswith("gptq"))
+            chain.leave_out(f"{path}.lm_head", "the LM head as Olive's ModelBuilder rounds it (its own int4 default): quantize-onnx's gptq rounds it with the rest", False)
     params["precision"] = "fp32" if quantize_after else precision
     if precision == "int4" and not quantize_after:
         if pend.algorithm in ("rtn", "awq"):
@@ -72,9 +80,6 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
             block = pend.block_size or block
             sym = pend.symmetric if pend.symmetric is not None else sym
             notes.append(f"params.int4_algorithm = \"rtn\": the int4 grid of {', '.join(p for p, _ in pend.sources)}")
-            if pend.algorithm == "rtn" and not pend.lm_head:
-                extra["exclude_lm_head"] = "true"
-                notes.append("params.extra_options.exclude_lm_head = \"true\": Olive's rtn leaves the LM head float (lm_head false)")
         elif pend.mixed:
             params["int4_algorithm"] = pend.mixed
             notes.append(f"params.int4_algorithm = \"{pend.mixed}\": from {pend.sources[0][0]}")
@@ -110,8 +115,6 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
             q_params["accuracy_level"] = level
         if pend.int8_nodes:
             q_params["int8_nodes"] = list(pend.int8_nodes)
-        if pend.algorithm == "gptq" and not pend.lm_head:
-            q_params["keep_float"] = ["/lm_head/MatMul"]
         q_inputs = {"bundle": f":{fp32.name}"}
         if pend.algorithm == "gptq":
             q_inputs["calibration"] = pend.calibration
@@ -122,8 +125,6 @@ def modelbuilder(chain: Chain, e: PassEntry, o: Options) -> None:
         quant.comments += [f"  {p}: {t}" for p, t in pend.sources]
         if "int8_nodes" in q_params:
             quant.comments.append(f"  params.int8_nodes = {json.dumps(q_params['int8_nodes'])}: the 8-bit LM head")
-        if "keep_float" in q_params:
-            quant.comments.append("  params.keep_float = [\"/lm_head/MatMul\"]: Olive's gptq leaves the LM head float (lm_head false) and its ModelBuilder keeps it so")
         art = chain.add(quant, None, [])
     else:
         art = chain.add(Target(name, "genai-build", params, inputs, device, doc=f"onnxruntime-genai bundle (Olive pass '{e.key}')"), e, notes + o.finish())
@@ -135,7 +136,14 @@ def onnxconversion(chain: Chain, e: PassEntry, o: Options) -> None:
     opset = o.get("target_opset", (int,))
     dtype = o.get("torch_dtype", (str,))
     o.same(*STORAGE, "use_dynamo_exporter", "torch_dtype")  # onnx-export is the dynamo exporter; torch_dtype: below
-    o.note("save_metadata_for_token_generation", "dynamic", "past_key_value_name", "device", "use_device", "merge_adapter_weights", "optimize", "use_ort_genai")
+    # Olive's defaults are what onnx-export does (on the CPU, the HF past_key_values, no genai metadata); other values are left out
+    for key, default in (("device", "cpu"), ("past_key_value_name", "past_key_values"), ("save_metadata_for_token_generation", False),
+                         ("use_ort_genai", False)):
+        if o.get(key, (str, bool), default) == default:
+            o.same(key)
+        else:
+            o.note(key)
+    o.note("dynamic", "use_device", "optimize", "merge_adapter_weights")
     if not chain.need(e, "hf"):
         return
     if chain.pending.sources:
@@ -294,16 +302,26 @@ def lora(chain: Chain, e: PassEntry, o: Options) -> None:
         raise chain.fail(f"{e.path}.train_data_config", "missing: LoRA trains on a data config")
     data = chain.data_file(train, o.path("train_data_config"), "train_data")
     notes = []
-    spec = chain.wf.data_configs.get(train, ({}, ""))[0] if isinstance(train, str) else train
+    spec, spec_path = chain.wf.data_configs.get(train, ({}, "")) if isinstance(train, str) else (train, o.path("train_data_config"))
     pre = (spec.get("pre_process_data_config") or {}) if isinstance(spec, dict) else {}
+    pre_path = f"{spec_path}.pre_process_data_config"
+    replaced = isinstance(train, str) and train in chain.data  # --data NAME=FILE: prompt/response records in place of the hub's
     template = pre.get("text_template")
-    if isinstance(template, str):
+    if pre.get("chat_template") is True:
+        params["template"] = "chat"
+    elif isinstance(template, str) and replaced:
+        chain.leave_out(f"{pre_path}.text_template", f"it names the columns of the dataset --data {train}=FILE stands in for; "
+                        "lora-finetune renders that file's prompt/response records with its own template")
+    elif isinstance(template, str):
         if "{response}" not in template:
-            raise chain.fail(f"{chain.wf.data_configs[train][1] if isinstance(train, str) else o.path('train_data_config')}.pre_process_data_config.text_template",
-                            "lora-finetune puts the loss on what follows {response}: the template needs a {response} field")
+            raise chain.fail(f"{pre_path}.text_template", "lora-finetune puts the loss on what follows {response}: the template needs a {response} field "
+                             "(or give the data as JSONL prompt/response records with --data NAME=FILE: lora-finetune's template then renders them)")
         params["template"] = template
     if isinstance(pre.get("max_seq_len"), int):
         params["max_length"] = pre["max_seq_len"]
+    for key in ("text_cols", "input_cols", "max_samples", "add_special_tokens", "strategy"):
+        if pre.get(key) not in (None, False):
+            chain.leave_out(f"{pre_path}.{key}", "lora-finetune trains on every prompt/response record of the file, tokenized with the model's own special tokens")
     if norm_type(e.type) == "qlora":
         chain.leave_out(f"{e.path}.type", "QLoRA trains on a 4-bit base (bitsandbytes, CUDA); lora-finetune trains LoRA on the full-precision base", e.type)
     notes.append("params.rank, params.alpha: Olive's defaults (64, 16) where the workflow gives none; steps and batch come from training_args or lora-finetune's defaults")

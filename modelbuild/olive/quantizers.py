@@ -48,7 +48,7 @@ def gptq(chain: Chain, e: PassEntry, o: Options) -> None:
     pend = chain.pending
     pend.algorithm, pend.block_size, pend.symmetric = "gptq", group, sym
     pend.calibration = calibration
-    pend.lm_head = "gptq" if lm_head else ""  # Olive's gptq leaves the LM head float unless lm_head (a later rtn may take it)
+    pend.lm_head_quantized = lm_head
     pend.sources.append((e.path, f"gptq int4 (block {group}, {'symmetric' if sym else 'asymmetric'}; quantize-onnx gptq, calibrated on {calibration})"))
     _prose(chain, e)
     o.finish()
@@ -73,10 +73,10 @@ def rtn(chain: Chain, e: PassEntry, o: Options) -> None:
         elif bits == 8:
             if "/lm_head/MatMul" not in pend.int8_nodes:
                 pend.int8_nodes.append("/lm_head/MatMul")
-            pend.lm_head = "int8"
+            pend.lm_head_quantized = True
             text = "rtn int8 on the LM head (quantize-onnx int8_nodes)"
         elif bits == 4 and pend.algorithm == "gptq":
-            pend.lm_head = "gptq"
+            pend.lm_head_quantized = True
             chain.leave_out(o.path("lm_head"), f"the LM head in {bits}-bit RTN: quantize-onnx's gptq rounds it with GPTQ (int4, block {pend.block_size})")
             text = "the LM head int4 with the rest (quantize-onnx gptq)"
         else:
@@ -90,7 +90,6 @@ def rtn(chain: Chain, e: PassEntry, o: Options) -> None:
         if group not in BLOCK_SIZES:
             return chain.unsupported(o.path("group_size"), f"group_size {group}: int4 blocks are {', '.join(map(str, BLOCK_SIZES))}")
         pend.algorithm, pend.block_size, pend.symmetric = "rtn", group, sym
-        pend.lm_head = "rtn" if lm_head else ""
         text = f"rtn int4 (block {group}; genai-build int4_algorithm rtn)"
     else:
         return chain.unsupported(o.path("bits"), f"{bits}-bit rtn: modelbuild quantizes to int4 or int8")
@@ -136,10 +135,11 @@ def selectivemixedprecision(chain: Chain, e: PassEntry, o: Options) -> None:
         return chain.unsupported(o.path("bits" if bits != 4 else "high_bits"), f"SelectiveMixedPrecision {bits}/{high} bits: modelbuild mixes int4 with int8")
     if algorithm == "k_quant_last":
         chain.pending.int8_nodes.append("/lm_head/MatMul")
-        chain.pending.lm_head = "int8"
+        chain.pending.lm_head_quantized = True
         text = "k_quant_last: the LM head in int8 (quantize-onnx int8_nodes)"
     elif algorithm == "k_quant_mixed":
         chain.pending.mixed = "k_quant_mixed"
+        chain.pending.lm_head_quantized = True
         text = "k_quant_mixed (genai-build int4_algorithm k_quant_mixed)"
     else:
         return chain.unsupported(o.path("algorithm"), f"SelectiveMixedPrecision {algorithm!r} has no counterpart (modelbuild: k_quant_mixed via the builder, k_quant_last via quantize-onnx int8_nodes)")
