@@ -209,7 +209,7 @@ class Importer(Chain):
                 self.leave_out(f"{path}.tasks", "lm-eval tasks: their data comes from the hub; modelbuild's evaluate measures perplexity and speed on local JSONL")
             return
         if etype is not None and norm_type(str(etype)) != "oliveevaluator":
-            return self.unsupported(f"{path}.type", f"evaluator type {etype}: modelbuild's evaluate measures perplexity on local JSONL and speed")
+            return self.leave_out(f"{path}.type", f"evaluator type {etype}: modelbuild's evaluate measures perplexity on local JSONL and speed")
         for key in spec:
             if key not in ("type", "metrics", "name"):
                 raise self.fail(f"{path}.{key}", "unknown evaluator key (known: type, metrics)")
@@ -235,7 +235,7 @@ class Importer(Chain):
                 elif mtype == "accuracy" and sub_name == "perplexity":
                     metric_name = "perplexity"
                 else:
-                    self.unsupported(f"{spath}.name", f"metric {mtype}/{sub_name}: evaluate measures perplexity, tokens/s, time to first token, peak RSS and size")
+                    self.leave_out(f"{spath}.name", f"metric {mtype}/{sub_name}: evaluate measures perplexity, tokens/s, time to first token, peak RSS and size")
                     continue
                 notes.append(f"{spath} ({mtype} {sub_name}) -> {metric_name}")
                 goal = sub.get("goal")
@@ -250,9 +250,9 @@ class Importer(Chain):
                     gates["perplexity_delta_pct"] = f"<= {value}"
                     reference_needed = True
                 else:
-                    self.unsupported(f"{spath}.goal.type", f"goal {gtype} on {mtype}: gates are limits on measured values (threshold; percent-max-degradation for perplexity)")
+                    self.leave_out(f"{spath}.goal.type", f"goal {gtype} on {mtype}: gates are limits on measured values (threshold; percent-max-degradation for perplexity)")
         if self.art.kind == "onnx":
-            return self.unsupported(path, "evaluate measures a genai bundle or an HF model; this chain ends in a plain ONNX model")
+            return self.leave_out(path, "evaluate measures a genai bundle or an HF model; this chain ends in a plain ONNX model")
         if data_ref is not None:
             data = self.data_file(data_ref[0], data_ref[1], "eval")
         elif "eval" in self.data:
