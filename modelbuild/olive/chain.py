@@ -201,6 +201,8 @@ class Options:
             self.known.add(key)
 
     def finish(self) -> list[str]:
+        """Refuse an option no read, note or same named; returns the notes for the target's comment
+        (none: what is not carried became left-out lines as it was read, at its place in the file)."""
         for key in self.entry.options:
             if key not in self.known:
                 raise self.imp.fail(self.path(key), f"unknown option of Olive pass {self.entry.type} (known: {', '.join(sorted(self.known))})")
