@@ -194,3 +194,22 @@ def tiny_hf(tmp_path_factory) -> Path:
     project = new_project(tmp_path_factory.mktemp("tiny") / "project")
     project.doit("tiny-base")
     return project.root / "build" / "tiny-base"
+
+
+def test_rtn_embeds_is_carried_by_a_tie_and_its_asymmetry_named(tmp_path):
+    """gptq -> rtn 8-bit (lm_head, embeds, sym false) -> ModelBuilder -> TieWordEmbeddings: the tie
+    makes the embedding the 8-bit head's (what embeds asks of a tied model); quantize-onnx's int8
+    head is symmetric, which is named. Without the tie, the embedding stays float: named too."""
+    source = CORPUS / "Qwen-Qwen3-0.6B__cpu__Qwen-Qwen3-0.6B_cpu_int4.json"
+    project = bare(tmp_path)
+    result = import_olive(project, source, "--skip-unsupported", *DATA)
+    assert result.returncode == 0, result.out
+    text, t = imported(project)
+    assert "left out: passes.r.embeds" not in text and t["qwen3-0.6b-t"]["pass"] == "tie-embeddings"
+    assert "what passes.r.embeds = true asks for a tied model" in text
+    assert "# left out: passes.r.sym = false: quantize-onnx's int8 LM head (int8_nodes) is symmetric" in text
+    doc = json.loads(source.read_text())
+    del doc["passes"]["t"]
+    project = bare(tmp_path, "untied")
+    assert import_olive(project, write(tmp_path, doc), "--skip-unsupported", *DATA).returncode == 0
+    assert "# left out: passes.r.embeds = true: the 8-bit embedding" in imported(project)[0]

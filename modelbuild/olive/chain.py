@@ -47,6 +47,7 @@ class Chain:
         self.left_out: list[LeftOut] = []  # what the TOML file does not do, each also a comment and a stderr line
         self.adapters: dict[str, str] = {}
         self.pending = Pending()
+        self.untied_embedding: tuple[str, int] | None = None  # rtn embeds waiting for a TieWordEmbeddings: (JSON path, bits)
         self.load_options: dict[str, Any] = {}  # input_model.load_kwargs modelbuild does not read (JSON path -> value)
         self.device = "cpu"
         self.base: Artifact | None = None

@@ -66,6 +66,9 @@ class Importer(Chain):
         if self.pending.algorithm not in ("", "awq") or self.pending.int8_nodes or self.pending.mixed or self.pending.precision:
             path, text = self.pending.sources[0]
             self.unsupported(path, f"{text} quantizes the torch model for a later ModelBuilder, and none follows: modelbuild quantizes int4 while building the genai bundle")
+        if self.untied_embedding:  # the TieWordEmbeddings that would have quantized it was left out
+            path, bits = self.untied_embedding
+            self.leave_out(path, f"the {bits}-bit embedding: quantize-onnx quantizes MatMuls, and no tie-embeddings makes it the LM head's")
         self.evaluators()
         self.load_kwargs_used()
         if self.pending_comments:

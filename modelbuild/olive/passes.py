@@ -391,6 +391,9 @@ def graphsurgeries(chain: Chain, e: PassEntry, o: Options) -> None:
             chain.unsupported(f"{path}.surgeon", f"TieWordEmbeddings: tie-embeddings ties the embedding of an int4 genai bundle; the chain holds {'an ' + chain.art.precision + ' bundle' if chain.art.kind == 'bundle' else 'a ' + chain.art.kind + ' model'} here")
             continue
         name = chain.tname(e.key) if len(surgeries) == 1 else chain.tname(f"{e.key}-{i}")
-        art = chain.add(Target(name, "tie-embeddings", {}, {"bundle": chain.art.ref}, doc=f"embedding tied to the int4 LM head (Olive pass '{e.key}', TieWordEmbeddings)"), e, notes)
+        if chain.untied_embedding:
+            notes = notes + [f"the embedding reads the LM head's quantized weight: what {chain.untied_embedding[0]} = true asks for a tied model"]
+            chain.untied_embedding = None
+        art = chain.add(Target(name, "tie-embeddings", {}, {"bundle": chain.art.ref}, doc=f"embedding tied to the quantized LM head (Olive pass '{e.key}', TieWordEmbeddings)"), e, notes)
         chain.art = Artifact(art.ref, "bundle", "int4", art.target)
 

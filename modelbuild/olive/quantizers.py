@@ -7,7 +7,7 @@ HANDLERS table, on the chain (chain.py)."""
 from __future__ import annotations
 
 from .chain import Chain, Options
-from .model import BLOCK_SIZES, Artifact, Target
+from .model import BLOCK_SIZES, Artifact, Target, norm_type
 from .workflow import PassEntry
 
 
@@ -26,6 +26,14 @@ def _lm_head_overrides(chain: Chain, o: Options, bits: int) -> None:
         same = isinstance(spec, dict) and set(spec) <= {"bits"} and spec.get("bits") == bits and module in ("lm_head", "model.embed_tokens")
         if not same:
             chain.leave_out(f"{o.path('overrides')}.{module}", "per-module quantizer overrides have no quantize-onnx counterpart")
+
+
+def _tie_follows(chain: Chain) -> bool:
+    """A later GraphSurgeries TieWordEmbeddings: Olive's tied model shares one module as embedding
+    and LM head, and tie-embeddings makes the embedding read the quantized head."""
+    return any(norm_type(e.type) == "graphsurgeries" and any(isinstance(s, dict) and s.get("surgeon") == "TieWordEmbeddings"
+                                                              for s in e.options.get("surgeries") or [])
+               for e in chain.wf.passes[chain.index + 1:])
 
 
 def _prose(chain: Chain, e: PassEntry) -> None:
@@ -64,7 +72,9 @@ def rtn(chain: Chain, e: PassEntry, o: Options) -> None:
         return
     _lm_head_overrides(chain, o, bits)
     pend = chain.pending
-    if embeds:
+    if embeds and lm_head and _tie_follows(chain):
+        chain.untied_embedding = (o.path("embeds"), bits)  # the tie makes the embedding the quantized LM head's; if it maps
+    elif embeds:
         chain.leave_out(o.path("embeds"), f"the {bits}-bit embedding: quantize-onnx quantizes MatMuls, the embedding (a Gather) stays float")
     if pend.algorithm or pend.mixed:
         # after gptq / SelectiveMixedPrecision, rtn quantizes only what they left float: the LM head
@@ -74,6 +84,10 @@ def rtn(chain: Chain, e: PassEntry, o: Options) -> None:
             if "/lm_head/MatMul" not in pend.int8_nodes:
                 pend.int8_nodes.append("/lm_head/MatMul")
             pend.lm_head_quantized = True
+            if not sym:
+                chain.leave_out(o.path("sym"), "quantize-onnx's int8 LM head (int8_nodes) is symmetric", False)
+            if pend.block_size and group != pend.block_size:
+                chain.leave_out(o.path("group_size"), f"quantize-onnx's int8 LM head uses the int4 block ({pend.block_size})")
             text = "rtn int8 on the LM head (quantize-onnx int8_nodes)"
         elif bits == 4 and pend.algorithm == "gptq":
             pend.lm_head_quantized = True
