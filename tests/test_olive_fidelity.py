@@ -213,3 +213,20 @@ def test_rtn_embeds_is_carried_by_a_tie_and_its_asymmetry_named(tmp_path):
     project = bare(tmp_path, "untied")
     assert import_olive(project, write(tmp_path, doc), "--skip-unsupported", *DATA).returncode == 0
     assert "# left out: passes.r.embeds = true: the 8-bit embedding" in imported(project)[0]
+
+
+def test_onnx_rtn_uses_olive_defaults_and_int8_node_lists(tmp_path):
+    """OnnxBlockWiseRtnQuantization with no block size is Olive 0.13's block 128, accuracy level
+    unset (quantize-onnx's own defaults are 32 and 4); OnnxKQuantQuantization's 8-bit
+    customized_weight_config nodes are quantize-onnx int8_nodes."""
+    doc = {**BASE, "passes": {"m": {"type": "ModelBuilder", "precision": "fp32"},
+                              "q": {"type": "OnnxBlockWiseRtnQuantization"}}}
+    project = bare(tmp_path)
+    assert import_olive(project, write(tmp_path, doc)).returncode == 0
+    text, t = imported(project)
+    assert t["model-q"]["params"] == {"algorithm": "rtn", "block_size": 128, "accuracy_level": 0}
+    assert_comments_match(text, t)
+    doc["passes"]["q"] = {"type": "OnnxKQuantQuantization", "customized_weight_config": {"/lm_head/MatMul": {"bits": 8}}}
+    project = bare(tmp_path, "k")
+    assert import_olive(project, write(tmp_path, doc, "k.json")).returncode == 0
+    assert imported(project)[1]["model-q"]["params"] == {"algorithm": "k_quant", "block_size": 32, "accuracy_level": 0, "int8_nodes": ["/lm_head/MatMul"]}

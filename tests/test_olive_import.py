@@ -246,7 +246,8 @@ def test_search_space_becomes_one_chain_per_combination(tmp_path):
     quant = {n for n in names if n.startswith("s-quant-")}
     assert names - quant == {"s-base", "s-builder"}  # shared by every combination
     assert quant == {f"s-quant-block_size{b}-is_symmetric{s}" for b in (32, 64) for s in ("true", "false")}
-    assert targets_of(project)["s-quant-block_size64-is_symmetricfalse"]["params"] == {"algorithm": "rtn", "block_size": 64, "symmetric": False}
+    # accuracy_level 0: OnnxBlockWiseRtnQuantization's default in Olive 0.13 (unset), written out
+    assert targets_of(project)["s-quant-block_size64-is_symmetricfalse"]["params"] == {"algorithm": "rtn", "block_size": 64, "symmetric": False, "accuracy_level": 0}
     project.doit("list")
     doc = json.loads((WORKFLOWS / "search.json").read_text())
     doc["passes"]["builder"]["precision"] = {"type": "Categorical", "values": ["fp32", "fp16", "int8", "int4", "fp32"]}

@@ -229,6 +229,15 @@ def onnxfloattofloat16(chain: Chain, e: PassEntry, o: Options) -> None:
     chain.art = Artifact(art.ref, source.kind, "fp16", art.target)
 
 
+# olive/passes/onnx/{rtn,kquant,hqq}_quantization.py at v0.13.0: block size and accuracy level (unset = 0)
+# where a workflow gives none (quantize-onnx's own defaults are block 32, accuracy level 4)
+OLIVE_NBITS_DEFAULTS = {
+    "onnxblockwisertnquantization": {"block_size": 128, "accuracy_level": 0},
+    "onnxkquantquantization": {"block_size": 32, "accuracy_level": 0},
+    "onnxhqqquantization": {"block_size": 128, "accuracy_level": 0},
+}
+
+
 def nbits(chain: Chain, e: PassEntry, o: Options) -> None:
     kind = norm_type(e.type)
     algorithm = {"onnxblockwisertnquantization": "rtn", "onnxkquantquantization": "k_quant", "onnxhqqquantization": "hqq"}.get(kind)
@@ -241,15 +250,26 @@ def nbits(chain: Chain, e: PassEntry, o: Options) -> None:
     if bits != 4:
         return chain.unsupported(o.path("bits"), f"{bits}-bit MatMulNBits: quantize-onnx writes int4 (int8 per node: int8_nodes)")
     params: dict[str, Any] = {"algorithm": algorithm}
-    block = o.get("block_size", (int,), None, BLOCK_SIZES)
+    defaults = OLIVE_NBITS_DEFAULTS.get(kind, {})  # Olive 0.13's, written out where the workflow is silent
+    notes = [f"params.{key} = {json.dumps(value)}: Olive's {e.type} default" for key, value in defaults.items()
+             if o.entry.options.get(key) is None]
+    block = o.get("block_size", (int,), defaults.get("block_size"), BLOCK_SIZES)
     if block is not None:
         params["block_size"] = block
     sym = o.get("is_symmetric", (bool,))
     if sym is not None:
         params["symmetric"] = sym
-    level = o.get("accuracy_level", (int,), None, (0, 1, 2, 3, 4))
+    level = o.get("accuracy_level", (int,), defaults.get("accuracy_level"), (0, 1, 2, 3, 4))
     if level is not None:
         params["accuracy_level"] = level
+    int8 = []
+    for node, spec in (o.get("customized_weight_config", (dict,), {}) or {}).items():
+        if isinstance(spec, dict) and set(spec) == {"bits"} and spec["bits"] == 8:
+            int8.append(str(node))
+        elif not (isinstance(spec, dict) and set(spec) == {"bits"} and spec["bits"] == 4):
+            chain.leave_out(f"{o.path('customized_weight_config')}.{node}", "quantize-onnx takes int4 with int8 per node (int8_nodes), nothing else per node")
+    if int8:
+        params["int8_nodes"] = int8
     exclude = o.get("nodes_to_exclude", (list,), []) or []
     if exclude:
         params["keep_float"] = [str(x) for x in exclude]
@@ -259,7 +279,6 @@ def nbits(chain: Chain, e: PassEntry, o: Options) -> None:
         o.note("data_config", why=f"{algorithm} needs no data")
     if not chain.need(e, "bundle"):
         return
-    notes = []
     inputs = {"bundle": chain.art.ref}
     if algorithm == "gptq":
         inputs["calibration"] = chain.calibration(o, e.path)
