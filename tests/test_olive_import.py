@@ -4,7 +4,6 @@ input is one line naming the file and the JSON path, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -66,7 +65,7 @@ def test_seed_workflow_imports_builds_and_answers(tiny, tmp_path):
     result = import_olive(project, seed, "--name", "seed", "--model-path", tiny, "--data", f"eval={EVAL}")
     assert result.returncode == 0, result.out
     text = (project.root / "targets" / "seed.toml").read_text()
-    assert "# Olive pass 'conversion' (ModelBuilder) at passes.conversion.config: {\"precision\": \"int4\"}" in text
+    assert "# from Olive pass 'conversion' (ModelBuilder) at passes.conversion.config" in text
     assert "# Olive pass 'optimization' (OrtTransformersOptimization)" in text
     targets = targets_of(project)
     assert {n: t["pass"] for n, t in targets.items()} == {"seed-base": "hf-import", "seed-conversion": "genai-build", "seed-eval": "evaluate"}
@@ -144,10 +143,12 @@ def test_seed_command_lines(tiny, tmp_path):
         else:
             outcomes.append(("refused", result.out.strip()))
             assert result.returncode == 2 and len(result.out.strip().splitlines()) == 1, result.out
-    refused = [o for o in outcomes if o[0] == "refused"]
-    assert len(outcomes) == 8 and len(refused) == 2, outcomes
-    assert "modelbuild: --cli: --provider: DmlExecutionProvider has no modelbuild device" in refused[0][1] + refused[1][1]
-    assert "modelbuild: --cli: --adapter_path: no such file or folder" in refused[0][1] + refused[1][1]
+    refused = " ".join(o[1] for o in outcomes if o[0] == "refused")
+    assert len(outcomes) == 8 and sum(o[0] == "refused" for o in outcomes) == 3, outcomes
+    assert "modelbuild: --cli: --provider: DmlExecutionProvider has no modelbuild device" in refused
+    assert "modelbuild: --cli: --adapter_path: no such file or folder" in refused
+    # the seeds' `olive quantize --algorithm awq` predates Olive 0.13, whose default --implementation (olive) has no AWQ
+    assert "modelbuild: --cli: --implementation: Olive has no olive quantization for awq int8" in refused
 
 
 def test_auto_opt_command_line_round_trip(tiny, tmp_path):
@@ -245,7 +246,8 @@ def test_search_space_becomes_one_chain_per_combination(tmp_path):
     quant = {n for n in names if n.startswith("s-quant-")}
     assert names - quant == {"s-base", "s-builder"}  # shared by every combination
     assert quant == {f"s-quant-block_size{b}-is_symmetric{s}" for b in (32, 64) for s in ("true", "false")}
-    assert targets_of(project)["s-quant-block_size64-is_symmetricfalse"]["params"] == {"algorithm": "rtn", "block_size": 64, "symmetric": False}
+    # accuracy_level 0: OnnxBlockWiseRtnQuantization's default in Olive 0.13 (unset), written out
+    assert targets_of(project)["s-quant-block_size64-is_symmetricfalse"]["params"] == {"algorithm": "rtn", "block_size": 64, "symmetric": False, "accuracy_level": 0}
     project.doit("list")
     doc = json.loads((WORKFLOWS / "search.json").read_text())
     doc["passes"]["builder"]["precision"] = {"type": "Categorical", "values": ["fp32", "fp16", "int8", "int4", "fp32"]}
@@ -292,7 +294,9 @@ def test_skip_unsupported_writes_the_rest_with_a_comment(tmp_path):
     result = import_olive(project, path, "--skip-unsupported")
     assert result.returncode == 0, result.out
     text = (project.root / "targets" / "model.toml").read_text()
-    assert "# LEFT OUT passes.ov.type: Olive pass 'ov' (OpenVINOConversion) has no modelbuild counterpart" in text
+    assert "# left out: passes.ov.type = \"OpenVINOConversion\": Olive pass 'ov' (OpenVINOConversion) has no modelbuild counterpart" in text
+    assert f"modelbuild: {path}: left out: passes.ov.type = \"OpenVINOConversion\": Olive pass 'ov'" in result.out  # the stderr line
+    assert "1 left out" in result.out  # the summary
     assert [t["pass"] for t in targets_of(project).values()] == ["hf-import", "genai-build"]
     project.doit("list")
     again = import_olive(project, path, "--skip-unsupported")
@@ -306,28 +310,6 @@ def test_malformed_json_and_missing_file(tmp_path):
     assert_refused(import_olive(project, path), path, "line 1 column 36", "malformed JSON")
     missing = import_olive(project, tmp_path / "nope.json")
     assert missing.returncode == 2 and missing.out.strip() == f"modelbuild: {tmp_path / 'nope.json'}: no such file"
-
-
-# -- the olive-recipes corpus --------------------------------------------------------------------------
-def test_recipes_corpus_imports_or_refuses_as_documented(tmp_path):
-    """Each of the corpus files imports and validates with `doit list` (as is, or with
-    --skip-unsupported), or is refused in one line: the counts of tests/data/olive/COUNTS.md."""
-    spec = importlib.util.spec_from_file_location("olive_corpus", REPO / "bench" / "olive_corpus.py")
-    corpus = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(corpus)
-    files = sorted(corpus.CORPUS.glob("*.json"))
-    assert len(files) >= 20
-    results = [corpus.classify(path, tmp_path) for path in files]
-    for r in results:
-        assert r["status"] in ("full", "partial", "refused"), r
-        if r["status"] != "full":
-            assert r["full_error_ok"], r  # one line, the file and JSON path, exit 2, nothing written
-        if r["status"] == "refused":
-            assert r["partial_error_ok"], r
-    counts = {k: sum(r["status"] == k for r in results) for k in ("full", "partial", "refused")}
-    documented = (OLIVE / "COUNTS.md").read_text()
-    for kind, n in counts.items():
-        assert f"| {kind} | {n} |" in documented, (kind, n)
 
 
 def test_pass_mappings_validate(tmp_path):

@@ -3,7 +3,7 @@
 only when the whole workflow imported (every mistake is one line naming the JSON path, exit 2).
 
     python -m modelbuild import-olive WORKFLOW.json [--name NAME] [--model-path DIR]
-        [--data NAME=FILE ...] [-o targets/NAME.toml] [--skip-unsupported] [--force]
+        [--data NAME=FILE ...] [-o targets/NAME.toml] [--skip-unsupported] [--strict] [--force]
     python -m modelbuild import-olive --cli "olive auto-opt -m org/model --precision int4 --use_ort_genai"
 
 ``--data NAME=FILE`` gives a local JSONL file for the data config NAME, or for the two roles a
@@ -36,7 +36,8 @@ def add_import_arguments(p) -> None:
     p.add_argument("--model-path", help="local model folder: inputs.local of the imported base (hubs are often unreachable)")
     p.add_argument("--data", action="append", metavar="NAME=FILE",
                    help="local JSONL for data config NAME, or for 'calibration' / 'eval' when the workflow relies on hub defaults (repeatable)")
-    p.add_argument("--skip-unsupported", action="store_true", help="write what maps, with a comment where a pass was left out")
+    p.add_argument("--skip-unsupported", action="store_true", help="write what maps, with a '# left out:' comment where a pass was left out")
+    p.add_argument("--strict", action="store_true", help="refuse the import if anything of the workflow would be left out")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
 
 

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .model import NAME_SAFE, Artifact, Pending, Target
-from .workflow import OliveError, PassEntry, Workflow, expect
+from .workflow import MISSING, OliveError, PassEntry, Workflow, expect
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    path: str  # JSON path in the workflow
+    value: Any  # what it says there (MISSING: the path names no single value)
+    why: str
+
+    def line(self) -> str:
+        shown = "" if self.value is MISSING else f" = {json.dumps(self.value, sort_keys=True)[:120]}"
+        return f"left out: {self.path}{shown}: {self.why}"
 
 
 class Chain:
@@ -22,8 +34,9 @@ class Chain:
 
     def __init__(self, wf: Workflow, name: str, out_dir: Path, model_path: Path | None = None,
                  data: dict[str, Path] | None = None, skip_unsupported: bool = False,
-                 labels: list[tuple[int, str]] | None = None):
+                 labels: list[tuple[int, str]] | None = None, strict: bool = False):
         self.wf, self.name, self.out_dir = wf, name, out_dir
+        self.strict = strict  # --strict: anything left out refuses the import
         self.model_path, self.data = model_path, dict(data or {})
         self.skip, self.labels = skip_unsupported, labels or []  # search: (pass index, value label) per axis
         self.index = -1  # the pass being mapped
@@ -31,8 +44,11 @@ class Chain:
         self.header: list[str] = []  # comments at the top of the file
         self.pending_comments: list[str] = []  # go above the next target written
         self.used_data: set[str] = set()
+        self.left_out: list[LeftOut] = []  # what the TOML file does not do, each also a comment and a stderr line
         self.adapters: dict[str, str] = {}
         self.pending = Pending()
+        self.untied_embedding: tuple[str, int] | None = None  # rtn embeds waiting for a TieWordEmbeddings: (JSON path, bits)
+        self.load_options: dict[str, Any] = {}  # input_model.load_kwargs modelbuild does not read (JSON path -> value)
         self.device = "cpu"
         self.base: Artifact | None = None
         self.art: Artifact | None = None
@@ -41,10 +57,22 @@ class Chain:
         return self.wf.fail(path, message)
 
     def unsupported(self, path: str, message: str) -> None:
-        """A one-line refusal, or with --skip-unsupported a comment where it was left out."""
+        """A one-line refusal, or with --skip-unsupported the rest imported and this left out."""
         if not self.skip:
             raise self.fail(path, f"{message}; --skip-unsupported imports the rest without it")
-        self.pending_comments.append(f"LEFT OUT {path}: {message}")
+        self.leave_out(path, message)
+
+    def leave_out(self, path: str, why: str, value: Any = MISSING) -> None:
+        """Something of the workflow the TOML file does not do: a ``# left out:`` comment where it
+        would have gone, a stderr line and a count in the summary (``--strict`` refuses instead)."""
+        if value is MISSING:
+            value = self.wf.value_at(path)
+        if self.strict:
+            raise self.fail(path, f"left out: {why} (--strict refuses an import that leaves anything out)")
+        item = LeftOut(path, value, why)
+        if item not in self.left_out:
+            self.left_out.append(item)
+            self.pending_comments.append(item.line())
 
     def tname(self, key: str) -> str:
         stem = NAME_SAFE.sub("-", key).strip("-.") or "pass"
@@ -59,7 +87,7 @@ class Chain:
         comments = list(self.pending_comments)
         self.pending_comments = []
         if entry is not None:
-            comments.append(f"Olive pass '{entry.key}' ({entry.type}) at {entry.path}: {json.dumps(entry.options, sort_keys=True)}")
+            comments.append(f"from Olive pass '{entry.key}' ({entry.type}) at {entry.path}")
         target.comments = comments + target.comments + [f"  {n}" for n in notes]
         if any(t.name == target.name for t in self.targets):
             raise self.fail(entry.path if entry else "passes", f"two targets would be called '{target.name}': rename a pass")
@@ -105,7 +133,8 @@ class Chain:
         if data_name in ("json", "jsonl") and isinstance(files, str):
             return self.rel(self.local(files, f"{spec_path}.load_dataset_config.data_files"))
         source = f"the hub dataset '{data_name}'" if data_name else f"data of type {spec.get('type', '?')}"
-        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE")
+        raise self.fail(spec_path, f"loads {source}: download it, write it as JSONL prompt/response records and pass --data {name}=FILE "
+                        "(its text_template names the hub's columns: modelbuild's own renders the records)")
 
     def calibration(self, o: Options, path: str) -> str:
         ref = o.get("data_config", (str, dict))
@@ -132,7 +161,7 @@ class Chain:
         upstream.params["precision"] = precision
         for key in ("int4_algorithm", "block_size", "accuracy_level", "symmetric"):
             upstream.params.pop(key, None)
-        upstream.comments.append(f"  precision {precision}: folded in from Olive pass '{e.key}' ({e.type}): {why}")
+        upstream.comments.append(f"  params.precision = {json.dumps(precision)}: folded in from Olive pass '{e.key}' ({e.type}): {why}")
         self.pending_comments.append(f"Olive pass '{e.key}' ({e.type}) at {e.path}: no target of its own: {upstream.name} builds {precision} ({why})")
         self.art = Artifact(self.art.ref, "bundle", precision, upstream)
         return True
@@ -142,7 +171,7 @@ class Options:
     """A pass's options: typed reads, options accepted but not carried over, unknown-key errors."""
 
     def __init__(self, imp: Chain, entry: PassEntry):
-        self.imp, self.entry, self.known, self.dropped = imp, entry, set(), []
+        self.imp, self.entry, self.known = imp, entry, set()
 
     def path(self, key: str) -> str:
         return f"{self.entry.path}.{key}"
@@ -158,15 +187,24 @@ class Options:
             raise self.imp.fail(self.path(key), f"{json.dumps(value)} is not one of {', '.join(json.dumps(c) for c in choices)}")
         return value
 
-    def note(self, *keys: str) -> None:
-        """Options Olive knows that change nothing modelbuild builds (or that it cannot carry)."""
+    def note(self, *keys: str, why: str = "") -> None:
+        """Options Olive knows that modelbuild cannot carry: each one given is left out (a comment,
+        a stderr line, a count), never dropped in silence."""
         for key in keys:
             self.known.add(key)
-            if key in self.entry.options:
-                self.dropped.append(key)
+            if self.entry.options.get(key) is not None:
+                self.imp.leave_out(self.path(key), why or f"{self.entry.type}'s {key} has no modelbuild counterpart")
+
+    def same(self, *keys: str) -> None:
+        """Options that only say how Olive lays out its files (external data, file names): modelbuild
+        writes its own layout, the weights and graph are the same either way."""
+        for key in keys:
+            self.known.add(key)
 
     def finish(self) -> list[str]:
+        """Refuse an option no read, note or same named; returns the notes for the target's comment
+        (none: what is not carried became left-out lines as it was read, at its place in the file)."""
         for key in self.entry.options:
             if key not in self.known:
                 raise self.imp.fail(self.path(key), f"unknown option of Olive pass {self.entry.type} (known: {', '.join(sorted(self.known))})")
-        return [f"not carried over: {', '.join(self.dropped)}"] if self.dropped else []
+        return []

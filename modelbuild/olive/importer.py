@@ -17,12 +17,15 @@ import copy
 import itertools
 import re
 import shlex
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
 
 from . import cli_args
 from .emit import render, write_atomic
+from .chain import LeftOut
 from .mapping import Importer
 from .model import NAME_SAFE
 from .workflow import OliveError, expect, load_json, normalize
@@ -62,8 +65,10 @@ def search_axes(wf) -> list[tuple[int, str, list, str]]:
 
 def import_workflow(doc: dict, source: str, base_dir: Path, out_path: Path, name: str | None = None,
                     model_path: Path | None = None, data: dict[str, Path] | None = None,
-                    skip_unsupported: bool = False, command: str = "", default_targets: bool = False) -> tuple[str, list[str]]:
-    """The TOML text for a workflow and the names of its targets (raises OliveError)."""
+                    skip_unsupported: bool = False, command: str = "", default_targets: bool = False,
+                    strict: bool = False) -> tuple[str, list[str], list[LeftOut]]:
+    """The TOML text for a workflow, the names of its targets and what it leaves out (raises
+    OliveError; a chain that would build nothing is refused: "nothing to build")."""
     wf = normalize(doc, source, base_dir)
     name = name or derive_name(wf.input_model, source)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -73,21 +78,26 @@ def import_workflow(doc: dict, source: str, base_dir: Path, out_path: Path, name
     if len(combos) > MAX_COMBINATIONS:
         raise wf.fail(axes[0][3], f"the search space has {len(combos)} combinations; import builds every one and stops at {MAX_COMBINATIONS}: narrow the values")
     header = [f"Imported from the Olive workflow {source} by: python -m modelbuild import-olive{command}",
-              "Each target's comment names the Olive pass it came from and its original options.",
+              "Each target's comment names the Olive pass it came from; a 'left out:' line names what this file does not do.",
               "Nothing here was run: `doit list` validates this file, `doit " + name + "` builds every target of it."]
     targets: dict[str, object] = {}
     notes: list[str] = []
+    left_out: list[LeftOut] = []
     for combo in combos:
         work = copy.deepcopy(wf)
         for (index, key, _, _), value in zip(axes, combo):
             work.passes[index].options[key] = value
         labels = [(index, _label(key, value)) for (index, key, _, _), value in zip(axes, combo)]
-        imp = Importer(work, name, out_path.parent, model_path, data, skip_unsupported, labels)
+        imp = Importer(work, name, out_path.parent, model_path, data, skip_unsupported, labels, strict)
         for target in imp.run():
             if target.name in targets:
                 continue  # shared by the combinations (made before the pass whose value differs)
             targets[target.name] = target
         notes = notes or imp.header
+        left_out += [item for item in imp.left_out if item not in left_out]
+    if all(t.pass_name == "hf-import" for t in targets.values()):
+        why = f"{left_out[0].path}: {left_out[0].why}" if left_out else "no pass makes a target"
+        raise wf.fail("passes", f"nothing to build: every pass was left out, the file would only import the model ({why})")
     header += notes
     if wf.ignored:
         header.append(f"not carried over (logging, caches and output folders are modelbuild's own): {', '.join(wf.ignored)}")
@@ -97,7 +107,7 @@ def import_workflow(doc: dict, source: str, base_dir: Path, out_path: Path, name
         header.append("search_strategy: the passes declare no search space, so there is one chain to build")
     names = list(targets)
     text = render(header, list(targets.values()), {name: names}, names[-1:] if default_targets else None)
-    return text, names
+    return text, names, left_out
 
 
 def parse_data(items: list[str]) -> dict[str, Path]:
@@ -112,8 +122,23 @@ def parse_data(items: list[str]) -> dict[str, Path]:
     return data
 
 
+@dataclass
+class Imported:
+    path: Path  # the TOML file written
+    names: list[str]  # its targets
+    group: str  # the group of them all
+    left_out: list[LeftOut]  # what it does not do (each printed on stderr)
+
+
 def run_import(args, out_path: Path, default_targets: bool = False, workflow: str | None = None) -> tuple[Path, list[str], str]:
     """Import per the parsed command-line ``args``; returns (output path, target names, name)."""
+    done = import_file(args, out_path, default_targets, workflow)
+    return done.path, done.names, done.group
+
+
+def import_file(args, out_path: Path | None, default_targets: bool = False, workflow: str | None = None) -> Imported:
+    """Import per the parsed command-line ``args``: the file written, once, atomically; each thing
+    left out is one stderr line."""
     workflow = workflow if workflow is not None else args.workflow
     if (workflow is None) == (getattr(args, "cli", None) is None):
         raise UserError("import-olive: give a workflow JSON file or --cli \"olive ...\" (one of them)")
@@ -131,11 +156,13 @@ def run_import(args, out_path: Path, default_targets: bool = False, workflow: st
         if value:
             command += f" {flag} {value}"
     command += "".join(f" --data {d}" for d in args.data or []) + (" --skip-unsupported" if args.skip_unsupported else "")
+    strict = bool(getattr(args, "strict", False))
     name = args.name or derive_name(doc.get("input_model") if isinstance(doc.get("input_model"), dict) else {}, source)
     if out_path is None:
         out_path = Path(args.project) / "targets" / f"{name}.toml"
     try:
-        text, names = import_workflow(doc, source, base_dir, out_path, name, model_path, data, args.skip_unsupported, command, default_targets)
+        text, names, left_out = import_workflow(doc, source, base_dir, out_path, name, model_path, data, args.skip_unsupported,
+                                                command, default_targets, strict)
     except OliveError as error:
         if source != "--cli" or error.json_path not in cli_args.OPTION_OF:
             raise
@@ -144,12 +171,15 @@ def run_import(args, out_path: Path, default_targets: bool = False, workflow: st
     if out_path.exists() and not args.force:
         raise UserError(f"{out_path}: already exists (--force replaces it)")
     write_atomic(out_path, text)
-    return out_path, names, name
+    for item in left_out:
+        print(f"modelbuild: {source}: {item.line()}", file=sys.stderr)
+    return Imported(out_path, names, name, left_out)
 
 
 def cmd_import_olive(args) -> int:
     out = Path(args.output) if args.output else None
-    path, names, group = run_import(args, out)
-    print(f"wrote {path}: {len(names)} targets ({', '.join(names)})")
-    print(f"next: doit list   # validate;   doit {group}   # build them")
+    done = import_file(args, out)
+    left = f"; {len(done.left_out)} left out (listed above, '# left out:' in the file; --strict refuses)" if done.left_out else "; nothing left out"
+    print(f"wrote {done.path}: {len(done.names)} targets ({', '.join(done.names)}){left}")
+    print(f"next: doit list   # validate;   doit {done.group}   # build them")
     return 0

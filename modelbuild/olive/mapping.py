@@ -36,7 +36,7 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "onnxhqqquantization": passes.nbits,
     "gptq": quantizers.gptq, "gptqquantizer": quantizers.gptq,
     "rtn": quantizers.rtn,
-    "awq": quantizers.awq, "awqquantizer": quantizers.awq,
+    "awq": quantizers.awq, "awqquantizer": quantizers.awq, "autoawqquantizer": quantizers.awq,
     "selectivemixedprecision": quantizers.selectivemixedprecision,
     "lora": passes.lora, "qlora": passes.lora,
     "onnxdynamicquantization": passes.int8,
@@ -49,6 +49,7 @@ HANDLERS: dict[str, Callable[[Chain, PassEntry, Options], None]] = {
     "onnxpeepholeoptimizer": graph_passes.onnxpeepholeoptimizer,
     "gptqmodel": gptqmodel.gptqmodel,
 }
+CAUSAL_LM_TASKS = ("text-generation", "text-generation-with-past", "causal-lm")
 if HANDLERS.keys() != PASS_TYPES.keys():  # the two tables name the same pass types
     raise AssertionError(f"olive HANDLERS and PASS_TYPES differ: {sorted(HANDLERS.keys() ^ PASS_TYPES.keys())}")
 
@@ -69,7 +70,11 @@ class Importer(Chain):
         if self.pending.algorithm not in ("", "awq") or self.pending.int8_nodes or self.pending.mixed or self.pending.precision:
             path, text = self.pending.sources[0]
             self.unsupported(path, f"{text} quantizes the torch model for a later ModelBuilder, and none follows: modelbuild quantizes int4 while building the genai bundle")
+        if self.untied_embedding:  # the TieWordEmbeddings that would have quantized it was left out
+            path, bits = self.untied_embedding
+            self.leave_out(path, f"the {bits}-bit embedding: quantize-onnx quantizes MatMuls, and no tie-embeddings makes it the LM head's")
         self.evaluators()
+        self.load_kwargs_used()
         if self.pending_comments:
             self.header += self.pending_comments
         for name in self.data:
@@ -108,6 +113,7 @@ class Importer(Chain):
         body, body_path = (model["config"], "input_model.config") if isinstance(model.get("config"), dict) else (model, "input_model")
         kind = norm_type(mtype)
         if kind in ("hfmodel", "pytorchmodel"):
+            self.refuse_unfaithful(body, body_path, mtype)
             hf = body.get("hf_config") or {}
             expect(hf, (dict,), wf.source, f"{body_path}.hf_config")
             model_id = body.get("model_path") or hf.get("model_name")
@@ -134,7 +140,15 @@ class Importer(Chain):
                 params["revision"] = revision
             notes = ["--model-path -> inputs.local"] if self.model_path is not None else []
             target = Target(f"{self.name}-base", "hf-import", params, inputs, doc=f"{model_id or 'model'} (Olive input_model)")
-            target.comments.append(f"Olive input_model ({mtype}): {json.dumps(model, sort_keys=True)[:300]}")
+            target.comments.append(f"from Olive input_model ({mtype}) at {body_path}")
+            for key in body:
+                if key not in ("type", "model_path", "hf_config", "load_kwargs", "adapter_path", "task", "trust_remote_code"):
+                    self.leave_out(f"{body_path}.{key}", f"input_model key {key} has no modelbuild counterpart")
+            for key in (hf if isinstance(hf, dict) else {}):
+                if key not in ("model_name", "revision", "trust_remote_code", "task"):
+                    self.leave_out(f"{body_path}.hf_config.{key}", f"hf_config key {key} has no modelbuild counterpart")
+            load = expect(body.get("load_kwargs") or {}, (dict,), wf.source, f"{body_path}.load_kwargs")
+            self.load_options = {f"{body_path}.load_kwargs.{k}": v for k, v in load.items() if k not in ("trust_remote_code", "revision")}
             target.comments += [f"  {n}" for n in notes]
             self.targets.append(target)
             self.art = self.base = Artifact(f":{target.name}", "hf", target=target)
@@ -158,6 +172,31 @@ class Importer(Chain):
         else:
             raise self.fail("input_model.type", f"{mtype}: modelbuild imports HfModel, PyTorchModel (hub id or folder) and ONNXModel")
 
+    def refuse_unfaithful(self, body: dict, body_path: str, mtype: str) -> None:
+        """A model made by its own code, or for another task, cannot become a causal-LM import: one
+        line naming the JSON path, whatever --skip-unsupported says."""
+        for key in ("model_loader", "model_script", "script_dir", "io_config", "dummy_inputs_func"):
+            if body.get(key) is not None:
+                raise self.fail(f"{body_path}.{key}", f"{mtype} with its own {key}: the model is what that code makes, and modelbuild "
+                                "imports Hugging Face causal LMs by their checkpoint: importing it would build something else")
+        hf = body.get("hf_config") if isinstance(body.get("hf_config"), dict) else {}
+        task, task_path = (body["task"], f"{body_path}.task") if "task" in body else (hf.get("task"), f"{body_path}.hf_config.task")
+        if task is not None and task not in CAUSAL_LM_TASKS:
+            raise self.fail(task_path, f"task {task!r}: modelbuild builds causal language models ({', '.join(CAUSAL_LM_TASKS)}); "
+                            "a causal-LM export of this model would not do that task")
+
+    def load_kwargs_used(self) -> None:
+        """load_kwargs (torch_dtype, attn_implementation) say how Olive loads the torch model. The
+        model builder reads the checkpoint itself, as Olive's ModelBuilder does; a pass that computes
+        on the torch model in modelbuild (gptq calibration, awq, LoRA, onnx-export) does so in float32."""
+        torch_side = [t.name for t in self.targets if t.pass_name in ("awq", "lora-finetune", "onnx-export")
+                      or (t.pass_name == "quantize-onnx" and t.params.get("algorithm") == "gptq")]
+        for path, value in self.load_options.items():
+            if torch_side:
+                self.leave_out(path, f"{', '.join(torch_side)} compute(s) on the model in float32 with modelbuild's own attention", value)
+            else:
+                self.header.append(f"{path} = {json.dumps(value)}: how Olive loads the torch model; the model builder reads the checkpoint itself (as Olive's ModelBuilder does)")
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluators(self) -> None:
         wf = self.wf
@@ -168,8 +207,16 @@ class Importer(Chain):
             return
         spec, path = wf.evaluators[wf.evaluator]
         etype = spec.get("type")
+        if etype is not None and norm_type(str(etype)) == "lmevaluator":
+            tasks = spec.get("tasks")
+            if isinstance(tasks, list) and tasks:
+                for i, task in enumerate(tasks):
+                    self.leave_out(f"{path}.tasks[{i}]", "an lm-eval task: its data comes from the hub; modelbuild's evaluate measures perplexity and speed on local JSONL", task.get("task", task) if isinstance(task, dict) else task)
+            else:
+                self.leave_out(f"{path}.tasks", "lm-eval tasks: their data comes from the hub; modelbuild's evaluate measures perplexity and speed on local JSONL")
+            return
         if etype is not None and norm_type(str(etype)) != "oliveevaluator":
-            return self.unsupported(f"{path}.type", f"evaluator type {etype}: modelbuild's evaluate measures perplexity on local JSONL and speed; benchmark suites (lm-eval tasks) are not run")
+            return self.leave_out(f"{path}.type", f"evaluator type {etype}: modelbuild's evaluate measures perplexity on local JSONL and speed")
         for key in spec:
             if key not in ("type", "metrics", "name"):
                 raise self.fail(f"{path}.{key}", "unknown evaluator key (known: type, metrics)")
@@ -195,7 +242,7 @@ class Importer(Chain):
                 elif mtype == "accuracy" and sub_name == "perplexity":
                     metric_name = "perplexity"
                 else:
-                    self.unsupported(f"{spath}.name", f"metric {mtype}/{sub_name}: evaluate measures perplexity, tokens/s, time to first token, peak RSS and size")
+                    self.leave_out(f"{spath}.name", f"metric {mtype}/{sub_name}: evaluate measures perplexity, tokens/s, time to first token, peak RSS and size")
                     continue
                 notes.append(f"{spath} ({mtype} {sub_name}) -> {metric_name}")
                 goal = sub.get("goal")
@@ -210,9 +257,9 @@ class Importer(Chain):
                     gates["perplexity_delta_pct"] = f"<= {value}"
                     reference_needed = True
                 else:
-                    self.unsupported(f"{spath}.goal.type", f"goal {gtype} on {mtype}: gates are limits on measured values (threshold; percent-max-degradation for perplexity)")
+                    self.leave_out(f"{spath}.goal.type", f"goal {gtype} on {mtype}: gates are limits on measured values (threshold; percent-max-degradation for perplexity)")
         if self.art.kind == "onnx":
-            return self.unsupported(path, "evaluate measures a genai bundle or an HF model; this chain ends in a plain ONNX model")
+            return self.leave_out(path, "evaluate measures a genai bundle or an HF model; this chain ends in a plain ONNX model")
         if data_ref is not None:
             data = self.data_file(data_ref[0], data_ref[1], "eval")
         elif "eval" in self.data:
@@ -230,5 +277,5 @@ class Importer(Chain):
         if self.adapters and self.art.kind == "bundle":
             notes.append(f"measured without adapter (params.adapter = \"{next(iter(self.adapters))}\" measures with it)")
         target = Target(f"{self.name}-eval{self.suffix(len(self.wf.passes))}", "evaluate", {}, inputs, self.device, doc=f"Olive evaluator '{wf.evaluator}'", gates=gates)
-        target.comments.append(f"Olive evaluator '{wf.evaluator}' at {path}: {json.dumps(spec, sort_keys=True)[:300]}")
+        target.comments.append(f"from Olive evaluator '{wf.evaluator}' at {path}")
         self.add(target, None, notes + ([f"goals -> gates {json.dumps(gates)}"] if gates else []))

@@ -22,7 +22,7 @@ PASS_TYPES = {
     "onnxhqqquantization": "OnnxHqqQuantization",
     "gptq": "gptq", "gptqquantizer": "GptqQuantizer",
     "rtn": "rtn",
-    "awq": "awq", "awqquantizer": "AwqQuantizer",
+    "awq": "awq", "awqquantizer": "AwqQuantizer", "autoawqquantizer": "AutoAWQQuantizer",
     "selectivemixedprecision": "SelectiveMixedPrecision",
     "lora": "LoRA", "qlora": "QLoRA",
     "onnxdynamicquantization": "OnnxDynamicQuantization",
@@ -78,6 +78,8 @@ class Pending:
     symmetric: bool | None = None
     int8_nodes: list[str] = field(default_factory=list)
     mixed: str = ""  # SelectiveMixedPrecision algorithm carried to the builder
+    mixed_path: str = ""  # its JSON path
+    lm_head_quantized: bool = False  # a torch-side quantizer took the LM head (gptq/rtn lm_head, k_quant_*)
     calibration: str | None = None
     precision: str = ""  # "int8" when an 8-bit rtn is the only quantizer
     sources: list[tuple[str, str]] = field(default_factory=list)  # (pass path, text) for comments

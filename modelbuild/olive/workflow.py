@@ -17,6 +17,7 @@ from, so an error names the user's own key (``passes.conversion.config.precision
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ IGNORED_TOP = {
 ENGINE_KEYS = {"search_strategy", "evaluator", "target"}
 TOP_KEYS = {"input_model", "systems", "data_configs", "evaluators", "passes", "pass_flows", "engine"} | ENGINE_KEYS | IGNORED_TOP
 PASS_META = {"type", "config", "disable_search", "clean_run", "output_name", "host", "evaluator", "reuse_cache"}
+
+
+MISSING = type("Missing", (), {"__repr__": lambda self: "MISSING"})()  # no value at a JSON path
 
 
 class OliveError(UserError):
@@ -69,9 +73,23 @@ class Workflow:
     evaluator_path: str
     search_strategy: Any
     ignored: list[str] = field(default_factory=list)  # top-level keys accepted but not carried over
+    doc: dict = field(default_factory=dict)  # the workflow as written (value_at reads it)
 
     def fail(self, path: str, message: str) -> OliveError:
         return OliveError(self.source, path, message)
+
+    def value_at(self, path: str) -> Any:
+        """The value a JSON path ("passes.s.algorithm", "evaluators.e.metrics[0].name") names in
+        the workflow as written, or MISSING."""
+        node: Any = self.doc
+        for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+            if index:
+                node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else MISSING
+            else:
+                node = node.get(name, MISSING) if isinstance(node, dict) else MISSING
+            if node is MISSING:
+                return MISSING
+        return node
 
 
 def expect(value: Any, kinds: tuple, source: str, path: str, what: str = "") -> Any:
@@ -193,4 +211,4 @@ def normalize(doc: dict, source: str, base_dir: Path) -> Workflow:
     search, _ = engine_value("search_strategy")
     ignored = sorted({k for k in doc if k in IGNORED_TOP} | {f"engine.{k}" for k in engine if k in IGNORED_TOP})
     return Workflow(source, base_dir, input_model, "input_model", entries, systems, target, data_configs,
-                    evaluators, evaluator, evaluator_path, search, ignored)
+                    evaluators, evaluator, evaluator_path, search, ignored, doc)
