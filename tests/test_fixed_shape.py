@@ -12,7 +12,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import pass_registration
 from conftest import new_project
 
 TARGETS = """
@@ -33,9 +32,6 @@ BUILT = ["fx-inputs", "fx-batch"]
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("fixed-shape")
     project = new_project(root / "project")
-    registered = pass_registration.env(root / "registration")
-    plain_env = project.env
-    project.env = lambda extra=None: plain_env({**registered, **(extra or {})})
     project.path("targets/fixed_shape.toml").write_text(TARGETS)
     assert set(BUILT) <= project.doit(*BUILT).executed
     return project

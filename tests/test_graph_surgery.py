@@ -29,7 +29,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import pass_registration
 from conftest import new_project
 
 LONG_FACTORS = "[" + ", ".join(["1.0"] * 16) + "]"
@@ -84,9 +83,6 @@ LONG = RNG.integers(5, 500, size=(1, 300)).astype(np.int64)  # past the LongRoPE
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("graph-surgery")
     project = new_project(root / "project")
-    registered = pass_registration.env(root / "registration")
-    plain_env = project.env
-    project.env = lambda extra=None: plain_env({**registered, **(extra or {})})
     project.path("targets/graph_surgery.toml").write_text(TARGETS)
     result = project.doit(*BUILT)
     assert set(BUILT) <= result.executed

@@ -15,7 +15,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-import pass_registration
 from conftest import new_project
 
 TARGETS = """
@@ -46,9 +45,6 @@ IDS = np.random.default_rng(5).integers(5, 500, size=(2, 21)).astype(np.int64)
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("qdq")
     project = new_project(root / "project")
-    registered = pass_registration.env(root / "registration")
-    plain_env = project.env
-    project.env = lambda extra=None: plain_env({**registered, **(extra or {})})
     project.path("targets/qdq.toml").write_text(TARGETS)
     assert set(BUILT) <= project.doit(*BUILT).executed
     return project

@@ -10,7 +10,6 @@ import json
 
 import onnx
 
-import pass_registration
 from test_olive_import import TRAIN, assert_refused, bare, import_olive, targets_of, tiny  # noqa: F401 (tiny: fixture)
 
 SURGERIES = [
@@ -29,15 +28,8 @@ def workflow(tmp_path, surgeries, name="workflow.json"):
     return path
 
 
-def registered(project, tmp_path):
-    plain_env = project.env
-    extra = pass_registration.env(tmp_path / "registration")
-    project.env = lambda more=None: plain_env({**extra, **(more or {})})
-    return project
-
-
 def test_surgeons_become_one_graph_surgery_target_that_builds(tiny, tmp_path):
-    project = registered(bare(tmp_path), tmp_path)
+    project = bare(tmp_path)
     result = import_olive(project, workflow(tmp_path, SURGERIES), "--name", "gs", "--model-path", tiny)
     assert result.returncode == 0, result.out
     targets = targets_of(project)
@@ -82,7 +74,7 @@ def test_qdq_and_fixed_shape_map_with_olives_options_and_build(tiny, tmp_path):
               "p": {"type": "OnnxPeepholeOptimizer", "onnxscript_optimize": False},
               "q": {"type": "MatMulNBitsToQDQ", "use_signed_int": True, "add_zero_point": False, "save_as_external_data": True},
               "f": {"type": "DynamicToFixedShape", "dim_param": ["batch_size"], "dim_value": [1]}}
-    project = registered(bare(tmp_path), tmp_path)
+    project = bare(tmp_path)
     result = import_olive(project, chain_workflow(tmp_path, passes, "qdq.json"), "--name", "qf", "--model-path", tiny)
     assert result.returncode == 0, result.out
     targets = targets_of(project)
