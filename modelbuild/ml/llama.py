@@ -38,7 +38,6 @@ class Runner:
         import numpy as np
 
         self.llm.reset()
-        self.llm._ctx.memory_clear(True)
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float64)
 
@@ -62,7 +61,6 @@ class Runner:
         import numpy as np
 
         self.llm.reset()
-        self.llm._ctx.memory_clear(True)
         self.llm.eval(self.chat_ids(prompt))
         out: list[int] = []
         while len(out) < max_new_tokens and self.llm.n_tokens < self.llm.n_ctx():

@@ -13,7 +13,10 @@ The recipe:
    genai-build checks its bundle, plus the correlation of the adapter's own effect (on - off),
    which a misplaced LoRA tensor breaks while the totals still look fine. llama.cpp's own
    tokenization of the prompt must equal the HF tokenizer's. Any miss fails the stage in one
-   line and nothing is written.
+   line and nothing is written;
+4. next to them, an Ollama ``Modelfile`` (modelbuild/ml/ollama.py): FROM the base, ADAPTER the
+   adapter, the chat template translated to Ollama's TEMPLATE, its stop tokens. One adapter (or
+   none): ``Modelfile``; several: ``Modelfile.<name>`` each (Ollama takes one ADAPTER per model).
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 raise UserError(f"adapter '{name}' in llama.cpp does not move the logits as peft does: correlation of "
                                 f"the effect {effect['correlation']:.3f} (min {params.min_adapter_correlation:g})")
             checks[name] = agreement
+        status.update("Ollama Modelfile")
+        _write_modelfiles(model, adapters, out_dir)
     (out_dir / RECORD).write_text(json.dumps({
         "precision": params.precision,
         "base": model.name,
@@ -126,6 +131,19 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         "check_tokens": len(ids),
         "vs_torch_fp32": checks,
     }, indent=1, sort_keys=True) + "\n")
+
+
+def _write_modelfiles(model: Path, adapters: dict, out_dir: Path) -> None:
+    from modelbuild.ml.ollama import gguf_chat_settings, modelfile
+
+    template, bos, eos = gguf_chat_settings(model)
+    if len(adapters) <= 1:
+        adapter = f"./{ADAPTER_DIR}/{next(iter(adapters))}.gguf" if adapters else None
+        (out_dir / "Modelfile").write_text(modelfile(f"./{model.name}", adapter, template, bos_token=bos, eos_token=eos))
+        return
+    for name in adapters:
+        (out_dir / f"Modelfile.{name}").write_text(
+            modelfile(f"./{model.name}", f"./{ADAPTER_DIR}/{name}.gguf", template, bos_token=bos, eos_token=eos))
 
 
 def _prompt_text(base: Path, prompt: str) -> str:
