@@ -75,6 +75,10 @@ def test_tiny_gguf_base_and_lora_run_in_llama_cpp(tiny_gguf):
     assert set(checks) == {"(base)", "travel"}
     assert checks["travel"]["adapter_effect_max_abs"] > 0
     assert checks["travel"]["adapter_effect_correlation"] >= 0.5
+    # the Ollama Modelfile next to them: FROM the base, ADAPTER the adapter (its template: tests/test_ollama.py)
+    modelfile = (out / "Modelfile").read_text().splitlines()
+    assert modelfile[:2] == ["FROM ./model-q4_1.gguf", "ADAPTER ./adapters/travel.gguf"]
+    assert modelfile[2].startswith('TEMPLATE """') and 'PARAMETER stop "<|end|>"' in modelfile
     # the smoke target answered through llama.cpp, adapter off and on
     answers = json.loads(tiny_gguf.path(f"build/{TINY_GGUF}/answers.json").read_text())
     assert len(answers) == 3 and all(set(by) == {"(none)", "travel"} and all(by.values()) for by in answers.values())
