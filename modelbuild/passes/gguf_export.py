@@ -31,11 +31,14 @@ from modelbuild.passdef import Input, PassDef, param, require
 
 ADAPTER_DIR = "adapters"
 RECORD = "modelbuild.json"
-# (min logit correlation, min top-1 agreement) with torch fp32 on the check prompt, per precision
-# (docs/passes.md, "gguf-export"): measured on SmolLM2-135M (its Q4_1 source grid, so every
-# precision is its own grid but f16/q8_0 where asked) and the tiny random Phi3, with a margin.
-BOUNDS = {"f16": (0.999, 0.9), "q8_0": (0.995, 0.8), "q4_0": (0.75, 0.25), "q4_1": (0.75, 0.25)}
-MIN_ADAPTER_CORRELATION = 0.5
+# (min logit correlation, min top-1 agreement) with torch fp32 on the check prompt, per precision.
+# Measured by bench/gguf_bounds.py (two prompts, docs/passes.md): lowest of SmolLM2-135M and the
+# tiny random Phi3, source grid off: f16 1.0000 / 100 %, q8_0 0.9986 / 92 %, q4_1 0.9835 / 75 %,
+# q4_0 0.894 / 50 % (SmolLM2's kept Q4_1 grid: 0.9990 / 92 %); the bounds leave a margin below.
+# A q rotary permutation left out, or LoRA B rows out of order, gives 0.07-0.09 (refused).
+BOUNDS = {"f16": (0.999, 0.9), "q8_0": (0.995, 0.8), "q4_0": (0.8, 0.3), "q4_1": (0.9, 0.5)}
+# The adapter's own effect (logits on - off) vs peft's: 0.991 (tiny), 0.994 (SmolLM2) measured.
+MIN_ADAPTER_CORRELATION = 0.9
 
 
 @dataclass(frozen=True)
