@@ -18,8 +18,10 @@ class Runner:
     """One GGUF base in llama.cpp, with an optional GGUF LoRA adapter applied at scale 1."""
 
     def __init__(self, model: Path, adapter: Path | None = None, threads: int = 1, n_ctx: int = 512):
-        import llama_cpp
-
+        try:
+            import llama_cpp
+        except ImportError:
+            raise UserError("llama-cpp-python is not installed: ./install.sh compiles it (the 'llama' extra)") from None
         try:
             self.llm = llama_cpp.Llama(model_path=str(model), lora_path=str(adapter) if adapter else None, n_ctx=n_ctx,
                                        n_batch=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True,
