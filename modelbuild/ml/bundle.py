@@ -31,6 +31,19 @@ def decoder_of(bundle: Path, what: str) -> tuple[dict, str]:
     return decoder, filename
 
 
+def onnx_input(source: Path, what: str) -> tuple[dict | None, Path, str]:
+    """The model an ONNX-to-ONNX pass reads from its input: a genai bundle's decoder, or an ONNX
+    folder's model. (decoder section or None for a folder, model file, its name in the folder);
+    ``what`` says which targets make a fitting bundle, for the error."""
+    from .onnx_models import model_path
+
+    if (source / GENAI_CONFIG).is_file():
+        decoder, filename = decoder_of(source, what)
+        return decoder, source / filename, filename
+    source_file = model_path(source)
+    return None, source_file, source_file.name
+
+
 def external_data_files(model) -> list[str]:
     """External-data files of an ONNX model (loaded without them), by name relative to its folder."""
     import onnx

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import GENAI_CONFIG, copy_rest, decoder_of, external_data_files, save_decoder
-from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, model_path, probe_ids, rounded, save_model, session, status, write_record
+from modelbuild.ml.bundle import copy_rest, external_data_files, onnx_input, save_decoder
+from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, probe_ids, rounded, save_model, session, status, write_record
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "fixed_shape.json"
@@ -139,13 +139,8 @@ def _logits(path: Path, feeds: dict, threads: int, what: str):
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     source: Path = inputs["model"]
-    is_bundle = (source / GENAI_CONFIG).is_file()
-    if is_bundle:
-        decoder, filename = decoder_of(source, "a genai-build or quantize-onnx target")
-        source_file = source / filename
-    else:
-        decoder, source_file = None, model_path(source)
-        filename = source_file.name
+    decoder, source_file, filename = onnx_input(source, "a genai-build or quantize-onnx target")
+    is_bundle = decoder is not None
     with status() as line:
         line.update(f"fixed-shape: {source_file.name}")
         model = load_model(source_file)

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import GENAI_CONFIG, copy_rest, decoder_of, external_data_files, save_decoder
+from modelbuild.ml.bundle import GENAI_CONFIG, copy_rest, external_data_files, onnx_input, save_decoder
 from modelbuild.ml.graph_logits import LENGTH_INPUTS, graph_logits
 from modelbuild.ml.onnx_models import (
     compare,
     copy_source_files,
     load_graph,
     load_model,
-    model_path,
     probe_ids,
     rounded,
     save_model,
@@ -73,13 +72,8 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     import onnx
 
     source: Path = inputs["model"]
-    is_bundle = (source / GENAI_CONFIG).is_file()
-    if is_bundle:
-        decoder, filename = decoder_of(source, "a genai-build or quantize-onnx target")
-        source_file = source / filename
-    else:
-        decoder, source_file = None, model_path(source)
-        filename = source_file.name
+    decoder, source_file, filename = onnx_input(source, "a genai-build or quantize-onnx target")
+    is_bundle = decoder is not None
     steps = [parse_step(raw, f"params.steps[{i}]") for i, raw in enumerate(params.steps)]
 
     with status() as line:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import GENAI_CONFIG, copy_rest, decoder_of, external_data_files, save_decoder
+from modelbuild.ml.bundle import copy_rest, external_data_files, onnx_input, save_decoder
 from modelbuild.ml.graph_logits import graph_logits
-from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, model_path, op_counts, probe_ids, rounded, save_model, status, write_record
+from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, op_counts, probe_ids, rounded, save_model, status, write_record
 from modelbuild.ml.peephole import STAGES
 from modelbuild.passdef import Input, PassDef, param
 
@@ -49,13 +49,8 @@ class Params:
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     source: Path = inputs["model"]
-    is_bundle = (source / GENAI_CONFIG).is_file()
-    if is_bundle:
-        decoder, filename = decoder_of(source, "a genai-build or quantize-onnx target")
-        source_file = source / filename
-    else:
-        decoder, source_file = None, model_path(source)
-        filename = source_file.name
+    decoder, source_file, filename = onnx_input(source, "a genai-build or quantize-onnx target")
+    is_bundle = decoder is not None
     with status() as line:
         model = load_model(source_file)
         nodes = {"input": sum(op_counts(model).values())}
