@@ -30,7 +30,6 @@ reference logits are taken before the builder loads its own copy (bench/phi35_bu
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from modelbuild.ml.bundle import load_decoder_lazily, save_decoder_streaming
 from modelbuild.ml.console import quiet_stdout
 from modelbuild.ml.lora_gemm import lora_as_gemm
 from modelbuild.ml.lora_graph import fuse_lora
+from modelbuild.ml.shipping import check_adapter_names
 from modelbuild.passdef import Input, PassDef, param, require
 
 # What the built model must agree with torch fp32 on the check prompt (no adapter). Measured
@@ -313,13 +313,6 @@ def _check_against_torch(bundle: Path, ids: list[int], expected, params: Params)
     return agreement
 
 
-def check(params: dict, inputs: dict) -> None:
-    """At load: adapter names become file names (adapters/<name>.onnx_adapter) and og.Adapters keys."""
-    for name in inputs.get("adapters") or {}:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
-
-
 PASS = PassDef(
     name="genai-build",
     version=2,
@@ -332,5 +325,5 @@ PASS = PassDef(
     run=run,
     libraries=("torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-genai"),
     devices=("cpu", "cuda"),
-    check=check,
+    check=check_adapter_names,
 )

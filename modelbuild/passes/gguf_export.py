@@ -22,11 +22,11 @@ The recipe:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
+from modelbuild.ml.shipping import check_adapter_names
 from modelbuild.passdef import Input, PassDef, param, require
 
 ADAPTER_DIR = "adapters"
@@ -169,13 +169,6 @@ def _check(agreement: dict, params: Params, what: str) -> dict:
     return agreement
 
 
-def check(params: dict, inputs: dict) -> None:
-    """At load: adapter names become file names (adapters/<name>.gguf)."""
-    for name in inputs.get("adapters") or {}:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise UserError(f"inputs.adapters.{name}: adapter names use letters, digits, '-' and '_'")
-
-
 PASS = PassDef(
     name="gguf-export",
     version=1,
@@ -187,5 +180,5 @@ PASS = PassDef(
     },
     run=run,
     libraries=("torch", "transformers", "peft", "gguf", "llama-cpp-python"),
-    check=check,
+    check=check_adapter_names,
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from modelbuild import UserError
 from modelbuild.passdef import Input, PassDef
-from modelbuild.passes.smoke import BASE, Params
+from modelbuild.ml.shipping import BASE, SmokeParams as Params, write_answers
 
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
@@ -43,13 +43,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         for variant in list(variants)[1:]:
             if all(tokens[p][variant] == tokens[p][BASE] for p in params.prompts):
                 raise UserError(f"adapter '{variant}' changes no token llama.cpp generates: the adapter has no effect")
-    (out_dir / "answers.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
-    lines = []
-    for prompt, by_variant in answers.items():
-        lines.append(f"## {prompt}\n")
-        lines.extend(f"- **{variant}**: {text}\n" for variant, text in by_variant.items())
-        lines.append("")
-    (out_dir / "answers.md").write_text("\n".join(lines))
+    write_answers(out_dir, answers)
 
 
 PASS = PassDef(

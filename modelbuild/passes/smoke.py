@@ -7,29 +7,11 @@ not change a single generated token: a switch that switches nothing is a broken 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError
-from modelbuild.passdef import Input, PassDef, param, require
-
-BASE = "(none)"
-
-
-@dataclass(frozen=True)
-class Params:
-    prompts: list[str] = param(
-        ["What should I see in Chicago?", "Plan a rainy day in London.", "What should I pack for a week in Iceland?"],
-        "prompts answered greedily by the bundle",
-    )
-    max_new_tokens: int = param(64, "tokens generated per answer")
-    require_adapter_effect: bool = param(True, "fail when an adapter leaves every answer unchanged")
-
-    def __post_init__(self):
-        require(bool(self.prompts), "prompts", "a non-empty list", self.prompts)
-        require(self.max_new_tokens >= 1, "max_new_tokens", "at least 1", self.max_new_tokens)
-
+from modelbuild.ml.shipping import BASE, SmokeParams as Params, write_answers
+from modelbuild.passdef import Input, PassDef
 
 def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
     from modelbuild.ml.genai import Chat
@@ -57,13 +39,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         for adapter in chat.adapter_names:
             if all(tokens[p][adapter] == tokens[p][BASE] for p in params.prompts):
                 raise UserError(f"adapter '{adapter}' changes no generated token: the switch has no effect")
-    (out_dir / "answers.json").write_text(json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
-    lines = []
-    for prompt, by_variant in answers.items():
-        lines.append(f"## {prompt}\n")
-        lines.extend(f"- **{variant}**: {text}\n" for variant, text in by_variant.items())
-        lines.append("")
-    (out_dir / "answers.md").write_text("\n".join(lines))
+    write_answers(out_dir, answers)
 
 
 PASS = PassDef(
