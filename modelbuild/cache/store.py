@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import say
 from ..core.digest import hash_file, hash_json
+from ..core.key import key_of
 from ..core.stamp import action_entry
 
 FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, xfs, ...)
@@ -75,7 +76,7 @@ def entry_problem(key: str, entry: object) -> str | None:
         return "malformed (its manifest is not a table of relative file names to digests)"
     if entry.get("action_key") != key:
         return "filed under another key"
-    if "components" in entry and hash_json(entry["components"]) != key:
+    if "components" in entry and key_of(entry["components"]) != key:
         return "inconsistent (its key components do not hash to its key)"
     if entry.get("manifest_digest") != hash_json(manifest):
         return "inconsistent (its manifest does not hash to its manifest digest)"

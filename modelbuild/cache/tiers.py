@@ -132,7 +132,7 @@ def other_branches(remote, components: dict) -> list[str]:
     other branch, looked up (at most three small GETs). An action of another machine matches only
     when everything else in its key does (inputs, pass, libraries, platform): then a pin is what
     keeps the two machines from sharing."""
-    from ..core.digest import hash_json
+    from ..core.key import key_of
     from ..core.numerics import BRANCHES
 
     here = components.get("cpu_numerics")
@@ -141,7 +141,7 @@ def other_branches(remote, components: dict) -> list[str]:
     found = []
     for name in BRANCHES:
         if name != here:
-            key = hash_json({**components, "cpu_numerics": name})
+            key = key_of({**components, "cpu_numerics": name})
             entry = remote.lookup(key)
             if entry is not None and not entry_problem(key, entry):
                 found.append(name)

@@ -87,8 +87,8 @@ def cached_entries(project: Project, store: Store, tier, key: str) -> list[tuple
 
 
 def audit(project: Project, names: list[str], sample: int | None) -> int:
-    from ..core.digest import ALGORITHM, StatCache, hash_json
-    from ..core.key import key_components
+    from ..core.digest import ALGORITHM, StatCache
+    from ..core.key import key_components, key_of
     from ..engine.stage import StageError, rebuild_elsewhere
 
     chosen = closure(project, names)
@@ -110,7 +110,7 @@ def audit(project: Project, names: list[str], sample: int | None) -> int:
             if missing:
                 print(f"'{name}': skipped: its input {', '.join(missing)} is not built here (doit {name} first)")
                 continue
-            key = hash_json(components)
+            key = key_of(components)
             entries = cached_entries(project, store, tier, key)
             if not entries:
                 print(f"'{name}': not cached ({key[:12]}…): nothing to audit")

@@ -198,8 +198,8 @@ def numerics_line(project) -> str | None:
     up under each other branch (tiers.other_branches); nothing is written (plan's read-only stat cache)."""
     from ..cache.remote import RemoteError
     from ..cache.tiers import RemoteRequired, other_branches, remote_tier, share_hint
-    from ..core.digest import ALGORITHM, hash_json
-    from ..core.key import key_components
+    from ..core.digest import ALGORITHM
+    from ..core.key import key_components, key_of
     from .audit import closure
     from .plan import ReadOnlyStatCache
 
@@ -219,7 +219,7 @@ def numerics_line(project) -> str | None:
                 continue
             keyed += 1
             here = components["cpu_numerics"]
-            if client.lookup(hash_json(components)) is not None:
+            if client.lookup(key_of(components)) is not None:
                 continue  # served under this machine's branch: nothing to share
             others = other_branches(client, components)
             matched += bool(others)

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import UserError
-from ..core.digest import ALGORITHM, RACY_NS, StatCache, hash_file, hash_json
+from ..core.digest import ALGORITHM, RACY_NS, StatCache, hash_file
+from ..core.key import key_of
 from ..core.project import Project, Target
 from ..core.status import STAMP_DIR, Fresh, Stale, key_differences, read_stamp, status
 from ..cache.audit import denial
@@ -276,7 +277,7 @@ class Planner:
                                              "(reruns unless its output comes out identical)"])
             step.estimate_s, step.estimate_from = self.estimate(target, components)
             return step
-        key = hash_json(components)
+        key = key_of(components)
         stamp = read_stamp(project.output_dir(name))
         recorded = (stamp or {}).get("components", {}).get("inputs", {})
         if not changed or stamp is None or all(recorded.get(k) == components["inputs"][k] for k, ref

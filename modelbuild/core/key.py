@@ -97,9 +97,15 @@ def key_components(project: Project, target: Target, cache: StatCache) -> dict:
     }
 
 
+def key_of(components: dict) -> str:
+    """The action key of these key components: the one formula, wherever a key is computed or
+    checked (the engine, status, plan, audit, the local and remote caches)."""
+    return hash_json(components)
+
+
 def action_key(project: Project, target: Target, cache: StatCache) -> str:
     """The key of ``target``'s action now: the hash of its components."""
-    return hash_json(key_components(project, target, cache))
+    return key_of(key_components(project, target, cache))
 
 
 def versions(libraries: tuple[str, ...] = ()) -> dict:

@@ -15,9 +15,9 @@ The stamp is read and written by stamp.py only; the key is computed by key.py on
 
 from __future__ import annotations
 
-from .digest import StatCache, hash_json, tree_manifest
+from .digest import StatCache, tree_manifest
 from .gates import gate_failures
-from .key import key_components
+from .key import key_components, key_of
 from .stamp import STAMP_DIR, read_stamp
 
 class _State:
@@ -93,7 +93,7 @@ def status(project, target, cache: StatCache, as_built: frozenset[str] = frozens
     for key, ref in target.inputs.items():
         if ref.kind == "target" and ref.value in as_built:
             now["inputs"][key] = (old.get("inputs") or {}).get(key)
-    if stamp.get("action_key") != hash_json(now):
+    if stamp.get("action_key") != key_of(now):
         return Stale("key", tuple(key_differences(old, now, target) or ["action key changed"]), stamp)
     try:
         current = tree_manifest(out, cache, exclude=(STAMP_DIR,))

@@ -29,7 +29,7 @@ from ..core.digest import ALGORITHM, StatCache, hash_json, tree_manifest
 from ..cache.download import mode as download_mode, needed_here
 from ..exec.executor import check_executor, run_on_ray
 from ..core.gates import check_gates, gate_failures
-from ..core.key import key_components
+from ..core.key import key_components, key_of
 from ..core.run import UNSET
 from ..core.project import Project, Target, executor_kind, input_path
 from ..core.stamp import STAMP_DIR, action_entry, read_stamp, write_stamp
@@ -199,7 +199,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     missing = [k for k, v in components["inputs"].items() if v is None]
     if missing:
         raise StageError(f"{target.where}: upstream output missing for input {', '.join(missing)}")
-    key = hash_json(components)
+    key = key_of(components)
     store = Store(project.cache_dir)
     remote = remote_tier(project)
     final = project.output_dir(target.name)
@@ -277,7 +277,7 @@ def rebuild_elsewhere(project: Project, target: Target, scratch: Path) -> dict:
         raise StageError(f"target '{target.name}': upstream output missing for input {', '.join(missing)}")
     out = scratch / "out"
     out.mkdir()
-    return _run_pass(project, target, components, hash_json(components), out, scratch, cache, leave=False)
+    return _run_pass(project, target, components, key_of(components), out, scratch, cache, leave=False)
 
 
 def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool, components: dict) -> dict | None:
