@@ -135,6 +135,12 @@ class Target(_Fields):
         """``targets/x.toml: target 'name' (recipe ...)``: how a one-line error names this target."""
         return f"{self.file}: target '{self.name}'" + (f" ({self.origin})" if self.origin else "")
 
+    @property
+    def named(self) -> str:
+        """``targets/x.toml: target 'name'``: how a failure while building names this target (the
+        recipe origin that ``where`` adds for load-time errors would repeat the whole matrix row)."""
+        return f"{self.file}: target '{self.name}'"
+
     def input_refs(self) -> list[Ref]:
         return list(self.inputs.values())
 

@@ -198,7 +198,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
     components = key_components(project, target, cache)
     missing = [k for k, v in components["inputs"].items() if v is None]
     if missing:
-        raise StageError(f"{target.where}: upstream output missing for input {', '.join(missing)}")
+        raise StageError(f"{target.named}: upstream output missing for input {', '.join(missing)}")
     key = key_of(components)
     store = Store(project.cache_dir)
     remote = remote_tier(project)
@@ -211,7 +211,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
                           lookup=store.lookup, remote=remote)
         if decision.kind == "fail":
             shutil.rmtree(final)  # a complete output that fails its gates must not look up to date
-            raise StageError(f"{target.where}: {'; '.join(decision.reasons)}")
+            raise StageError(f"{target.named}: {'; '.join(decision.reasons)}")
         if decision.kind == "download":
             if _download_left(project, target, decision.state.stamp, store, remote):
                 return {"action_key": key}
@@ -255,7 +255,7 @@ def build(project: Project, target: Target, here: bool = False) -> dict:
             if target.gates:
                 failed = gate_failures(target, out_tmp)
                 if failed:
-                    raise StageError(f"{target.where}: quality gate failed: {'; '.join(failed)}")
+                    raise StageError(f"{target.named}: quality gate failed: {'; '.join(failed)}")
                 stamp["gates"] = check_gates(target, out_tmp)
             write_stamp(out_tmp, stamp)
             _swap_into_place(out_tmp, final, work)
@@ -284,7 +284,7 @@ def _remote_restore(remote, target: Target, key: str, out_tmp: Path, leave: bool
     try:
         return remote.restore(target.name, key, out_tmp, download=not leave, components=components)
     except RemoteRequired as error:
-        raise StageError(f"{target.where}: {error}") from None
+        raise StageError(f"{target.named}: {error}") from None
 
 
 def _download_left(project: Project, target: Target, stamp: dict, store: Store, remote) -> bool:
@@ -308,14 +308,14 @@ def _download_left(project: Project, target: Target, stamp: dict, store: Store, 
                 if remote is None or not remote.download(target.name, entry, out_tmp):
                     return False
             except RemoteRequired as error:
-                raise StageError(f"{target.where}: {error}") from None
+                raise StageError(f"{target.named}: {error}") from None
             store.record(out_tmp, entry)
         downloaded = {**entry, "origin": "downloaded from the remote cache", "restored_at": _now()}
         if target.gates:  # a gate declared since the output was left: checked now, on its files
             failed = gate_failures(target, out_tmp)
             if failed:
                 shutil.rmtree(final)
-                raise StageError(f"{target.where}: quality gate failed: {'; '.join(failed)}")
+                raise StageError(f"{target.named}: quality gate failed: {'; '.join(failed)}")
             downloaded["gates"] = check_gates(target, out_tmp)
         for rel in entry["manifest"]:
             (final / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +359,7 @@ def _remote_holds(remote, target: Target, stamp: dict) -> bool:
     try:
         client = remote.client() if remote is not None else None
     except RemoteRequired as error:
-        raise StageError(f"{target.where}: {error}") from None
+        raise StageError(f"{target.named}: {error}") from None
     try:
         return client is not None and not client.lacking(stamp["manifest"])
     except RemoteError as error:  # unreachable now: the caller brings the output up to date another way
@@ -371,7 +371,7 @@ def _remote_push(remote, target: Target, stamp: dict, out_tmp: Path) -> None:
     try:
         remote.push(target.name, stamp, out_tmp)
     except RemoteRequired as error:
-        raise StageError(f"{target.where}: built and in the local cache, but {error}") from None
+        raise StageError(f"{target.named}: built and in the local cache, but {error}") from None
 
 
 def _run_pass(project, target, components, key, out_tmp, work, cache, leave: bool) -> dict:
@@ -403,7 +403,7 @@ def _run_pass(project, target, components, key, out_tmp, work, cache, leave: boo
     if after["inputs"] != components["inputs"]:
         changed = [k for k, v in components["inputs"].items() if after["inputs"].get(k) != v]
         raise StageError(
-            f"{target.where}: input {', '.join(changed)} changed while the stage ran; "
+            f"{target.named}: input {', '.join(changed)} changed while the stage ran; "
             "nothing recorded, run the build again"
         )
     manifest = left or tree_manifest(out_tmp, cache, exclude=(STAMP_DIR,))
@@ -446,5 +446,5 @@ def _run_worker(project: Project, target: Target, out_dir: Path, work: Path, ass
                   assignment.threads, project.cache_dir)
     result = run_worker(plan, work, {**os.environ, **assignment.environment(pool.machine, numerics)})
     if result.returncode != 0:
-        raise StageError(f"{target.where}: pass '{target.pass_def.name}' failed (exit {result.returncode})")
+        raise StageError(f"{target.named}: pass '{target.pass_def.name}' failed (exit {result.returncode})")
 

@@ -94,7 +94,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
 
     remote = remote_tier(project).client()
     if remote is None:
-        raise UserError(f"{target.where}: the Ray executor needs the remote cache, which is unreachable")
+        raise UserError(f"{target.named}: the Ray executor needs the remote cache, which is unreachable")
     address = settings.current().ray_address
     with project.run.lock:  # one connection per cluster and run (core/run.py)
         if address not in project.run.ray:
@@ -114,7 +114,7 @@ def run_on_ray(project, target, components: dict, out_dir: Path, threads: int,
             fetch_outputs(result, out_dir, remote)
     except (RayStageError, RemoteError) as error:
         message = str(error).removeprefix(f"target '{target.name}': ")  # the Ray side knows the name, not the file
-        raise UserError(f"{target.where}: {message}") from None
+        raise UserError(f"{target.named}: {message}") from None
     return time.perf_counter() - started, result["ran_on"], None if download else result["manifest"]
 
 
