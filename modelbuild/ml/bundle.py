@@ -44,6 +44,20 @@ def onnx_input(source: Path, what: str) -> tuple[dict | None, Path, str]:
     return None, source_file, source_file.name
 
 
+def save_like_input(model, source: Path, source_file: Path, filename: str, bundle: bool, out_dir: Path) -> None:
+    """Write an ONNX-to-ONNX pass's rewritten ``model`` in its input's layout (onnx_input): the
+    bundle's decoder file with its data file and the rest of the bundle, or an ONNX folder."""
+    from .onnx_models import copy_source_files, load_graph, save_model
+
+    if bundle:
+        data_files = external_data_files(load_graph(source_file))
+        save_decoder(model, out_dir / filename, data_files[0] if len(data_files) == 1 else f"{filename}.data")
+        copy_rest(source, out_dir, {filename, *data_files})
+    else:
+        save_model(model, out_dir)
+        copy_source_files(source, out_dir)
+
+
 def external_data_files(model) -> list[str]:
     """External-data files of an ONNX model (loaded without them), by name relative to its folder."""
     import onnx

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import copy_rest, external_data_files, onnx_input, save_decoder
-from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, probe_ids, rounded, save_model, session, status, write_record
+from modelbuild.ml.bundle import onnx_input, save_like_input
+from modelbuild.ml.onnx_models import compare, load_model, probe_ids, rounded, session, status, write_record
 from modelbuild.passdef import Input, PassDef, param
 
 RECORD = "fixed_shape.json"
@@ -151,13 +151,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         vocab = max(max(p) for p in probes) + 1
         feeds = _feeds(model, len(probes[0]), vocab, decoder)
         line.update("saving the fixed graph")
-        if is_bundle:
-            data_files = external_data_files(load_graph(source_file))
-            save_decoder(model, out_dir / filename, data_files[0] if len(data_files) == 1 else f"{filename}.data")
-            copy_rest(source, out_dir, {filename, *data_files})
-        else:
-            save_model(model, out_dir)
-            copy_source_files(source, out_dir)
+        save_like_input(model, source, source_file, filename, is_bundle, out_dir)
         del model
         line.update("checking: onnxruntime logits of the input and the fixed graph at the fixed shapes")
         reference = _logits(source_file, feeds, ctx.threads, "inputs.model")

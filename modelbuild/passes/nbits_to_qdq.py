@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import copy_rest, external_data_files, onnx_input, save_decoder
+from modelbuild.ml.bundle import onnx_input, save_decoder, save_like_input
 from modelbuild.ml.graph_logits import graph_logits
-from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, probe_ids, rounded, save_model, status, write_record
+from modelbuild.ml.onnx_models import compare, load_model, probe_ids, rounded, status, write_record
 from modelbuild.ml.qdq import convert, float_accumulation
 from modelbuild.passdef import Input, PassDef, param
 
@@ -55,13 +55,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
         record = convert(model, params.use_transpose_op, params.use_signed_int or params.use_int4, params.add_zero_point,
                          set(params.nodes_to_exclude))
         line.update("saving the QDQ graph")
-        if is_bundle:
-            data_files = external_data_files(load_graph(source_file))
-            save_decoder(model, out_dir / filename, data_files[0] if len(data_files) == 1 else f"{filename}.data")
-            copy_rest(source, out_dir, {filename, *data_files})
-        else:
-            save_model(model, out_dir)
-            copy_source_files(source, out_dir)
+        save_like_input(model, source, source_file, filename, is_bundle, out_dir)
         del model
         probes = probe_ids(source)
         line.update("checking: onnxruntime logits of the MatMulNBits input and the QDQ graph")

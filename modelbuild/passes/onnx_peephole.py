@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelbuild import UserError, say
-from modelbuild.ml.bundle import copy_rest, external_data_files, onnx_input, save_decoder
+from modelbuild.ml.bundle import onnx_input, save_like_input
 from modelbuild.ml.graph_logits import graph_logits
-from modelbuild.ml.onnx_models import compare, copy_source_files, load_graph, load_model, op_counts, probe_ids, rounded, save_model, status, write_record
+from modelbuild.ml.onnx_models import compare, load_model, op_counts, probe_ids, rounded, status, write_record
 from modelbuild.ml.peephole import STAGES
 from modelbuild.passdef import Input, PassDef, param
 
@@ -65,13 +65,7 @@ def run(params: Params, inputs: dict, out_dir: Path, ctx) -> None:
                 raise UserError(f"params.{stage}: failed on this graph: {type(error).__name__}: {first[:200]}") from None
             nodes[stage] = sum(op_counts(model).values())
         line.update("saving the optimized graph")
-        if is_bundle:
-            data_files = external_data_files(load_graph(source_file))
-            save_decoder(model, out_dir / filename, data_files[0] if len(data_files) == 1 else f"{filename}.data")
-            copy_rest(source, out_dir, {filename, *data_files})
-        else:
-            save_model(model, out_dir)
-            copy_source_files(source, out_dir)
+        save_like_input(model, source, source_file, filename, is_bundle, out_dir)
         after = op_counts(model)
         del model
         probes = probe_ids(source)
